@@ -1,0 +1,177 @@
+"""Op layer: the one dispatch point between the Triton kernels and the reference.
+
+``lora_linear`` is the functional entry point. It validates its inputs, picks a backend
+and calls the custom op ``fastpeft::lora_linear``, which is registered with
+``torch.library`` so that ``torch.compile`` traces through models that use it without
+graph breaks, and which carries its own autograd formula.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+from fastpeft.kernels import lora as _kernels
+from fastpeft.kernels.reference import lora_linear_ref
+
+Backend = Literal["auto", "triton", "torch"]
+BACKENDS = ("auto", "triton", "torch")
+
+__all__ = ["Backend", "BACKENDS", "resolve_backend", "lora_linear", "check_linear_input"]
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``"auto" | "triton" | "torch"`` to the backend that runs on ``device``.
+
+    ``auto`` takes Triton for CUDA tensors, and for CPU tensors when the Triton
+    interpreter is on (``TRITON_INTERPRET=1``); the reference otherwise. Forcing
+    ``"triton"`` where Triton cannot run is an error, never a silent fallback.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    triton_ok = device.type == "cuda" or (device.type == "cpu" and _kernels.interpreter_active())
+    if backend == "auto":
+        return "triton" if triton_ok else "torch"
+    if backend == "triton" and not triton_ok:
+        raise RuntimeError(
+            f"backend='triton' cannot run on a {device.type} tensor: use a CUDA device, or set "
+            "TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU, "
+            "or pass backend='torch'"
+        )
+    return backend
+
+
+def check_linear_input(x: torch.Tensor, weight: torch.Tensor, what: str = "layer") -> None:
+    """Raise a clear error when ``x`` does not fit a linear layer with ``weight`` (N, K)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{what} expects a torch.Tensor input, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{what} expects input with last dimension {weight.shape[1]} (in_features), "
+            f"got input of shape {tuple(x.shape)}"
+        )
+    if x.dtype != weight.dtype:
+        raise TypeError(
+            f"{what} has dtype {weight.dtype} but the input is {x.dtype}; cast the input "
+            f"(x.to({weight.dtype})) or the layer (layer.to({x.dtype}))"
+        )
+    if x.device != weight.device:
+        raise RuntimeError(
+            f"{what} is on {weight.device} but the input is on {x.device}; move one of them"
+        )
+
+
+# --------------------------------------------------------------------- custom op
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+@torch.library.custom_op("fastpeft::lora_linear", mutates_args=())
+def _lora_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    x_lora: Optional[torch.Tensor],
+    use_triton: bool,
+) -> torch.Tensor:
+    if not use_triton:
+        return lora_linear_ref(x, weight, bias, lora_A, lora_B, scaling, x_lora)
+    xa = None
+    if x_lora is not None:
+        # Dropout gives the LoRA branch its own input: shrink it here (an (M, r) tensor)
+        # and let the kernel apply it in the epilogue.
+        xa = F.linear(_rows(x_lora), lora_A.to(x.dtype))
+    return _kernels.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, xa=xa)
+
+
+@_lora_linear_op.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, x_lora, use_triton):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, lora_A, lora_B, scaling, x_lora, _ = inputs
+    ctx.scaling = scaling
+    ctx.has_x_lora = x_lora is not None
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, lora_A, lora_B, x_lora)
+
+
+def _backward(ctx, grad_y: torch.Tensor):
+    """Gradients of ``y = x W^T + b + s * (x_l A^T) B^T`` (``g = dL/dy``, rows flattened).
+
+    With ``xa = x_l A^T`` and ``g_a = s * g B`` (the gradient reaching ``xa``):
+
+    * ``dB = s * g^T xa``            (N, r)
+    * ``dA = g_a^T x_l``             (r, K)
+    * ``dx_l = g_a A``               (M, K), added to ``dx`` when ``x_l`` is ``x``
+    * ``dx = g W``                   (M, K), the base path
+    * ``db = sum_m g``, ``dW = g^T x`` only when the user unfroze them.
+    """
+    x, weight, lora_A, lora_B, x_lora = ctx.saved_tensors
+    s = ctx.scaling
+    need = ctx.needs_input_grad
+    K = x.shape[-1]
+    g = _rows(grad_y)
+    x_l = _rows(x_lora if ctx.has_x_lora else x).to(lora_A.dtype)
+    g_l = g.to(lora_B.dtype)
+    g_a = (g_l @ lora_B) * s
+    d_x = d_w = d_b = d_a = d_bm = d_xl = None
+    if need[4]:
+        d_bm = ((g_l.t() @ (x_l @ lora_A.t())) * s).to(lora_B.dtype)
+    if need[3]:
+        d_a = (g_a.t() @ x_l).to(lora_A.dtype)
+    d_lora_in = (g_a @ lora_A) if (need[0] or need[6]) else None
+    if need[0]:
+        d_x = g @ weight
+        if not ctx.has_x_lora:
+            d_x = d_x + d_lora_in.to(d_x.dtype)
+        d_x = d_x.reshape(x.shape)
+    if need[6] and ctx.has_x_lora:
+        d_xl = d_lora_in.to(x_lora.dtype).reshape(x_lora.shape)
+    if need[1]:
+        d_w = (g.t() @ _rows(x)).to(weight.dtype)
+    if need[2]:
+        d_b = g.sum(0)
+    return d_x, d_w, d_b, d_a, d_bm, None, d_xl, None
+
+
+_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------- public
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    *,
+    x_lora: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Fused LoRA linear ``y = x W^T + b + s * (x_l A^T) B^T``, differentiable.
+
+    ``x_l`` is ``x_lora`` when given (the dropped-out input during training), else ``x``.
+    Shapes: ``x (..., K)``, ``weight (N, K)``, ``bias (N,)``, ``lora_A (r, K)``,
+    ``lora_B (N, r)``. ``backend`` is ``"auto"``, ``"triton"`` or ``"torch"``.
+    """
+    check_linear_input(x, weight, "lora_linear")
+    r = lora_A.shape[0]
+    if lora_A.dim() != 2 or lora_A.shape[1] != weight.shape[1]:
+        raise ValueError(f"lora_A must have shape (r, {weight.shape[1]}), got {tuple(lora_A.shape)}")
+    if lora_B.dim() != 2 or lora_B.shape != (weight.shape[0], r):
+        raise ValueError(f"lora_B must have shape ({weight.shape[0]}, {r}), got {tuple(lora_B.shape)}")
+    if x_lora is not None and x_lora.shape != x.shape:
+        raise ValueError(f"x_lora must have the shape of x {tuple(x.shape)}, got {tuple(x_lora.shape)}")
+    use_triton = resolve_backend(backend, x.device) == "triton"
+    return _lora_linear_op(x, weight, bias, lora_A, lora_B, float(scaling), x_lora, use_triton)

@@ -1,0 +1,349 @@
+"""Fused LoRA linear forward: base GEMM plus low-rank update in one pass over ``y``.
+
+Math (PEFT layout, ``W: (N, K)``, ``A: (r, K)``, ``B: (N, r)``)::
+
+    y = x W^T + b + s * (x_l A^T) B^T
+
+where ``x_l`` is the LoRA branch's input (``x`` itself, or ``dropout(x)`` in training).
+
+Two ways of getting ``xa = x_l A^T`` into the output tile, picked per call:
+
+* ``SHRINK_IN_LOOP``: ``xa`` is accumulated in the same K loop as ``x W^T`` (one launch,
+  the x tile is loaded once for both). Best at small M, where the extra
+  ``BLOCK_R / BLOCK_N`` tensor-core work per tile is cheap and one launch matters.
+* epilogue only: ``xa`` is precomputed (an ``(M, r)`` tensor, tiny next to ``y``) and
+  the kernel adds ``s * xa B^T`` in its epilogue. Best at large M (the shrink is not
+  repeated in every N tile) and required when the LoRA input differs from ``x``
+  (dropout) or the rank is too large for a register-resident ``xa``.
+
+Rows of ``x`` are addressed through two strides so that a 3-D input whose leading
+dims cannot be flattened without a copy (e.g. a transposed ``(T, B, K)`` view) is read
+in place: row ``m`` lives at ``(m // M_INNER) * stride_xm0 + (m % M_INNER) * stride_xm1``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["LoraKernelConfig", "lora_linear_fwd", "interpreter_active", "rows_view"]
+
+
+def interpreter_active() -> bool:
+    """True when Triton runs kernels on the CPU (``TRITON_INTERPRET=1``)."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _lora_linear_fwd_kernel(
+    # pointers
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, xa_ptr, y_ptr,
+    # sizes
+    M, N, K, R, M_INNER,
+    # strides
+    stride_xm0, stride_xm1, stride_xk,
+    stride_wn, stride_wk,
+    stride_ar, stride_ak,
+    stride_bn, stride_br,
+    stride_xam, stride_xar,
+    stride_ym, stride_yn,
+    # scalars
+    scaling,
+    # meta
+    HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    SHRINK_IN_LOOP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """One ``(BLOCK_M, BLOCK_N)`` tile of ``y = x W^T + b + s * xa B^T``.
+
+    ``acc = sum_k x[m, k] W[n, k]`` over the K loop (fp32). With ``SHRINK_IN_LOOP`` the
+    same loop also accumulates ``xa[m, j] = sum_k x[m, k] A[j, k]`` for ``j < BLOCK_R``
+    (``BLOCK_R >= R``); otherwise ``xa`` is read from ``xa_ptr`` in ``BLOCK_R`` chunks.
+    Epilogue: ``acc += (s * xa) B^T`` (xa rounded to the input dtype first, as an unfused
+    low-precision LoRA branch would), ``acc += b``, store in ``y``'s dtype.
+    """
+    pid = tl.program_id(axis=0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering: GROUP_M row-tiles share the same W column panel in L2.
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    # int64 row offsets: M * stride can pass 2^31 on long prefill batches.
+    offs_m64 = offs_m.to(tl.int64)
+    row_off = (offs_m64 // M_INNER) * stride_xm0 + (offs_m64 % M_INNER) * stride_xm1
+    x_ptrs = x_ptr + row_off[:, None] + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    if SHRINK_IN_LOOP:
+        a_ptrs = a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
+        xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + offs_k) < K
+        x_tile = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w_tile = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
+        if SHRINK_IN_LOOP:
+            a_tile = tl.load(a_ptrs, mask=mask_k[:, None] & (offs_r[None, :] < R), other=0.0)
+            xa = tl.dot(x_tile, a_tile.to(x_tile.dtype), xa, input_precision=INPUT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    if HAS_LORA:
+        if SHRINK_IN_LOOP:
+            bt_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
+            bt_tile = tl.load(bt_ptrs, mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0)
+            xa_lp = (xa * scaling).to(x_ptr.dtype.element_ty)
+            acc = tl.dot(xa_lp, bt_tile.to(xa_lp.dtype), acc, input_precision=INPUT_PRECISION)
+        else:
+            for r0 in range(0, R, BLOCK_R):
+                mask_r = (r0 + offs_r) < R
+                xa_ptrs = xa_ptr + offs_m64[:, None] * stride_xam + (r0 + offs_r)[None, :] * stride_xar
+                xa_tile = tl.load(xa_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+                bt_ptrs = b_ptr + offs_n[None, :] * stride_bn + (r0 + offs_r)[:, None] * stride_br
+                bt_tile = tl.load(bt_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+                xa_lp = (xa_tile.to(tl.float32) * scaling).to(x_ptr.dtype.element_ty)
+                acc = tl.dot(xa_lp, bt_tile.to(xa_lp.dtype), acc, input_precision=INPUT_PRECISION)
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+
+    y_ptrs = y_ptr + offs_m64[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# --------------------------------------------------------------------------- launch
+
+
+@dataclass(frozen=True)
+class LoraKernelConfig:
+    """Launch parameters of one kernel variant (tile sizes, warps, pipeline stages)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# Fixed config for the CPU interpreter: small tiles keep it fast and exercise masking.
+_INTERPRETER_CONFIG = LoraKernelConfig(block_m=16, block_n=32, block_k=32, num_warps=1, num_stages=1)
+
+# Largest padded rank kept in registers by the in-loop shrink; larger ranks use the
+# precomputed-xa epilogue, which walks R in chunks of _EPILOGUE_BLOCK_R.
+MAX_IN_LOOP_RANK = 64
+_EPILOGUE_BLOCK_R = 32
+
+
+def _gpu_candidates(m: int) -> List[LoraKernelConfig]:
+    """Candidate configs for the on-GPU tuner, chosen by the M regime."""
+    if m <= 16:
+        return [
+            LoraKernelConfig(16, 64, 128, 8, 4, 4),
+            LoraKernelConfig(16, 128, 128, 8, 4, 4),
+            LoraKernelConfig(16, 64, 256, 8, 4, 3),
+            LoraKernelConfig(16, 32, 256, 8, 4, 4),
+        ]
+    if m <= 256:
+        return [
+            LoraKernelConfig(32, 64, 128, 8, 4, 4),
+            LoraKernelConfig(64, 64, 64, 8, 4, 4),
+            LoraKernelConfig(64, 128, 64, 8, 4, 4),
+            LoraKernelConfig(32, 128, 64, 8, 4, 4),
+        ]
+    return [
+        LoraKernelConfig(128, 256, 64, 8, 8, 3),
+        LoraKernelConfig(128, 128, 64, 8, 4, 4),
+        LoraKernelConfig(128, 128, 64, 8, 8, 4),
+        LoraKernelConfig(256, 128, 64, 8, 8, 3),
+        LoraKernelConfig(64, 256, 64, 8, 4, 4),
+    ]
+
+
+def _m_bucket(m: int) -> int:
+    """Power-of-two bucket of M: the tuner's cache key must not grow with every M."""
+    return 1 << max(0, (max(m, 1) - 1).bit_length())
+
+
+_TUNED: Dict[Tuple, LoraKernelConfig] = {}
+
+
+def rows_view(x: torch.Tensor) -> Tuple[torch.Tensor, int, int, int, int, int]:
+    """Describe the rows of ``x`` (``(..., K)``) as two row strides, without copying.
+
+    Returns ``(x, M, M_INNER, stride_m0, stride_m1, stride_k)`` where row ``m`` starts at
+    ``(m // M_INNER) * stride_m0 + (m % M_INNER) * stride_m1``. Leading dims that merge
+    without a copy are merged; only an input whose leading dims need three or more
+    strides (a permuted 4-D tensor, say) is copied, since no kernel here takes three.
+    """
+    K = x.shape[-1]
+    dims = [(s, st) for s, st in zip(x.shape[:-1], x.stride()[:-1]) if s != 1]
+    merged: List[List[int]] = []
+    for size, stride in dims:
+        if merged and merged[-1][1] == stride * size:
+            merged[-1] = [merged[-1][0] * size, stride]
+        else:
+            merged.append([size, stride])
+    M = math.prod(x.shape[:-1])
+    if len(merged) == 0:
+        return x, M, max(M, 1), 0, 0, x.stride(-1)
+    if len(merged) == 1:
+        return x, M, merged[0][0], 0, merged[0][1], x.stride(-1)
+    if len(merged) == 2:
+        return x, M, merged[1][0], merged[0][1], merged[1][1], x.stride(-1)
+    x2 = x.reshape(M, K)
+    return x2, M, max(M, 1), 0, x2.stride(0), x2.stride(1)
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    """fp32 follows PyTorch's own matmul setting, as a drop-in for nn.Linear must."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32" if dtype == torch.float32 else "ieee"
+
+
+def _launch(
+    cfg: LoraKernelConfig,
+    xv: torch.Tensor,
+    rows: Tuple[int, int, int, int, int],
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: Optional[torch.Tensor],
+    lora_B: Optional[torch.Tensor],
+    xa: Optional[torch.Tensor],
+    scaling: float,
+    y: torch.Tensor,
+) -> None:
+    M, m_inner, s_m0, s_m1, s_k = rows
+    N, K = weight.shape
+    has_lora = lora_A is not None and lora_A.shape[0] > 0
+    R = lora_A.shape[0] if has_lora else 0
+    in_loop = has_lora and xa is None
+    block_r = max(16, triton.next_power_of_2(R)) if in_loop else _EPILOGUE_BLOCK_R
+    # Unused pointers still need a tensor; ``weight`` is a safe placeholder.
+    a = lora_A if has_lora else weight
+    b = lora_B if has_lora else weight
+    xa_t = xa if xa is not None else weight
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    _lora_linear_fwd_kernel[grid](
+        xv, weight, bias if bias is not None else weight, a, b, xa_t, y,
+        M, N, K, R, m_inner,
+        s_m0, s_m1, s_k,
+        weight.stride(0), weight.stride(1),
+        a.stride(0), a.stride(1),
+        b.stride(0), b.stride(1),
+        xa_t.stride(0), xa_t.stride(1),
+        y.stride(0), y.stride(1),
+        float(scaling),
+        HAS_BIAS=bias is not None,
+        HAS_LORA=has_lora,
+        SHRINK_IN_LOOP=in_loop,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        BLOCK_R=block_r,
+        GROUP_M=cfg.group_m,
+        INPUT_PRECISION=_input_precision(xv.dtype),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
+def _pick_config(key: Tuple, m: int, run) -> LoraKernelConfig:
+    """Config for ``key``: fixed under the interpreter; on a GPU, timed once and cached.
+
+    The cache key holds shapes, dtypes and the M bucket (never data pointers), so the
+    steady-state launch path is one dict lookup.
+    """
+    if interpreter_active():
+        return _INTERPRETER_CONFIG
+    cfg = _TUNED.get(key)
+    if cfg is None:
+        best = None
+        for cand in _gpu_candidates(m):
+            try:
+                t = triton.testing.do_bench(lambda: run(cand), warmup=5, rep=20)
+            except Exception:  # a candidate that does not fit in shared memory on this card
+                continue
+            if best is None or t < best[0]:
+                best = (t, cand)
+        if best is None:
+            raise RuntimeError(f"no LoRA kernel config compiles for key {key}")
+        cfg = best[1]
+        _TUNED[key] = cfg
+    return cfg
+
+
+def lora_linear_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: Optional[torch.Tensor],
+    lora_B: Optional[torch.Tensor],
+    scaling: float,
+    xa: Optional[torch.Tensor] = None,
+    config: Optional[LoraKernelConfig] = None,
+) -> torch.Tensor:
+    """Launch the fused kernel: ``y = x W^T + b + s * (x A^T) B^T`` (or ``s * xa B^T``).
+
+    Args:
+        x: ``(..., K)``, any strides; fp32, fp16 or bf16.
+        weight: ``(N, K)`` in ``x``'s dtype. bias: ``(N,)`` or None.
+        lora_A: ``(r, K)``; lora_B: ``(N, r)``; both None for the base GEMM alone.
+        scaling: ``s``.
+        xa: optional precomputed ``x_l A^T`` of shape ``(M, r)`` (M = rows of ``x``):
+            selects the epilogue-only variant (needed for dropout, any rank).
+        config: force a launch config (benchmarks); default: tuned per shape.
+
+    Returns:
+        ``y`` of shape ``(..., N)``, contiguous, in ``x``'s dtype.
+
+    Callers validate shapes and dtypes (the op layer does); this function trusts them.
+    """
+    N, K = weight.shape
+    lead = x.shape[:-1]
+    y = torch.empty((*lead, N), device=x.device, dtype=x.dtype)
+    xv, M, m_inner, s_m0, s_m1, s_k = rows_view(x)
+    if M == 0 or N == 0:
+        return y
+    if lora_A is not None and xa is None and lora_A.shape[0] > MAX_IN_LOOP_RANK:
+        xa = torch.nn.functional.linear(xv.reshape(M, K), lora_A.to(x.dtype))
+    rows = (M, m_inner, s_m0, s_m1, s_k)
+    y2 = y.view(M, N)
+
+    def run(cfg: LoraKernelConfig) -> None:
+        _launch(cfg, xv, rows, weight, bias, lora_A, lora_B, xa, scaling, y2)
+
+    if config is None:
+        r = 0 if lora_A is None else lora_A.shape[0]
+        key = (x.device.index, x.dtype, N, K, r, xa is None, bias is None, _m_bucket(M))
+        config = _pick_config(key, M, run)
+    run(config)
+    return y

@@ -1,0 +1,32 @@
+"""Test set-up: run Triton kernels under the CPU interpreter unless told otherwise.
+
+``TRITON_INTERPRET`` must be set before triton is imported, so it is set here, at the
+top of the first file pytest loads. On a GPU machine run with ``TRITON_INTERPRET=0`` to
+test the compiled kernels on CUDA (benchmarks/gpu_check.sh does).
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+INTERPRETED = os.environ["TRITON_INTERPRET"] not in ("", "0")
+ON_GPU = torch.cuda.is_available() and not INTERPRETED
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+# The interpreter multiplies raw bf16 bits in tl.dot, so bf16 runs on a real GPU only.
+KERNEL_DTYPES = [
+    torch.float32,
+    torch.float16,
+    pytest.param(
+        torch.bfloat16,
+        marks=pytest.mark.skipif(not ON_GPU, reason="bf16 tl.dot needs a CUDA GPU (interpreter limit)"),
+    ),
+]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
