@@ -310,6 +310,7 @@ def lora_linear_fwd(
     scaling: float,
     xa: Optional[torch.Tensor] = None,
     config: Optional[LoraKernelConfig] = None,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Launch the fused kernel: ``y = x W^T + b + s * (x A^T) B^T`` (or ``s * xa B^T``).
 
@@ -321,6 +322,7 @@ def lora_linear_fwd(
         xa: optional precomputed ``x_l A^T`` of shape ``(M, r)`` (M = rows of ``x``):
             selects the epilogue-only variant (needed for dropout, any rank).
         config: force a launch config (benchmarks); default: tuned per shape.
+        out: optional preallocated contiguous output of shape ``(..., N)``.
 
     Returns:
         ``y`` of shape ``(..., N)``, contiguous, in ``x``'s dtype.
@@ -329,7 +331,12 @@ def lora_linear_fwd(
     """
     N, K = weight.shape
     lead = x.shape[:-1]
-    y = torch.empty((*lead, N), device=x.device, dtype=x.dtype)
+    if out is None:
+        y = torch.empty((*lead, N), device=x.device, dtype=x.dtype)
+    else:
+        if out.shape != (*lead, N) or out.dtype != x.dtype or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {(*lead, N)}")
+        y = out
     xv, M, m_inner, s_m0, s_m1, s_k = rows_view(x)
     if M == 0 or N == 0:
         return y
