@@ -248,3 +248,19 @@ def test_forced_triton_without_gpu_or_interpreter(monkeypatch):
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         ops.resolve_backend("triton", torch.device("cpu"))
     assert ops.resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
+def test_lean_inference_path_skips_the_dispatcher(kernel_calls, monkeypatch):
+    """Without autograd or tracing, the op launches the kernel directly (decode speed);
+    with autograd it goes through the custom op; both give the same bits."""
+    x, w, b, a, bm = _make(5, 40, 24, 8, torch.float32)
+    a.requires_grad_(True)
+    op_calls = []
+    real_op = ops._lora_linear_op
+    monkeypatch.setattr(ops, "_lora_linear_op", lambda *args: op_calls.append(1) or real_op(*args))
+    with torch.no_grad():
+        lean = ops.lora_linear(x, w, b, a, bm, 0.5, backend="triton")
+    assert not op_calls and len(kernel_calls) == 1
+    tracked = ops.lora_linear(x, w, b, a, bm, 0.5, backend="triton")
+    assert op_calls and len(kernel_calls) == 2 and tracked.requires_grad
+    assert torch.equal(lean, tracked.detach())

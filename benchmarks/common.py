@@ -1,0 +1,168 @@
+"""Shared helpers of the microbenchmarks: timing, device facts, tables and JSON.
+
+Times are medians of ``triton.testing.do_bench`` (L2 flushed between runs); at small M
+``bench_graph_ms`` also times the same call replayed from a captured CUDA graph, which
+removes the Python launch path. Every benchmark reports each variant as a ratio to the
+cuBLAS base GEMM measured in the same run, never against numbers from another run.
+
+On a machine without a CUDA GPU the benchmarks run a small correctness-only pass under
+the Triton interpreter: ``setup_interpreter()`` must run before triton is imported.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def on_gpu() -> bool:
+    """True when a CUDA GPU runs the compiled kernels (not the interpreter)."""
+    return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+
+def setup_interpreter() -> bool:
+    """On a machine without CUDA, turn the Triton interpreter on; returns ``on_gpu()``.
+
+    Must run before ``triton`` is imported (the interpreter flag is read at import).
+    """
+    if not torch.cuda.is_available():
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("setup_interpreter() must run before triton is imported")
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    return on_gpu()
+
+
+def bench_ms(fn: Callable[[], Any], warmup: int = 25, rep: int = 100) -> float:
+    """Median time of ``fn()`` in milliseconds (eager: Python launch path included)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def bench_graph_ms(fn: Callable[[], Any], warmup: int = 25, rep: int = 100) -> float:
+    """Median time of ``fn()`` replayed from a captured CUDA graph, in milliseconds.
+
+    ``fn`` runs a few times on a side stream first (to compile and tune every kernel it
+    launches) and is then captured once; the timing replays the graph, so Python, the
+    dispatcher and the autotuner's cache lookups are not counted.
+    """
+    import triton.testing
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return float(triton.testing.do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def device_info() -> Dict[str, Any]:
+    """The card, date and software versions to store beside every result."""
+    info: Dict[str, Any] = {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:  # pragma: no cover - triton is a dependency
+        info["triton"] = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["device"] = props.name
+        info["cuda"] = torch.version.cuda
+        info["capability"] = f"{props.major}.{props.minor}"
+        info["sms"] = props.multi_processor_count
+    else:
+        info["device"] = f"cpu ({platform.processor() or platform.machine()}), no CUDA GPU"
+    return info
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
+    return "-" if value is None else str(value)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """A plain-text table of ``rows`` (dicts) over ``columns``; missing cells print '-'."""
+    cells = [[_fmt(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    print(format_table(rows, columns), flush=True)
+
+
+def write_json(path: Optional[str], payload: Mapping[str, Any]) -> Optional[Path]:
+    """Write ``payload`` (plus nothing else) as indented JSON; ``None`` path: skip."""
+    if not path:
+        return None
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    print(f"wrote {out}", flush=True)
+    return out
+
+
+def base_args(description: str, default_json: str) -> argparse.ArgumentParser:
+    """Arguments every benchmark takes: ``--quick`` (fewer points) and ``--json PATH``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and M values (a few minutes on a GPU)")
+    parser.add_argument(
+        "--json",
+        default=str(RESULTS_DIR / default_json),
+        help="where to write the JSON results ('' to skip); default: %(default)s",
+    )
+    return parser
+
+
+def ratio(t: Optional[float], base: Optional[float]) -> Optional[float]:
+    """``t / base`` or None when either is missing."""
+    if t is None or base is None or base <= 0:
+        return None
+    return t / base
+
+
+def max_rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in float64 (NaN/inf in ``out``: inf)."""
+    out64, ref64 = out.detach().double(), ref.detach().double()
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    denom = ref64.norm().item()
+    diff = (out64 - ref64).norm().item()
+    return diff if denom == 0 else diff / denom
+
+
+def check_close(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> float:
+    """Raise when ``out`` is not within ``tol`` of ``ref``: nothing is timed unchecked."""
+    err = max_rel_err(out, ref)
+    if not err <= tol:
+        raise AssertionError(f"{name}: relative error {err:.3e} > {tol:.1e}; refusing to time a wrong result")
+    return err
+
+
+def env_summary(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Payload head shared by all benchmarks."""
+    return {"device_info": device_info(), "results": rows}

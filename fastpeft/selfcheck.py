@@ -1,0 +1,183 @@
+"""``python -m fastpeft.selfcheck``: show what fastpeft does on this machine.
+
+On a CUDA GPU it runs the compiled Triton kernels in fp16/bf16/fp32 against the float64
+reference and times the fused LoRA layer against the cuBLAS base GEMM for a few Llama
+shapes. On a CPU it runs the same Triton kernels under the interpreter
+(``TRITON_INTERPRET=1``, re-executing itself with it when it is not set) and checks them
+against the reference; no timings, since interpreted kernels say nothing about speed.
+Exits non-zero when any check fails.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+_INTERPRET_VAR = "TRITON_INTERPRET"
+
+
+def _ensure_interpreter_on_cpu(argv: Sequence[str]) -> None:
+    """Without CUDA the kernels only run under the interpreter, whose flag must be set
+    before triton is imported: re-run this module with it set."""
+    if torch.cuda.is_available() or os.environ.get(_INTERPRET_VAR, "") not in ("", "0"):
+        return
+    if os.environ.get(_INTERPRET_VAR) == "0":
+        return  # the user asked for no interpreter: the checks report the reference only
+    env = dict(os.environ, **{_INTERPRET_VAR: "1"})
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "fastpeft.selfcheck", *argv], env)
+
+
+@dataclass
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    denom = ref64.norm().item()
+    return (out64 - ref64).norm().item() / (denom if denom else 1.0)
+
+
+_TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def _lora_kernel_checks(device: str, dtypes: Sequence[torch.dtype]) -> List[CheckResult]:
+    """The fused LoRA kernel (launched directly, so no fallback can hide) vs float64."""
+    from fastpeft.kernels import lora as lora_kernels
+    from fastpeft.kernels.reference import lora_linear_ref
+
+    results = []
+    cases = [(1, 96, 80, 8), (33, 70, 130, 16), (5, 64, 48, 64), (17, 40, 56, 128)]
+    for dt in dtypes:
+        for M, K, N, r in cases:
+            g = torch.Generator().manual_seed(M * 1000 + r)
+            x = torch.randn(M, K, generator=g).to(device, dt)
+            W = (torch.randn(N, K, generator=g) / math.sqrt(K)).to(device, dt)
+            b = torch.randn(N, generator=g).to(device, dt)
+            A = (torch.randn(r, K, generator=g) / math.sqrt(K)).to(device, dt)
+            B = (torch.randn(N, r, generator=g) / math.sqrt(r)).to(device, dt)
+            out = lora_kernels.lora_linear_fwd(x, W, b, A, B, 2.0 / r)
+            ref = lora_linear_ref(*(t.double() for t in (x, W, b, A, B)), 2.0 / r)
+            err = _rel_err(out, ref)
+            name = f"lora kernel {str(dt)[6:]:8s} M={M:<3d} K={K:<3d} N={N:<3d} r={r}"
+            results.append(CheckResult(name, err <= _TOL[dt], f"rel err {err:.2e} (tol {_TOL[dt]:.0e})"))
+    return results
+
+
+def _module_checks(device: str) -> List[CheckResult]:
+    """FastLoRALinear: forward, gradients and merge round trip vs the reference."""
+    import fastpeft as fp
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(48, 40, device=device)
+    layer = fp.FastLoRALinear.from_linear(base, r=8, lora_alpha=16)
+    torch.nn.init.normal_(layer.lora_B, std=0.1)
+    x = torch.randn(3, 5, 48, device=device, requires_grad=True)
+    y = layer(x)
+    y.square().sum().backward()
+    ref_layer_x = x.detach().double().requires_grad_(True)
+    A = layer.lora_A.detach().double().requires_grad_(True)
+    B = layer.lora_B.detach().double().requires_grad_(True)
+    y_ref = torch.nn.functional.linear(ref_layer_x, base.weight.double(), base.bias.double()) + layer.scaling * (
+        ref_layer_x @ A.t() @ B.t()
+    )
+    y_ref.square().sum().backward()
+    errs = {
+        "forward": _rel_err(y, y_ref),
+        "grad x": _rel_err(x.grad, ref_layer_x.grad),
+        "grad A": _rel_err(layer.lora_A.grad, A.grad),
+        "grad B": _rel_err(layer.lora_B.grad, B.grad),
+    }
+    with torch.no_grad():
+        before = layer(x)
+        layer.merge()
+        merged = layer(x)
+        layer.unmerge()
+    errs["merge"] = _rel_err(merged, before)
+    worst = max(errs.values())
+    detail = ", ".join(f"{k} {v:.1e}" for k, v in errs.items())
+    return [CheckResult("FastLoRALinear fwd/bwd/merge (fp32)", worst <= 1e-5, detail)]
+
+
+def _gpu_timings(shapes: Sequence[tuple], ms: Sequence[int], r: int) -> List[str]:
+    """A short table: cuBLAS base vs fused LoRA (bf16), ratios from the same run."""
+    import triton.testing
+
+    from fastpeft.ops import lora_linear
+
+    lines = [f"{'K':>6} {'N':>6} {'M':>6}  base ms  fused ms  fused/base  (bf16, r={r})"]
+    for K, N in shapes:
+        for M in ms:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            W = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / math.sqrt(K)
+            A = torch.randn(r, K, device="cuda", dtype=torch.bfloat16) / math.sqrt(K)
+            B = torch.randn(N, r, device="cuda", dtype=torch.bfloat16) / math.sqrt(r)
+            with torch.no_grad():
+                t_base = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, W), return_mode="median")
+                t_fused = triton.testing.do_bench(
+                    lambda: lora_linear(x, W, None, A, B, 2.0, backend="triton"), return_mode="median"
+                )
+            lines.append(f"{K:>6} {N:>6} {M:>6}  {t_base:7.4f}  {t_fused:8.4f}  {t_fused / t_base:10.3f}")
+    return lines
+
+
+def _print_results(results: List[CheckResult]) -> None:
+    for res in results:
+        print(f"  [{'ok' if res.ok else 'FAIL'}] {res.name}: {res.detail}", flush=True)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-bench", action="store_true", help="skip the GPU timings")
+    args = parser.parse_args(argv)
+    _ensure_interpreter_on_cpu(argv)
+
+    import triton
+
+    import fastpeft as fp
+    from fastpeft.kernels.lora import interpreter_active
+
+    gpu = torch.cuda.is_available() and not interpreter_active()
+    device = "cuda" if gpu else "cpu"
+    where = torch.cuda.get_device_name(0) if gpu else "CPU (Triton interpreter)" if interpreter_active() else "CPU"
+    print(f"fastpeft {fp.__version__}  torch {torch.__version__}  triton {triton.__version__}")
+    print(f"device: {where}; auto backend runs: {fp.resolve_backend('auto', torch.device(device))}")
+    if not gpu and not interpreter_active():
+        print("TRITON_INTERPRET=0 on a machine without CUDA: no Triton kernel can run here.")
+        return 1
+
+    start = time.perf_counter()
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if gpu else [])
+    print("\nchecks against the float64 reference" + ("" if gpu else " (bf16 needs a GPU: the interpreter lacks bf16 dot)"))
+    results: List[CheckResult] = []
+    for check in (lambda: _lora_kernel_checks(device, dtypes), lambda: _module_checks(device)):
+        batch = check()
+        _print_results(batch)
+        results += batch
+    failed = [r for r in results if not r.ok]
+    print(f"\n{len(results) - len(failed)}/{len(results)} checks passed in {time.perf_counter() - start:.1f} s")
+
+    if gpu and not args.no_bench and not failed:
+        print("\nfused LoRA vs cuBLAS base GEMM, same run:")
+        for line in _gpu_timings([(4096, 4096), (4096, 14336), (14336, 4096)], [16, 1024, 4096], 16):
+            print("  " + line, flush=True)
+        print("full sweeps: python benchmarks/bench_lora.py (see README)")
+    elif not gpu:
+        print("no GPU here, so no timings: run benchmarks/gpu_check.sh on a CUDA machine for them")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

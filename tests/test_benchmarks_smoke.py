@@ -1,0 +1,87 @@
+"""The benchmark programs, the self-check and the GPU-check script run and check results.
+
+Timing itself is never tested (benchmarks are programs); these tests make sure the
+programs work on a CPU machine and that their GPU code paths build every variant and
+check it against the reference before timing.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def _run(args, timeout=600):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture
+def bench_lora(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import common
+
+    module = importlib.import_module("bench_lora")
+    # Stand-ins for the GPU timers: call the function once (so it must run) and return a
+    # fixed time; the CUDA-graph timer fails as it would on a machine without CUDA.
+    monkeypatch.setattr(common, "bench_ms", lambda fn: (fn(), 1.0)[1])
+
+    def no_graphs(fn):
+        raise RuntimeError("no CUDA graphs here")
+
+    monkeypatch.setattr(common, "bench_graph_ms", no_graphs)
+    return module
+
+
+def test_bench_lora_cpu_pass_writes_json(tmp_path):
+    out = tmp_path / "lora.json"
+    proc = _run([str(BENCH / "bench_lora.py"), "--json", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    assert "no CUDA GPU" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["mode"] == "cpu-correctness"
+    assert data["results"] and all(r["rel_err"] <= r["tol"] for r in data["results"])
+
+
+def test_bench_lora_point_checks_every_variant(bench_lora):
+    row = bench_lora._time_point(40, 24, 5, 4, dev="cpu", dt=torch.float32, with_compile=False)
+    for name in ("unfused", "peft", "fastpeft"):
+        assert row[f"{name}_err"] < 1e-5, row
+        assert row[f"{name}_x"] == 1.0
+    assert "fastpeft_graph_error" in row  # recorded, not raised
+
+
+def test_bench_lora_refuses_to_time_a_wrong_result(bench_lora, monkeypatch):
+    import common
+
+    with pytest.raises(AssertionError, match="refusing to time"):
+        common.check_close("bad", torch.ones(3), torch.zeros(3) + 2, 1e-3)
+    monkeypatch.setattr(bench_lora, "lora_linear", lambda *a, **k: torch.zeros(5, 24))
+    row = bench_lora._time_point(40, 24, 5, 4, dev="cpu", dt=torch.float32, with_compile=False)
+    assert "fastpeft_error" in row and "fastpeft_ms" not in row
+
+
+def test_selfcheck_passes_here(capsys):
+    from fastpeft import selfcheck
+
+    assert selfcheck.main(["--no-bench"]) == 0
+    out = capsys.readouterr().out
+    assert "checks passed" in out and "FAIL" not in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit of the GPU script")
+def test_gpu_check_script_says_no_gpu():
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "no CUDA GPU" in proc.stderr

@@ -1,0 +1,87 @@
+"""Every GPU launch config of the fused LoRA kernel compiles for Hopper (sm_90), fits in
+its shared memory, is software-pipelined and uses wgmma where the tile allows it.
+
+No GPU needed: triton compiles ahead of time with its bundled ptxas (see tests/sm90.py).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import pytest
+
+from sm90 import HOPPER_MAX_SHARED, report_sm90
+
+from fastpeft.kernels import lora as lora_kernels
+
+UNIT_STRIDES = ["stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_xar", "stride_yn"]
+PTRS = ["x_ptr", "w_ptr", "bias_ptr", "a_ptr", "b_ptr", "xa_ptr", "y_ptr"]
+CANDIDATES = sorted(
+    {cfg for m in (1, 64, 4096) for cfg in lora_kernels._gpu_candidates(m)},
+    key=lambda c: (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages),
+)
+# (padded rank, in-loop shrink): r <= 16, r <= 64, no adapter (base GEMM), epilogue path.
+LORA_VARIANTS = [(16, True), (64, True), (0, True), (32, False)]
+PRECISION = {"bf16": "ieee", "fp16": "ieee", "fp32": "ieee"}
+
+
+def _cfg_id(cfg) -> str:
+    return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}"
+
+
+def _spec(cfg, dtype: str, block_r: int, in_loop: bool) -> Dict[str, Any]:
+    return {
+        "id": f"{dtype}-{_cfg_id(cfg)}-r{block_r}-{'loop' if in_loop else 'epi'}",
+        "module": "fastpeft.kernels.lora",
+        "kernel": "_lora_linear_fwd_kernel",
+        "ptr_dtypes": {p: dtype for p in PTRS},
+        "constexprs": dict(
+            HAS_BIAS=True,
+            HAS_LORA=block_r > 0,
+            SHRINK_IN_LOOP=in_loop,
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k,
+            BLOCK_R=max(block_r, 16),
+            GROUP_M=cfg.group_m,
+            INPUT_PRECISION=PRECISION[dtype],
+        ),
+        "unit_args": UNIT_STRIDES,
+        "float_args": ["scaling"],
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
+    }
+
+
+def _all_specs() -> List[Dict[str, Any]]:
+    specs = [_spec(c, "bf16", r, loop) for c in CANDIDATES for r, loop in LORA_VARIANTS]
+    specs += [_spec(c, dt, 64, True) for c in CANDIDATES for dt in ("fp16", "fp32")]
+    return specs
+
+
+@pytest.fixture(scope="module")
+def reports() -> Dict[str, Dict[str, Any]]:
+    return report_sm90(_all_specs())
+
+
+@pytest.mark.parametrize("cfg", CANDIDATES, ids=_cfg_id)
+@pytest.mark.parametrize("block_r,in_loop", LORA_VARIANTS, ids=lambda v: str(v))
+def test_bf16_lora_kernel_compiles_for_hopper(reports, cfg, block_r, in_loop):
+    rep = reports[_spec(cfg, "bf16", block_r, in_loop)["id"]]
+    assert "error" not in rep, rep.get("error")
+    assert rep["shared"] <= HOPPER_MAX_SHARED, f"{cfg} needs {rep['shared']} B of shared memory"
+    assert rep["pipelined"], f"{cfg}: the K loop's loads are not pipelined"
+    if cfg.block_m >= 64:
+        assert rep["wgmma"], f"{cfg}: no wgmma for a {cfg.block_m}-row tile"
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_other_dtypes_compile_for_hopper(reports, dtype):
+    fitting = 0
+    for cfg in CANDIDATES:
+        rep = reports[_spec(cfg, dtype, 64, True)["id"]]
+        assert "error" not in rep, rep.get("error")
+        # The GPU tuner skips a config whose launch fails for lack of shared memory.
+        if rep["shared"] <= HOPPER_MAX_SHARED:
+            fitting += 1
+            assert rep["pipelined"], f"{dtype} {cfg}: not pipelined"
+    assert fitting >= 4, f"only {fitting} {dtype} configs fit in shared memory"
