@@ -6,7 +6,8 @@ Math (PEFT layout, ``W: (N, K)``, ``A: (r, K)``, ``B: (N, r)``)::
 
 where ``x_l`` is the LoRA branch's input (``x`` itself, or ``dropout(x)`` in training).
 
-Two ways of getting ``xa = x_l A^T`` into the output tile, picked per call:
+Two ways of getting ``xa = x_l A^T`` into the output tile (on a GPU the tuner times
+both, with split-K variants at decode, and keeps the fastest per shape and M bucket):
 
 * ``SHRINK_IN_LOOP``: ``xa`` is accumulated in the same K loop as ``x W^T`` (one launch,
   the x tile is loaded once for both). Best at small M, where the extra
@@ -22,6 +23,7 @@ in place: row ``m`` lives at ``(m // M_INNER) * stride_xm0 + (m % M_INNER) * str
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -53,12 +55,14 @@ def _lora_linear_fwd_kernel(
     stride_bn, stride_br,
     stride_xam, stride_xar,
     stride_ym, stride_yn,
+    stride_ps,
     # scalars
-    scaling,
+    scaling, K_PER_SPLIT,
     # meta
     HAS_BIAS: tl.constexpr,
     HAS_LORA: tl.constexpr,
     SHRINK_IN_LOOP: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -73,8 +77,16 @@ def _lora_linear_fwd_kernel(
     (``BLOCK_R >= R``); otherwise ``xa`` is read from ``xa_ptr`` in ``BLOCK_R`` chunks.
     Epilogue: ``acc += (s * xa) B^T`` (xa rounded to the input dtype first, as an unfused
     low-precision LoRA branch would), ``acc += b``, store in ``y``'s dtype.
+
+    Split-K (``SPLIT_K > 1``, small M): program ``(tile, k)`` covers K columns
+    ``[k * K_PER_SPLIT, (k + 1) * K_PER_SPLIT)`` and writes its fp32 partial sum (no bias)
+    to slice ``k`` of ``y_ptr``, then an fp32 ``(SPLIT_K, M, N)`` buffer; the LoRA update
+    is linear in ``x``, so each split adds its share of it (in-loop shrink: its partial
+    ``xa``; precomputed ``xa``: split 0 adds all of it). ``_splitk_reduce_kernel`` sums
+    the slices and adds the bias.
     """
     pid = tl.program_id(axis=0)
+    pid_k = tl.program_id(axis=1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     # Grouped ordering: GROUP_M row-tiles share the same W column panel in L2.
@@ -95,15 +107,17 @@ def _lora_linear_fwd_kernel(
     # int64 row offsets: M * stride can pass 2^31 on long prefill batches.
     offs_m64 = offs_m.to(tl.int64)
     row_off = (offs_m64 // M_INNER) * stride_xm0 + (offs_m64 % M_INNER) * stride_xm1
-    x_ptrs = x_ptr + row_off[:, None] + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(K, k_start + K_PER_SPLIT)
+    x_ptrs = x_ptr + row_off[:, None] + (k_start + offs_k)[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + (k_start + offs_k)[:, None] * stride_wk
     if SHRINK_IN_LOOP:
-        a_ptrs = a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
+        a_ptrs = a_ptr + offs_r[None, :] * stride_ar + (k_start + offs_k)[:, None] * stride_ak
         xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = (k0 + offs_k) < K
+    for k0 in range(k_start, k_end, BLOCK_K):
+        mask_k = (k0 + offs_k) < k_end
         x_tile = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w_tile = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
@@ -120,7 +134,7 @@ def _lora_linear_fwd_kernel(
             bt_tile = tl.load(bt_ptrs, mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0)
             xa_lp = (xa * scaling).to(x_ptr.dtype.element_ty)
             acc = tl.dot(xa_lp, bt_tile.to(xa_lp.dtype), acc, input_precision=INPUT_PRECISION)
-        else:
+        elif pid_k == 0:
             for r0 in range(0, R, BLOCK_R):
                 mask_r = (r0 + offs_r) < R
                 xa_ptrs = xa_ptr + offs_m64[:, None] * stride_xam + (r0 + offs_r)[None, :] * stride_xar
@@ -130,12 +144,43 @@ def _lora_linear_fwd_kernel(
                 xa_lp = (xa_tile.to(tl.float32) * scaling).to(x_ptr.dtype.element_ty)
                 acc = tl.dot(xa_lp, bt_tile.to(xa_lp.dtype), acc, input_precision=INPUT_PRECISION)
 
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
+    y_ptrs = y_ptr + pid_k * stride_ps + offs_m64[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    else:
+        tl.store(y_ptrs, acc, mask=mask_m[:, None] & mask_n[None, :])
 
-    y_ptrs = y_ptr + offs_m64[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+@triton.jit
+def _splitk_reduce_kernel(
+    # pointers
+    p_ptr, bias_ptr, y_ptr,
+    # sizes
+    M, N,
+    # strides
+    stride_ps, stride_pm, stride_pn,
+    stride_ym, stride_yn,
+    # meta
+    HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """``y = sum_k partial[k] + b``: the split-K partial sums (fp32) to ``y``'s dtype."""
+    offs_m = tl.program_id(axis=0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(axis=1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    offs = offs_m.to(tl.int64)[:, None] * stride_pm + offs_n[None, :] * stride_pn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(SPLIT_K):
+        acc += tl.load(p_ptr + k * stride_ps + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- launch
@@ -151,6 +196,12 @@ class LoraKernelConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    # K split across this many programs per tile, summed by a second small kernel: feeds
+    # the GPU at decode, where M fits one row tile and N alone gives too few programs.
+    split_k: int = 1
+    # Compute ``xa = x A^T`` up front (one skinny GEMM) and only apply it in the
+    # epilogue, instead of repeating the shrink in every N tile: wins at large M.
+    precompute_xa: bool = False
 
 
 # Fixed config for the CPU interpreter: small tiles keep it fast and exercise masking.
@@ -185,6 +236,24 @@ def _gpu_candidates(m: int) -> List[LoraKernelConfig]:
         LoraKernelConfig(256, 128, 64, 8, 8, 3),
         LoraKernelConfig(64, 256, 64, 8, 4, 4),
     ]
+
+
+def _lora_candidates(m: int, k: int, lora_in_loop: bool) -> List[LoraKernelConfig]:
+    """The LoRA tuner's search space: the GEMM tiles of ``_gpu_candidates``, plus split-K
+    tiles at decode and, where the shrink could run in the loop, the same tiles with a
+    precomputed ``xa`` at larger M. The tuner times them all and keeps the fastest."""
+    base = _gpu_candidates(m)
+    cands = list(base)
+    if m <= 64:
+        for split in (2, 4, 8):
+            if k >= split * 512:
+                cands += [
+                    LoraKernelConfig(16, 64, 128, 8, 4, 4, split_k=split),
+                    LoraKernelConfig(16, 32, 128, 8, 4, 4, split_k=split),
+                ]
+    if lora_in_loop and m > 64:
+        cands += [dataclasses.replace(c, precompute_xa=True) for c in base]
+    return cands
 
 
 def _m_bucket(m: int) -> int:
@@ -245,26 +314,35 @@ def _launch(
     N, K = weight.shape
     has_lora = lora_A is not None and lora_A.shape[0] > 0
     R = lora_A.shape[0] if has_lora else 0
+    if has_lora and xa is None and cfg.precompute_xa:
+        xa = torch.nn.functional.linear(xv.reshape(M, K), lora_A.to(xv.dtype))
     in_loop = has_lora and xa is None
     block_r = max(16, triton.next_power_of_2(R)) if in_loop else _EPILOGUE_BLOCK_R
     # Unused pointers still need a tensor; ``weight`` is a safe placeholder.
     a = lora_A if has_lora else weight
     b = lora_B if has_lora else weight
     xa_t = xa if xa is not None else weight
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    k_per_split = triton.cdiv(triton.cdiv(K, max(1, cfg.split_k)), cfg.block_k) * cfg.block_k
+    split = triton.cdiv(K, k_per_split)  # no split is left without K columns
+    # Split-K programs write fp32 partial sums, reduced into ``y`` below.
+    out = y if split == 1 else torch.empty((split, M, N), device=y.device, dtype=torch.float32)
+    out_strides = (0, y.stride(0), y.stride(1)) if split == 1 else out.stride()
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
     _lora_linear_fwd_kernel[grid](
-        xv, weight, bias if bias is not None else weight, a, b, xa_t, y,
+        xv, weight, bias if bias is not None else weight, a, b, xa_t, out,
         M, N, K, R, m_inner,
         s_m0, s_m1, s_k,
         weight.stride(0), weight.stride(1),
         a.stride(0), a.stride(1),
         b.stride(0), b.stride(1),
         xa_t.stride(0), xa_t.stride(1),
-        y.stride(0), y.stride(1),
-        float(scaling),
+        out_strides[1], out_strides[2],
+        out_strides[0],
+        float(scaling), k_per_split,
         HAS_BIAS=bias is not None,
         HAS_LORA=has_lora,
         SHRINK_IN_LOOP=in_loop,
+        SPLIT_K=split,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
@@ -274,20 +352,44 @@ def _launch(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
+    if split > 1:
+        _reduce_splits(out, bias, y)
 
 
-def _pick_config(key: Tuple, m: int, run) -> LoraKernelConfig:
+_REDUCE_BLOCK_M, _REDUCE_BLOCK_N = 16, 128
+
+
+def _reduce_splits(partial: torch.Tensor, bias: Optional[torch.Tensor], y: torch.Tensor) -> None:
+    split, M, N = partial.shape
+    grid = (triton.cdiv(M, _REDUCE_BLOCK_M), triton.cdiv(N, _REDUCE_BLOCK_N))
+    _splitk_reduce_kernel[grid](
+        partial, bias if bias is not None else partial, y,
+        M, N,
+        partial.stride(0), partial.stride(1), partial.stride(2),
+        y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None,
+        SPLIT_K=split,
+        BLOCK_M=_REDUCE_BLOCK_M,
+        BLOCK_N=_REDUCE_BLOCK_N,
+        num_warps=4,
+    )
+
+
+def _pick_config(
+    key: Tuple, m: int, run, candidates: Optional[List[LoraKernelConfig]] = None
+) -> LoraKernelConfig:
     """Config for ``key``: fixed under the interpreter; on a GPU, timed once and cached.
 
-    The cache key holds shapes, dtypes and the M bucket (never data pointers), so the
-    steady-state launch path is one dict lookup.
+    ``candidates`` defaults to the plain GEMM tiles of ``_gpu_candidates(m)``. The cache
+    key holds shapes, dtypes and the M bucket (never data pointers), so the steady-state
+    launch path is one dict lookup.
     """
     if interpreter_active():
         return _INTERPRETER_CONFIG
     cfg = _TUNED.get(key)
     if cfg is None:
         best = None
-        for cand in _gpu_candidates(m):
+        for cand in candidates if candidates is not None else _gpu_candidates(m):
             try:
                 t = triton.testing.do_bench(lambda: run(cand), warmup=5, rep=20)
             except Exception:  # a candidate that does not fit in shared memory on this card
@@ -340,9 +442,9 @@ def lora_linear_fwd(
     xv, M, m_inner, s_m0, s_m1, s_k = rows_view(x)
     if M == 0 or N == 0:
         return y
+    rows = (M, m_inner, s_m0, s_m1, s_k)
     if lora_A is not None and xa is None and lora_A.shape[0] > MAX_IN_LOOP_RANK:
         xa = torch.nn.functional.linear(xv.reshape(M, K), lora_A.to(x.dtype))
-    rows = (M, m_inner, s_m0, s_m1, s_k)
     y2 = y.view(M, N)
 
     def run(cfg: LoraKernelConfig) -> None:
@@ -351,6 +453,7 @@ def lora_linear_fwd(
     if config is None:
         r = 0 if lora_A is None else lora_A.shape[0]
         key = (x.device.index, x.dtype, N, K, r, xa is None, bias is None, _m_bucket(M))
-        config = _pick_config(key, M, run)
+        in_loop = lora_A is not None and xa is None
+        config = _pick_config(key, M, run, _lora_candidates(M, K, in_loop))
     run(config)
     return y

@@ -264,3 +264,41 @@ def test_lean_inference_path_skips_the_dispatcher(kernel_calls, monkeypatch):
     tracked = ops.lora_linear(x, w, b, a, bm, 0.5, backend="triton")
     assert op_calls and len(kernel_calls) == 2 and tracked.requires_grad
     assert torch.equal(lean, tracked.detach())
+
+
+# Launch variants the GPU tuner can pick, forced here with interpreter-sized tiles.
+SPLIT_K_CONFIGS = [
+    lora_kernels.LoraKernelConfig(16, 32, 32, num_warps=1, num_stages=1, split_k=2),
+    lora_kernels.LoraKernelConfig(16, 16, 16, num_warps=1, num_stages=1, split_k=5),
+]
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("cfg", SPLIT_K_CONFIGS, ids=lambda c: f"split{c.split_k}")
+@pytest.mark.parametrize("M,K,N,r", [(1, 100, 37, 8), (7, 77, 50, 16), (3, 40, 21, 100)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_split_k_matches_reference(M, K, N, r, dtype, cfg, bias):
+    x, w, b, a, bm = _make(M, K, N, r, dtype, bias)
+    xa = F.linear(x, a) if r > lora_kernels.MAX_IN_LOOP_RANK else None
+    y = torch.full((M, N), float("nan"), device=DEVICE, dtype=dtype)  # poison
+    lora_kernels.lora_linear_fwd(x, w, b, a, bm, 0.5, xa=xa, config=cfg, out=y)
+    assert_matches_ref(y, _ref64(x, w, b, a, bm, 0.5), lora_linear_ref(x, w, b, a, bm, 0.5), dtype)
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("M,K,N,r", [(33, 70, 19, 16), (5, 123, 45, 64)])
+def test_precomputed_xa_variant_matches_reference(M, K, N, r, dtype):
+    cfg = lora_kernels.LoraKernelConfig(16, 32, 32, num_warps=1, num_stages=1, precompute_xa=True)
+    x, w, b, a, bm = _make(M, K, N, r, dtype)
+    x = x.t().contiguous().t()  # strided rows: the precompute reads them in place
+    y = torch.full((M, N), float("nan"), device=DEVICE, dtype=dtype)
+    lora_kernels.lora_linear_fwd(x, w, b, a, bm, 1.5, config=cfg, out=y)
+    assert_matches_ref(y, _ref64(x, w, b, a, bm, 1.5), lora_linear_ref(x, w, b, a, bm, 1.5), dtype)
+
+
+def test_tuner_search_space_covers_decode_and_prefill():
+    decode = lora_kernels._lora_candidates(1, 4096, True)
+    prefill = lora_kernels._lora_candidates(4096, 4096, True)
+    assert any(c.split_k > 1 for c in decode) and not any(c.precompute_xa for c in decode)
+    assert any(c.precompute_xa for c in prefill) and not any(c.split_k > 1 for c in prefill)
+    assert not any(c.precompute_xa for c in lora_kernels._lora_candidates(4096, 4096, False))

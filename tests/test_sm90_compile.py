@@ -19,6 +19,10 @@ CANDIDATES = sorted(
     {cfg for m in (1, 64, 4096) for cfg in lora_kernels._gpu_candidates(m)},
     key=lambda c: (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages),
 )
+SPLIT_K = sorted(
+    {cfg for cfg in lora_kernels._lora_candidates(1, 16384, True) if cfg.split_k > 1},
+    key=lambda c: (c.block_n, c.split_k),
+)
 # (padded rank, in-loop shrink): r <= 16, r <= 64, no adapter (base GEMM), epilogue path.
 LORA_VARIANTS = [(16, True), (64, True), (0, True), (32, False)]
 PRECISION = {"bf16": "ieee", "fp16": "ieee", "fp32": "ieee"}
@@ -30,7 +34,7 @@ def _cfg_id(cfg) -> str:
 
 def _spec(cfg, dtype: str, block_r: int, in_loop: bool) -> Dict[str, Any]:
     return {
-        "id": f"{dtype}-{_cfg_id(cfg)}-r{block_r}-{'loop' if in_loop else 'epi'}",
+        "id": f"{dtype}-{_cfg_id(cfg)}-k{cfg.split_k}-r{block_r}-{'loop' if in_loop else 'epi'}",
         "module": "fastpeft.kernels.lora",
         "kernel": "_lora_linear_fwd_kernel",
         "ptr_dtypes": {p: dtype for p in PTRS},
@@ -38,6 +42,7 @@ def _spec(cfg, dtype: str, block_r: int, in_loop: bool) -> Dict[str, Any]:
             HAS_BIAS=True,
             HAS_LORA=block_r > 0,
             SHRINK_IN_LOOP=in_loop,
+            SPLIT_K=cfg.split_k,
             BLOCK_M=cfg.block_m,
             BLOCK_N=cfg.block_n,
             BLOCK_K=cfg.block_k,
@@ -55,6 +60,17 @@ def _spec(cfg, dtype: str, block_r: int, in_loop: bool) -> Dict[str, Any]:
 def _all_specs() -> List[Dict[str, Any]]:
     specs = [_spec(c, "bf16", r, loop) for c in CANDIDATES for r, loop in LORA_VARIANTS]
     specs += [_spec(c, dt, 64, True) for c in CANDIDATES for dt in ("fp16", "fp32")]
+    specs += [_spec(c, "bf16", r, loop) for c in SPLIT_K for r, loop in ((16, True), (32, False))]
+    specs.append(
+        {
+            "id": "splitk-reduce",
+            "module": "fastpeft.kernels.lora",
+            "kernel": "_splitk_reduce_kernel",
+            "ptr_dtypes": {"p_ptr": "fp32", "bias_ptr": "bf16", "y_ptr": "bf16"},
+            "constexprs": dict(HAS_BIAS=True, SPLIT_K=4, BLOCK_M=16, BLOCK_N=128),
+            "unit_args": ["stride_pn", "stride_yn"],
+        }
+    )
     return specs
 
 
@@ -85,3 +101,15 @@ def test_other_dtypes_compile_for_hopper(reports, dtype):
             fitting += 1
             assert rep["pipelined"], f"{dtype} {cfg}: not pipelined"
     assert fitting >= 4, f"only {fitting} {dtype} configs fit in shared memory"
+
+
+@pytest.mark.parametrize("cfg", SPLIT_K, ids=lambda c: f"{_cfg_id(c)}k{c.split_k}")
+@pytest.mark.parametrize("block_r,in_loop", [(16, True), (32, False)], ids=lambda v: str(v))
+def test_split_k_variants_compile_for_hopper(reports, cfg, block_r, in_loop):
+    rep = reports[_spec(cfg, "bf16", block_r, in_loop)["id"]]
+    assert "error" not in rep, rep.get("error")
+    assert rep["shared"] <= HOPPER_MAX_SHARED and rep["pipelined"]
+
+
+def test_split_k_reduce_compiles_for_hopper(reports):
+    assert "error" not in reports["splitk-reduce"], reports["splitk-reduce"].get("error")
