@@ -26,11 +26,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import triton
 import triton.language as tl
+
+from . import lora_tma
+from .tiles import grouped_tile
 
 __all__ = ["LoraKernelConfig", "lora_linear_fwd", "interpreter_active", "rows_view"]
 
@@ -87,15 +90,7 @@ def _lora_linear_fwd_kernel(
     """
     pid = tl.program_id(axis=0)
     pid_k = tl.program_id(axis=1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped ordering: GROUP_M row-tiles share the same W column panel in L2.
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -202,6 +197,9 @@ class LoraKernelConfig:
     # Compute ``xa = x A^T`` up front (one skinny GEMM) and only apply it in the
     # epilogue, instead of repeating the shrink in every N tile: wins at large M.
     precompute_xa: bool = False
+    # Persistent programs fed by TMA descriptors (kernels/lora_tma.py): Hopper, large M,
+    # inputs a descriptor can address (see ``lora_tma.tma_eligible``).
+    tma: bool = False
 
 
 # Fixed config for the CPU interpreter: small tiles keep it fast and exercise masking.
@@ -238,10 +236,11 @@ def _gpu_candidates(m: int) -> List[LoraKernelConfig]:
     ]
 
 
-def _lora_candidates(m: int, k: int, lora_in_loop: bool) -> List[LoraKernelConfig]:
+def _lora_candidates(m: int, k: int, lora_in_loop: bool, tma_ok: bool = False) -> List[LoraKernelConfig]:
     """The LoRA tuner's search space: the GEMM tiles of ``_gpu_candidates``, plus split-K
-    tiles at decode and, where the shrink could run in the loop, the same tiles with a
-    precomputed ``xa`` at larger M. The tuner times them all and keeps the fastest."""
+    tiles at decode, the same tiles with a precomputed ``xa`` at larger M (where the
+    shrink could run in the loop), and persistent TMA tiles at large M on Hopper when
+    the call is ``tma_ok``. The tuner times them all and keeps the fastest."""
     base = _gpu_candidates(m)
     cands = list(base)
     if m <= 64:
@@ -253,6 +252,15 @@ def _lora_candidates(m: int, k: int, lora_in_loop: bool) -> List[LoraKernelConfi
                 ]
     if lora_in_loop and m > 64:
         cands += [dataclasses.replace(c, precompute_xa=True) for c in base]
+    if tma_ok and m > _TMA_MIN_M:
+        tma = [
+            LoraKernelConfig(128, 256, 64, 8, 8, 3, tma=True),
+            LoraKernelConfig(128, 128, 64, 8, 4, 4, tma=True),
+            LoraKernelConfig(128, 128, 64, 8, 8, 3, tma=True),
+        ]
+        cands += tma
+        if lora_in_loop:
+            cands += [dataclasses.replace(c, precompute_xa=True) for c in tma]
     return cands
 
 
@@ -318,6 +326,21 @@ def _launch(
         xa = torch.nn.functional.linear(xv.reshape(M, K), lora_A.to(xv.dtype))
     in_loop = has_lora and xa is None
     block_r = max(16, triton.next_power_of_2(R)) if in_loop else _EPILOGUE_BLOCK_R
+    if cfg.tma:
+        x2 = _as_2d(xv, rows, K)
+        if not lora_tma.tma_eligible(x2, weight, lora_A if has_lora else None, N, in_loop):
+            raise ValueError(
+                "the TMA kernel needs x and the weights with unit last stride and 16-byte aligned "
+                "rows (K and N multiples of 16 bytes); use a config with tma=False for this call"
+            )
+        lora_tma.lora_linear_tma_launch(
+            x2=x2, weight=weight, bias=bias, lora_A=lora_A if has_lora else None,
+            lora_B=lora_B if has_lora else None, xa=xa, scaling=scaling, y=y,
+            block_m=cfg.block_m, block_n=cfg.block_n, block_k=cfg.block_k, block_r=block_r,
+            group_m=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            input_precision=_input_precision(xv.dtype), interpreted=interpreter_active(),
+        )
+        return
     # Unused pointers still need a tensor; ``weight`` is a safe placeholder.
     a = lora_A if has_lora else weight
     b = lora_B if has_lora else weight
@@ -359,6 +382,15 @@ def _launch(
 _REDUCE_BLOCK_M, _REDUCE_BLOCK_N = 16, 128
 
 
+def _as_2d(xv: torch.Tensor, rows: Tuple[int, int, int, int, int], K: int) -> Optional[torch.Tensor]:
+    """``x`` as an ``(M, K)`` view with one row stride, or None when its rows need two."""
+    M, m_inner, s_m0, s_m1, s_k = rows
+    if m_inner != M and s_m0 != m_inner * s_m1:
+        return None
+    # M <= 1 has no row stride of its own: any stride addresses the one row.
+    return torch.as_strided(xv, (M, K), (s_m1 if M > 1 else K * s_k, s_k))
+
+
 def _reduce_splits(partial: torch.Tensor, bias: Optional[torch.Tensor], y: torch.Tensor) -> None:
     split, M, N = partial.shape
     grid = (triton.cdiv(M, _REDUCE_BLOCK_M), triton.cdiv(N, _REDUCE_BLOCK_N))
@@ -376,20 +408,27 @@ def _reduce_splits(partial: torch.Tensor, bias: Optional[torch.Tensor], y: torch
 
 
 def _pick_config(
-    key: Tuple, m: int, run, candidates: Optional[List[LoraKernelConfig]] = None
+    key: Tuple,
+    m: int,
+    run,
+    candidates: Union[None, List[LoraKernelConfig], Callable[[], List[LoraKernelConfig]]] = None,
 ) -> LoraKernelConfig:
     """Config for ``key``: fixed under the interpreter; on a GPU, timed once and cached.
 
-    ``candidates`` defaults to the plain GEMM tiles of ``_gpu_candidates(m)``. The cache
-    key holds shapes, dtypes and the M bucket (never data pointers), so the steady-state
-    launch path is one dict lookup.
+    ``candidates``: a list, or a function called on a cache miss only (keeps building
+    the list off the hot path); default: the plain GEMM tiles of ``_gpu_candidates(m)``. The cache key holds shapes, dtypes and the M bucket (never
+    data pointers), so the steady-state launch path is one dict lookup.
     """
     if interpreter_active():
         return _INTERPRETER_CONFIG
     cfg = _TUNED.get(key)
     if cfg is None:
         best = None
-        for cand in candidates if candidates is not None else _gpu_candidates(m):
+        if candidates is None:
+            candidates = _gpu_candidates(m)
+        elif callable(candidates):
+            candidates = candidates()
+        for cand in candidates:
             try:
                 t = triton.testing.do_bench(lambda: run(cand), warmup=5, rep=20)
             except Exception:  # a candidate that does not fit in shared memory on this card
@@ -401,6 +440,26 @@ def _pick_config(
         cfg = best[1]
         _TUNED[key] = cfg
     return cfg
+
+
+_TMA_MIN_M = 256
+_HAS_TMA: Dict[int, bool] = {}
+
+
+def _tma_ok(x, xv, rows, weight, lora_A) -> bool:
+    """Hopper (or newer) CUDA device and inputs TMA descriptors can address."""
+    if interpreter_active() or not x.is_cuda:
+        return False
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if index not in _HAS_TMA:
+        _HAS_TMA[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    if not _HAS_TMA[index]:
+        return False
+    x2 = _as_2d(xv, rows, weight.shape[1])
+    # The in-loop shrink reads A through a descriptor; the precomputed variant does not.
+    return lora_tma.tma_eligible(x2, weight, None, weight.shape[0], False) and (
+        lora_A is None or lora_tma.tma_eligible(x2, weight, lora_A, weight.shape[0], True)
+    )
 
 
 def lora_linear_fwd(
@@ -452,8 +511,9 @@ def lora_linear_fwd(
 
     if config is None:
         r = 0 if lora_A is None else lora_A.shape[0]
-        key = (x.device.index, x.dtype, N, K, r, xa is None, bias is None, _m_bucket(M))
         in_loop = lora_A is not None and xa is None
-        config = _pick_config(key, M, run, _lora_candidates(M, K, in_loop))
+        tma_ok = M > _TMA_MIN_M and _tma_ok(x, xv, rows, weight, lora_A)
+        key = (x.device.index, x.dtype, N, K, r, xa is None, bias is None, tma_ok, _m_bucket(M))
+        config = _pick_config(key, M, run, lambda: _lora_candidates(M, K, in_loop, tma_ok))
     run(config)
     return y

@@ -39,13 +39,15 @@ def compile_sm90(
     constexprs: Mapping[str, object],
     unit_args: Iterable[str] = (),
     float_args: Iterable[str] = (),
+    descriptors: Mapping[str, str] = {},
     num_warps: int = 4,
     num_stages: int = 3,
 ):
     """AOT-compile ``kernel`` for sm_90. ``ptr_dtypes``: pointer arg -> "fp16"/"bf16"/
     "fp32"/"i32"...; ``unit_args``: int args specialised to 1 (unit strides); other int
     args are i32 and, like pointers, assumed divisible by 16 (what the JIT sees for
-    aligned, padded shapes). Returns triton's compiled kernel (``.metadata``, ``.asm``).
+    aligned, padded shapes); ``descriptors``: TMA descriptor arg -> its type, e.g.
+    ``"tensordesc<bf16[128, 64]>"`` (dtype and block shape). Returns triton's compiled kernel (``.metadata``, ``.asm``).
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -56,7 +58,9 @@ def compile_sm90(
     unit, floats = set(unit_args), set(float_args)
     signature, attrs = {}, {}
     for i, name in enumerate(params):
-        if name in ptr_dtypes:
+        if name in descriptors:
+            signature[name] = descriptors[name]
+        elif name in ptr_dtypes:
             signature[name] = "*" + _DTYPES.get(ptr_dtypes[name], ptr_dtypes[name])
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in consts:
@@ -94,6 +98,7 @@ def _report_one(spec: Mapping[str, Any]) -> Dict[str, Any]:
             constexprs=spec["constexprs"],
             unit_args=spec.get("unit_args", ()),
             float_args=spec.get("float_args", ()),
+            descriptors=spec.get("descriptors", {}),
             num_warps=spec.get("num_warps", 4),
             num_stages=spec.get("num_stages", 3),
         )

@@ -302,3 +302,42 @@ def test_tuner_search_space_covers_decode_and_prefill():
     assert any(c.split_k > 1 for c in decode) and not any(c.precompute_xa for c in decode)
     assert any(c.precompute_xa for c in prefill) and not any(c.split_k > 1 for c in prefill)
     assert not any(c.precompute_xa for c in lora_kernels._lora_candidates(4096, 4096, False))
+
+
+# The persistent TMA kernel (Hopper, large M), forced with interpreter-sized tiles. A
+# descriptor needs 16-byte rows: K and N multiples of 8 (fp16) / 4 (fp32).
+TMA_CONFIGS = [
+    lora_kernels.LoraKernelConfig(16, 32, 32, num_warps=1, num_stages=1, tma=True),
+    lora_kernels.LoraKernelConfig(16, 16, 16, num_warps=1, num_stages=1, tma=True, precompute_xa=True),
+]
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES)
+@pytest.mark.parametrize("cfg", TMA_CONFIGS, ids=["loop", "pre"])
+@pytest.mark.parametrize("M,K,N,r", [(1, 16, 16, 1), (37, 72, 40, 5), (70, 48, 24, 16), (9, 40, 56, 100)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_tma_kernel_matches_reference(M, K, N, r, dtype, cfg, bias, monkeypatch):
+    calls = []
+    real = lora_kernels.lora_tma.lora_linear_tma_launch
+    monkeypatch.setattr(lora_kernels.lora_tma, "lora_linear_tma_launch", lambda **kw: calls.append(1) or real(**kw))
+    x, w, b, a, bm = _make(M, K, N, r, dtype, bias)
+    y = torch.full((M, N), float("nan"), device=DEVICE, dtype=dtype)
+    lora_kernels.lora_linear_fwd(x, w, b, a, bm, 0.5, config=cfg, out=y)
+    assert calls, "the TMA launcher did not run"
+    assert_matches_ref(y, _ref64(x, w, b, a, bm, 0.5), lora_linear_ref(x, w, b, a, bm, 0.5), dtype)
+
+
+def test_tma_kernel_batch_dims_and_base_only():
+    cfg = TMA_CONFIGS[0]
+    x, w, b, a, bm = _make(30, 64, 48, 8, torch.float32)
+    x3 = x.reshape(5, 6, 64)
+    y = lora_kernels.lora_linear_fwd(x3, w, b, a, bm, 2.0, config=cfg)
+    assert_matches_ref(y.reshape(30, 48), _ref64(x, w, b, a, bm, 2.0), lora_linear_ref(x, w, b, a, bm, 2.0), torch.float32)
+    base = lora_kernels.lora_linear_fwd(x, w, b, None, None, 1.0, config=cfg)
+    assert rel_err(base, F.linear(x.double(), w.double(), b.double())) < 1e-6
+
+
+def test_tma_kernel_refuses_unaligned_input():
+    x, w, b, a, bm = _make(8, 30, 16, 4, torch.float16)  # 60-byte rows: no descriptor
+    with pytest.raises(ValueError, match="TMA kernel needs"):
+        lora_kernels.lora_linear_fwd(x, w, b, a, bm, 1.0, config=TMA_CONFIGS[0])

@@ -57,10 +57,50 @@ def _spec(cfg, dtype: str, block_r: int, in_loop: bool) -> Dict[str, Any]:
     }
 
 
+TMA = sorted(
+    {c for c in lora_kernels._lora_candidates(4096, 4096, True, tma_ok=True) if c.tma and not c.precompute_xa},
+    key=_cfg_id,
+)
+# (padded rank, precomputed xa): in-loop shrink at r <= 16 / r <= 64, epilogue, base only.
+TMA_VARIANTS = [(16, False), (64, False), (32, True), (0, False)]
+
+
+def _tma_spec(cfg, block_r: int, pre: bool) -> Dict[str, Any]:
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    return {
+        "id": f"tma-{_cfg_id(cfg)}-r{block_r}-{'pre' if pre else 'loop'}",
+        "module": "fastpeft.kernels.lora_tma",
+        "kernel": "_lora_linear_tma_kernel",
+        "descriptors": {
+            "x_desc": f"tensordesc<bf16[{bm}, {bk}]>",
+            "w_desc": f"tensordesc<bf16[{bn}, {bk}]>",
+            "a_desc": f"tensordesc<bf16[{max(block_r, 16)}, {bk}]>" if not pre else f"tensordesc<bf16[{bn}, {bk}]>",
+            "y_desc": f"tensordesc<bf16[{bm}, {bn}]>",
+        },
+        "ptr_dtypes": {"bias_ptr": "bf16", "b_ptr": "bf16", "xa_ptr": "bf16"},
+        "constexprs": dict(
+            HAS_BIAS=False,
+            HAS_LORA=block_r > 0,
+            SHRINK_IN_LOOP=block_r > 0 and not pre,
+            BLOCK_M=bm,
+            BLOCK_N=bn,
+            BLOCK_K=bk,
+            BLOCK_R=max(block_r, 16),
+            GROUP_M=cfg.group_m,
+            INPUT_PRECISION="ieee",
+        ),
+        "unit_args": ["stride_br", "stride_xar"],
+        "float_args": ["scaling"],
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
+    }
+
+
 def _all_specs() -> List[Dict[str, Any]]:
     specs = [_spec(c, "bf16", r, loop) for c in CANDIDATES for r, loop in LORA_VARIANTS]
     specs += [_spec(c, dt, 64, True) for c in CANDIDATES for dt in ("fp16", "fp32")]
     specs += [_spec(c, "bf16", r, loop) for c in SPLIT_K for r, loop in ((16, True), (32, False))]
+    specs += [_tma_spec(c, r, pre) for c in TMA for r, pre in TMA_VARIANTS]
     specs.append(
         {
             "id": "splitk-reduce",
@@ -113,3 +153,15 @@ def test_split_k_variants_compile_for_hopper(reports, cfg, block_r, in_loop):
 
 def test_split_k_reduce_compiles_for_hopper(reports):
     assert "error" not in reports["splitk-reduce"], reports["splitk-reduce"].get("error")
+
+
+@pytest.mark.parametrize("cfg", TMA, ids=_cfg_id)
+@pytest.mark.parametrize("block_r,pre", TMA_VARIANTS, ids=lambda v: str(v))
+def test_tma_kernel_compiles_for_hopper(reports, cfg, block_r, pre):
+    rep = reports[_tma_spec(cfg, block_r, pre)["id"]]
+    assert "error" not in rep, rep.get("error")
+    assert rep["pipelined"] and rep["wgmma"], rep
+    # A rank-64 shrink on the widest tile may not fit: the tuner skips a config whose
+    # launch runs out of shared memory. Everything else must fit.
+    if block_r <= 16 or pre or cfg.block_n <= 128:
+        assert rep["shared"] <= HOPPER_MAX_SHARED, f"{cfg} needs {rep['shared']} B of shared memory"

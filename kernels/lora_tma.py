@@ -1,0 +1,208 @@
+"""Fused LoRA linear forward, Hopper form: persistent programs fed by TMA descriptors.
+
+Same math as :mod:`fastpeft.kernels.lora`::
+
+    y = x W^T + b + s * (x A^T) B^T        (or  + s * xa B^T  with xa precomputed)
+
+but shaped for large M on sm_90: one program per SM walks the output tiles in grouped
+order (``tile = start, start + num_programs, ...``), so launch and tail effects are paid
+once, and ``x``, ``W``, ``A`` and ``y`` move through TMA descriptors (bulk async copies
+that the compiler pipelines into shared memory; out-of-range boxes read as zeros and
+are clipped on store, so no masks are needed on those tensors). ``B``, ``xa`` and the
+bias are read with plain masked loads once per tile, in the epilogue.
+
+A descriptor needs a unit last stride and 16-byte aligned base and row strides:
+:func:`tma_eligible` says whether a call qualifies; the tuner offers this kernel only
+then, and the plain kernel handles every other input (odd K, strided rows, ...).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from .tiles import grouped_tile
+
+__all__ = ["tma_eligible", "lora_linear_tma_launch"]
+
+# Persistent programs per SM index (a device property; never keyed by data pointers).
+_SM_COUNT: Dict[int, int] = {}
+# Programs of the persistent grid under the interpreter: a few, to exercise the tile loop.
+_INTERPRETER_PROGRAMS = 3
+
+
+@triton.jit
+def _lora_linear_tma_kernel(
+    # descriptors and pointers
+    x_desc, w_desc, a_desc, y_desc, bias_ptr, b_ptr, xa_ptr,
+    # sizes
+    M, N, K, R, num_programs,
+    # strides
+    stride_bn, stride_br,
+    stride_xam, stride_xar,
+    # scalars
+    scaling,
+    # meta
+    HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    SHRINK_IN_LOOP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Persistent tiles of ``y = x W^T + b + s * xa B^T``.
+
+    For each tile ``(pid_m, pid_n)``: ``acc = sum_k x[m, k] W[n, k]`` (fp32) over TMA
+    boxes of ``x`` and ``W``; with ``SHRINK_IN_LOOP`` the same loop accumulates
+    ``xa[m, j] = sum_k x[m, k] A[j, k]`` from TMA boxes of ``A`` (``BLOCK_R >= R`` rows,
+    the ones past ``R`` read as zeros), else ``xa`` is read in ``BLOCK_R`` chunks.
+    Epilogue: ``acc += (s * xa) B^T`` with ``s * xa`` rounded to the input dtype (as the
+    unfused low-precision branch rounds it), ``acc += b``, TMA store in ``y``'s dtype.
+    """
+    start = tl.program_id(axis=0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    offs_r = tl.arange(0, BLOCK_R)
+    dtype = y_desc.dtype
+    for tile in tl.range(start, num_tiles, num_programs, flatten=True):
+        pid_m, pid_n = grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if SHRINK_IN_LOOP:
+            xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x_tile = x_desc.load([off_m, k0])
+            w_tile = w_desc.load([off_n, k0])
+            acc = tl.dot(x_tile, w_tile.T, acc, input_precision=INPUT_PRECISION)
+            if SHRINK_IN_LOOP:
+                a_tile = a_desc.load([0, k0])
+                xa = tl.dot(x_tile, a_tile.T, xa, input_precision=INPUT_PRECISION)
+
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        if HAS_LORA:
+            if SHRINK_IN_LOOP:
+                bt_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
+                bt_tile = tl.load(bt_ptrs, mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0)
+                xa_lp = (xa * scaling).to(dtype)
+                acc = tl.dot(xa_lp, bt_tile.to(dtype), acc, input_precision=INPUT_PRECISION)
+            else:
+                offs_m64 = offs_m.to(tl.int64)
+                for r0 in range(0, R, BLOCK_R):
+                    mask_r = (r0 + offs_r) < R
+                    xa_ptrs = xa_ptr + offs_m64[:, None] * stride_xam + (r0 + offs_r)[None, :] * stride_xar
+                    xa_tile = tl.load(xa_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+                    bt_ptrs = b_ptr + offs_n[None, :] * stride_bn + (r0 + offs_r)[:, None] * stride_br
+                    bt_tile = tl.load(bt_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+                    xa_lp = (xa_tile.to(tl.float32) * scaling).to(dtype)
+                    acc = tl.dot(xa_lp, bt_tile.to(dtype), acc, input_precision=INPUT_PRECISION)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        y_desc.store([off_m, off_n], acc.to(dtype))
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """A 2-D tensor a TMA descriptor can address: unit last stride, 16-byte base and rows."""
+    es = t.element_size()
+    return (
+        t.dim() == 2
+        and t.stride(1) == 1
+        and (t.stride(0) * es) % 16 == 0
+        and t.data_ptr() % 16 == 0
+        and t.shape[0] > 0
+    )
+
+
+def tma_eligible(
+    x2: Optional[torch.Tensor],
+    weight: torch.Tensor,
+    lora_A: Optional[torch.Tensor],
+    n_out: int,
+    in_loop: bool,
+) -> bool:
+    """Whether :func:`lora_linear_tma_launch` can run this call (``x2``: ``x`` as 2-D, or
+    None when its rows need two strides). ``A`` needs a descriptor only for the in-loop
+    shrink; the output row (``n_out`` elements) must be 16-byte aligned too."""
+    if x2 is None or not _aligned(x2) or not _aligned(weight):
+        return False
+    if (n_out * x2.element_size()) % 16:
+        return False
+    return not in_loop or lora_A is None or _aligned(lora_A)
+
+
+def _num_programs(device: torch.device, interpreted: bool) -> int:
+    if interpreted:
+        return _INTERPRETER_PROGRAMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    count = _SM_COUNT.get(index)
+    if count is None:
+        count = torch.cuda.get_device_properties(index).multi_processor_count
+        _SM_COUNT[index] = count
+    return count
+
+
+def lora_linear_tma_launch(
+    *,
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: Optional[torch.Tensor],
+    lora_B: Optional[torch.Tensor],
+    xa: Optional[torch.Tensor],
+    scaling: float,
+    y: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    block_k: int,
+    block_r: int,
+    group_m: int,
+    num_warps: int,
+    num_stages: int,
+    input_precision: str,
+    interpreted: bool,
+) -> None:
+    """Launch the persistent TMA kernel on a ``tma_eligible`` call (``y``: ``(M, N)``,
+    contiguous). ``xa`` given: epilogue-only LoRA; ``lora_A`` None: base GEMM only."""
+    M, K = x2.shape
+    N = weight.shape[0]
+    has_lora = lora_A is not None and lora_A.shape[0] > 0
+    R = lora_A.shape[0] if has_lora else 0
+    in_loop = has_lora and xa is None
+    x_desc = TensorDescriptor.from_tensor(x2, [block_m, block_k])
+    w_desc = TensorDescriptor.from_tensor(weight, [block_n, block_k])
+    y_desc = TensorDescriptor.from_tensor(y, [block_m, block_n])
+    # Without an in-loop shrink the A descriptor is never read: alias W's.
+    a_desc = TensorDescriptor.from_tensor(lora_A, [block_r, block_k]) if in_loop else w_desc
+    b = lora_B if has_lora else weight
+    xa_t = xa if xa is not None else weight
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    programs = min(tiles, _num_programs(x2.device, interpreted))
+    _lora_linear_tma_kernel[(programs,)](
+        x_desc, w_desc, a_desc, y_desc, bias if bias is not None else weight, b, xa_t,
+        M, N, K, R, programs,
+        b.stride(0), b.stride(1),
+        xa_t.stride(0), xa_t.stride(1),
+        float(scaling),
+        HAS_BIAS=bias is not None,
+        HAS_LORA=has_lora,
+        SHRINK_IN_LOOP=in_loop,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        BLOCK_R=block_r,
+        GROUP_M=group_m,
+        INPUT_PRECISION=input_precision,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
