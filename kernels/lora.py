@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from . import lora_tma
-from .tiles import grouped_tile
+from .tiles import grouped_tile, lora_expand_from_memory, lora_expand_resident
 
 __all__ = ["LoraKernelConfig", "lora_linear_fwd", "interpreter_active", "rows_view"]
 
@@ -125,19 +125,14 @@ def _lora_linear_fwd_kernel(
 
     if HAS_LORA:
         if SHRINK_IN_LOOP:
-            bt_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
-            bt_tile = tl.load(bt_ptrs, mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0)
-            xa_lp = (xa * scaling).to(x_ptr.dtype.element_ty)
-            acc = tl.dot(xa_lp, bt_tile.to(xa_lp.dtype), acc, input_precision=INPUT_PRECISION)
+            acc = lora_expand_resident(
+                acc, xa, b_ptr, offs_n, mask_n, R, stride_bn, stride_br, scaling, BLOCK_R, INPUT_PRECISION
+            )
         elif pid_k == 0:
-            for r0 in range(0, R, BLOCK_R):
-                mask_r = (r0 + offs_r) < R
-                xa_ptrs = xa_ptr + offs_m64[:, None] * stride_xam + (r0 + offs_r)[None, :] * stride_xar
-                xa_tile = tl.load(xa_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-                bt_ptrs = b_ptr + offs_n[None, :] * stride_bn + (r0 + offs_r)[:, None] * stride_br
-                bt_tile = tl.load(bt_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-                xa_lp = (xa_tile.to(tl.float32) * scaling).to(x_ptr.dtype.element_ty)
-                acc = tl.dot(xa_lp, bt_tile.to(xa_lp.dtype), acc, input_precision=INPUT_PRECISION)
+            acc = lora_expand_from_memory(
+                acc, xa_ptr, b_ptr, offs_m64, offs_n, mask_m, mask_n, R,
+                stride_xam, stride_xar, stride_bn, stride_br, scaling, BLOCK_R, INPUT_PRECISION,
+            )
 
     y_ptrs = y_ptr + pid_k * stride_ps + offs_m64[:, None] * stride_ym + offs_n[None, :] * stride_yn
     if SPLIT_K == 1:

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .tiles import grouped_tile
+from .tiles import grouped_tile, lora_expand_from_memory, lora_expand_resident
 
 __all__ = ["tma_eligible", "lora_linear_tma_launch"]
 
@@ -69,7 +69,6 @@ def _lora_linear_tma_kernel(
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
-    offs_r = tl.arange(0, BLOCK_R)
     dtype = y_desc.dtype
     for tile in tl.range(start, num_tiles, num_programs, flatten=True):
         pid_m, pid_n = grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
@@ -84,7 +83,7 @@ def _lora_linear_tma_kernel(
             acc = tl.dot(x_tile, w_tile.T, acc, input_precision=INPUT_PRECISION)
             if SHRINK_IN_LOOP:
                 a_tile = a_desc.load([0, k0])
-                xa = tl.dot(x_tile, a_tile.T, xa, input_precision=INPUT_PRECISION)
+                xa = tl.dot(x_tile, a_tile.T.to(x_tile.dtype), xa, input_precision=INPUT_PRECISION)
 
         offs_m = off_m + tl.arange(0, BLOCK_M)
         offs_n = off_n + tl.arange(0, BLOCK_N)
@@ -92,20 +91,14 @@ def _lora_linear_tma_kernel(
         mask_n = offs_n < N
         if HAS_LORA:
             if SHRINK_IN_LOOP:
-                bt_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
-                bt_tile = tl.load(bt_ptrs, mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0)
-                xa_lp = (xa * scaling).to(dtype)
-                acc = tl.dot(xa_lp, bt_tile.to(dtype), acc, input_precision=INPUT_PRECISION)
+                acc = lora_expand_resident(
+                    acc, xa, b_ptr, offs_n, mask_n, R, stride_bn, stride_br, scaling, BLOCK_R, INPUT_PRECISION
+                )
             else:
-                offs_m64 = offs_m.to(tl.int64)
-                for r0 in range(0, R, BLOCK_R):
-                    mask_r = (r0 + offs_r) < R
-                    xa_ptrs = xa_ptr + offs_m64[:, None] * stride_xam + (r0 + offs_r)[None, :] * stride_xar
-                    xa_tile = tl.load(xa_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-                    bt_ptrs = b_ptr + offs_n[None, :] * stride_bn + (r0 + offs_r)[:, None] * stride_br
-                    bt_tile = tl.load(bt_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-                    xa_lp = (xa_tile.to(tl.float32) * scaling).to(dtype)
-                    acc = tl.dot(xa_lp, bt_tile.to(dtype), acc, input_precision=INPUT_PRECISION)
+                acc = lora_expand_from_memory(
+                    acc, xa_ptr, b_ptr, offs_m.to(tl.int64), offs_n, mask_m, mask_n, R,
+                    stride_xam, stride_xar, stride_bn, stride_br, scaling, BLOCK_R, INPUT_PRECISION,
+                )
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
             acc += bias.to(tl.float32)[None, :]

@@ -1,10 +1,10 @@
-"""Tile scheduling shared by the GEMM-shaped kernels."""
+"""Building blocks shared by the GEMM-shaped kernels: tile order, LoRA epilogues."""
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-__all__ = ["grouped_tile"]
+__all__ = ["grouped_tile", "lora_expand_resident", "lora_expand_from_memory"]
 
 
 @triton.jit
@@ -21,3 +21,40 @@ def grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     pid_m = first_pid_m + ((tile % num_pid_in_group) % group_size_m)
     pid_n = (tile % num_pid_in_group) // group_size_m
     return pid_m, pid_n
+
+
+@triton.jit
+def lora_expand_resident(
+    acc, xa, b_ptr, offs_n, mask_n, R, stride_bn, stride_br, scaling,
+    BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """``acc += (s * xa) B^T`` with ``xa`` (``(BLOCK_M, BLOCK_R)``, fp32) in registers.
+
+    ``s * xa`` is rounded to ``B``'s dtype (the input dtype) before the dot, as the
+    unfused low-precision LoRA branch rounds its intermediate; ranks ``>= R`` read zeros.
+    """
+    offs_r = tl.arange(0, BLOCK_R)
+    bt_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
+    bt_tile = tl.load(bt_ptrs, mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0)
+    xa_lp = (xa * scaling).to(bt_tile.dtype)
+    return tl.dot(xa_lp, bt_tile, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def lora_expand_from_memory(
+    acc, xa_ptr, b_ptr, offs_m64, offs_n, mask_m, mask_n, R,
+    stride_xam, stride_xar, stride_bn, stride_br, scaling,
+    BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """``acc += (s * xa) B^T`` with ``xa`` (``(M, R)``) read from memory in ``BLOCK_R``
+    rank chunks (any rank); ``s * xa`` rounded to ``B``'s dtype before each dot."""
+    offs_r = tl.arange(0, BLOCK_R)
+    for r0 in range(0, R, BLOCK_R):
+        mask_r = (r0 + offs_r) < R
+        xa_ptrs = xa_ptr + offs_m64[:, None] * stride_xam + (r0 + offs_r)[None, :] * stride_xar
+        xa_tile = tl.load(xa_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        bt_ptrs = b_ptr + offs_n[None, :] * stride_bn + (r0 + offs_r)[:, None] * stride_br
+        bt_tile = tl.load(bt_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        xa_lp = (xa_tile.to(tl.float32) * scaling).to(bt_tile.dtype)
+        acc = tl.dot(xa_lp, bt_tile, acc, input_precision=INPUT_PRECISION)
+    return acc
