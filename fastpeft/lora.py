@@ -1,13 +1,17 @@
 """``FastLoRALinear``: a drop-in ``nn.Linear`` with one or more LoRA adapters.
 
 The frozen base lives in ``weight``/``bias``; each named adapter holds ``A (r, in)`` and
-``B (out, r)`` in PEFT's layout. The forward of the active adapter is one call of the
-fused op (``fastpeft.ops.lora_linear``).
+``B (out, r)`` in PEFT's layout (and, with ``lora_bias``, a bias of ``B``). The forward
+of the active adapter is one call of the fused op (``fastpeft.ops.lora_linear``).
+
+A layer made from a GPT-2 style ``Conv1D`` (``fan_in_fan_out``) keeps the Conv1D's
+``(in, out)`` weight tensor as is and hands the op a transposed *view* of it: the kernel
+reads through strides, so no copy of the base weight is ever made.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -15,7 +19,11 @@ import torch.nn.functional as F
 
 from fastpeft.ops import BACKENDS, check_linear_input, lora_linear
 
-__all__ = ["FastLoRALinear"]
+__all__ = ["FastLoRALinear", "POOL_ATTR"]
+
+# Attribute an ``AdapterPool`` (fastpeft.serving) sets on each layer it serves: the
+# layer's view of the pool's fixed slots, read by ``_mixed_forward``.
+POOL_ATTR = "_fastpeft_pool_slots"
 
 InitSpec = Union[bool, str]
 
@@ -65,6 +73,8 @@ class FastLoRALinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.backend = backend
+        self.fan_in_fan_out = False
+        self.base_cls: type = nn.Linear
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
@@ -80,11 +90,15 @@ class FastLoRALinear(nn.Module):
         self.lora_A_weights = nn.ParameterDict()
         self.lora_B_weights = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
+        # PEFT's ``lora_B.bias`` (``lora_bias=True``), only for the adapters that have one.
+        self.lora_B_biases = nn.ParameterDict()
         self.r: Dict[str, int] = {}
         self.lora_alpha: Dict[str, float] = {}
         self.scalings: Dict[str, float] = {}
         self.active_adapter: Optional[str] = None
         self.merged_adapters: List[str] = []
+        # One adapter name (or None) per batch row while ``fastpeft.batch_adapters`` is on.
+        self.row_adapters: Optional[List[Optional[str]]] = None
 
     # ---------------------------------------------------------------- construction
 
@@ -99,6 +113,7 @@ class FastLoRALinear(nn.Module):
         *,
         adapter_name: str = "default",
         init_lora_weights: InitSpec = True,
+        lora_bias: bool = False,
         backend: str = "auto",
     ) -> "FastLoRALinear":
         """Wrap ``linear``: the new layer shares its weight and bias tensors (no copy)."""
@@ -112,11 +127,75 @@ class FastLoRALinear(nn.Module):
         layer.in_features = linear.in_features
         layer.out_features = linear.out_features
         layer.backend = backend
+        layer.fan_in_fan_out = False
+        layer.base_cls = nn.Linear
         layer.weight = nn.Parameter(linear.weight.data, requires_grad=False)
         layer.bias = None if linear.bias is None else nn.Parameter(linear.bias.data, requires_grad=False)
         layer._init_adapter_state()
-        layer.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+        layer.add_adapter(
+            adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_bias=lora_bias
+        )
         return layer
+
+    @classmethod
+    def from_conv1d(
+        cls,
+        conv: nn.Module,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        *,
+        adapter_name: str = "default",
+        init_lora_weights: InitSpec = True,
+        lora_bias: bool = False,
+        backend: str = "auto",
+    ) -> "FastLoRALinear":
+        """Wrap a GPT-2 style ``Conv1D`` (``y = x W + b`` with ``W: (in, out)``): PEFT's
+        ``fan_in_fan_out=True``. The layer shares the Conv1D's tensors and keeps its layout.
+        """
+        weight = getattr(conv, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not hasattr(conv, "nf"):
+            raise TypeError(
+                f"from_conv1d expects a transformers Conv1D (weight (in, out), attribute nf), "
+                f"got {type(conv).__name__}"
+            )
+        _check_rank(r)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = weight.shape
+        layer.backend = backend
+        layer.fan_in_fan_out = True
+        layer.base_cls = type(conv)
+        layer.weight = nn.Parameter(weight.data, requires_grad=False)
+        bias = getattr(conv, "bias", None)
+        layer.bias = None if bias is None else nn.Parameter(bias.data, requires_grad=False)
+        layer._init_adapter_state()
+        layer.add_adapter(
+            adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_bias=lora_bias
+        )
+        return layer
+
+    def to_base_module(self) -> nn.Module:
+        """The plain layer this one wraps (``nn.Linear``, or a ``Conv1D`` in its own layout),
+        sharing ``weight``/``bias`` tensors; adapters not merged are dropped."""
+        if self.fan_in_fan_out:
+            with torch.device("meta"):  # no throw-away allocation: the tensors are replaced below
+                base = self.base_cls(self.out_features, self.in_features)  # Conv1D(nf, nx)
+        else:
+            base = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        base.weight = nn.Parameter(self.weight.data, requires_grad=self.weight.requires_grad)
+        if self.bias is None:
+            base.bias = None
+        else:
+            base.bias = nn.Parameter(self.bias.data, requires_grad=self.bias.requires_grad)
+        return base
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as ``(out_features, in_features)``: a transposed view for Conv1D."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
 
     def add_adapter(
         self,
@@ -126,12 +205,15 @@ class FastLoRALinear(nn.Module):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         init_lora_weights: InitSpec = True,
+        *,
+        lora_bias: bool = False,
     ) -> None:
         """Add an adapter (and make it active if none is). Initialised as PEFT does.
 
         ``init_lora_weights``: True (A kaiming-uniform a=sqrt(5), B zeros: the layer
         equals its base), ``"gaussian"`` (A ~ N(0, 1/r), B zeros) or False (A and B both
-        kaiming-uniform, a non-trivial adapter: for tests).
+        kaiming-uniform, a non-trivial adapter: for tests). ``lora_bias`` adds PEFT's
+        ``lora_B.bias`` (zeros unless ``init_lora_weights`` is False), scaled like ``B``.
         """
         _check_rank(r)
         if not isinstance(adapter_name, str) or not adapter_name:
@@ -156,6 +238,12 @@ class FastLoRALinear(nn.Module):
         self.lora_A_weights[adapter_name] = nn.Parameter(A)
         self.lora_B_weights[adapter_name] = nn.Parameter(B)
         self.lora_dropout[adapter_name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        if lora_bias:
+            lb = torch.zeros(self.out_features, **factory)
+            if init_lora_weights is False:
+                # nn.Linear(r, out)'s own bias init, as PEFT's lora_B is an nn.Linear.
+                nn.init.uniform_(lb, -1 / math.sqrt(r), 1 / math.sqrt(r))
+            self.lora_B_biases[adapter_name] = nn.Parameter(lb)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scalings[adapter_name] = lora_scaling(r, lora_alpha, use_rslora)
@@ -170,6 +258,8 @@ class FastLoRALinear(nn.Module):
             self.merged_adapters.remove(adapter_name)
         for store in (self.lora_A_weights, self.lora_B_weights, self.lora_dropout):
             del store[adapter_name]
+        if adapter_name in self.lora_B_biases:
+            del self.lora_B_biases[adapter_name]
         for meta in (self.r, self.lora_alpha, self.scalings):
             del meta[adapter_name]
         if self.active_adapter == adapter_name:
@@ -180,6 +270,11 @@ class FastLoRALinear(nn.Module):
         if adapter_name is not None:
             self._require(adapter_name)
         self.active_adapter = adapter_name
+
+    @property
+    def adapter_names(self) -> List[str]:
+        """Names of the adapters this layer holds, in the order they were added."""
+        return list(self.r)
 
     def _require(self, adapter_name: str) -> None:
         if adapter_name not in self.r:
@@ -221,15 +316,28 @@ class FastLoRALinear(nn.Module):
 
     def _apply_delta(self, adapter_name: str, sign: float) -> None:
         with torch.no_grad():
-            w = self.weight.data.float() + sign * self.delta_weight(adapter_name)
+            delta = self.delta_weight(adapter_name)
+            if self.fan_in_fan_out:
+                delta = delta.t()
+            w = self.weight.data.float() + sign * delta
             self.weight.data.copy_(w.to(self.weight.dtype))
+            if adapter_name in self.lora_B_biases:
+                lb = self.lora_B_biases[adapter_name].detach().float() * self.scalings[adapter_name]
+                b = self.bias.data.float() + sign * lb
+                self.bias.data.copy_(b.to(self.bias.dtype))
 
     def merge(self, adapter_name: Optional[str] = None) -> None:
-        """Fold ``s * B A`` of the active (or named) adapter into ``weight``."""
+        """Fold ``s * B A`` (and ``s * lora_bias``) of the active (or named) adapter into
+        ``weight`` (and ``bias``)."""
         name = adapter_name if adapter_name is not None else self._active()
         self._require(name)
         if name in self.merged_adapters:
             return
+        if name in self.lora_B_biases and self.bias is None:
+            # As PEFT: there is no base bias to fold lora_B.bias into.
+            raise ValueError(
+                f"cannot merge adapter {name!r}: it has lora_bias=True but the base layer has no bias"
+            )
         self._apply_delta(name, +1.0)
         self.merged_adapters.append(name)
 
@@ -240,18 +348,42 @@ class FastLoRALinear(nn.Module):
 
     # ---------------------------------------------------------------- forward
 
+    def _effective_bias(self, adapter_name: str) -> Optional[torch.Tensor]:
+        """Base bias plus ``s * lora_bias`` (PEFT scales ``lora_B``'s output, bias included).
+
+        A tiny torch op outside the kernel, so autograd reaches ``lora_bias`` through the
+        op's bias gradient.
+        """
+        lb = self.lora_B_biases[adapter_name] if adapter_name in self.lora_B_biases else None
+        if lb is None:
+            return self.bias
+        scaled = lb * self.scalings[adapter_name]
+        return scaled if self.bias is None else self.bias + scaled.to(self.bias.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_linear_input(x, self.weight, type(self).__name__)
+        weight = self.base_weight()
+        check_linear_input(x, weight, type(self).__name__)
+        if self.row_adapters is not None:
+            if self.training:
+                raise RuntimeError(
+                    "mixed-adapter batches (fastpeft.batch_adapters) run in eval mode only, as PEFT's "
+                    "adapter_names=: call model.eval() first"
+                )
+            if self.merged:
+                raise RuntimeError(
+                    "mixed-adapter batches need unmerged adapters: call fastpeft.unmerge(model) first"
+                )
+            return self._mixed_forward(x, self.row_adapters)
         name = self.active_adapter
         if name is None or name in self.merged_adapters or self.merged:
             # The base (with any merged adapters folded in) is a plain linear: cuBLAS.
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, weight, self.bias)
         dropout = self.lora_dropout[name]
         x_lora = dropout(x) if (self.training and isinstance(dropout, nn.Dropout)) else None
         return lora_linear(
             x,
-            self.weight,
-            self.bias,
+            weight,
+            self._effective_bias(name),
             self.lora_A_weights[name],
             self.lora_B_weights[name],
             self.scalings[name],
@@ -259,10 +391,74 @@ class FastLoRALinear(nn.Module):
             backend=self.backend,
         )
 
+    def _mixed_forward(self, x: torch.Tensor, row_adapters: Sequence[Optional[str]]) -> torch.Tensor:
+        """Each batch row (``x``'s dim 0) through its own adapter; ``None``: base only.
+
+        One fused mixed-adapter kernel call (``fastpeft.ops_multi.multi_lora_linear``):
+
+        * with an ``AdapterPool`` attached (``fastpeft.serving``) and every name in the
+          pool, the pool's fixed slot stacks and its per-batch metadata (shared by all
+          layers) are used as they are;
+        * otherwise the adapters of this layer that the batch names are stacked (padded
+          to the largest rank among them; the kernels never read the padding). Names
+          this layer does not hold run the base, as in PEFT (the adapter did not target
+          this layer). A ``lora_bias`` adds ``s * lora_bias`` to its rows afterwards.
+        """
+        from fastpeft.ops_multi import multi_lora_linear, row_slots_for_tokens
+
+        if x.dim() < 2 or x.shape[0] != len(row_adapters):
+            raise ValueError(
+                f"batch_adapters got {len(row_adapters)} adapter names but this layer's input has "
+                f"batch size {x.shape[0] if x.dim() else 'none'} (shape {tuple(x.shape)}); "
+                "give one name (or None) per batch row"
+            )
+        weight = self.base_weight()
+        slots = getattr(self, POOL_ATTR, None)
+        wanted = {n for n in row_adapters if n is not None}
+        if slots is not None:
+            in_pool = {n for n in wanted if n in slots.pool}
+            if in_pool and in_pool != wanted:
+                raise KeyError(
+                    f"a mixed batch takes its adapters from the pool or from the layers, not both: "
+                    f"{sorted(wanted - in_pool)} are not loaded in the pool ({slots.pool.adapters})"
+                )
+            if in_pool:
+                meta = slots.pool.meta_for(row_adapters, x)
+                return multi_lora_linear(
+                    x, weight, self.bias, slots.lora_A, slots.lora_B, slots.ranks, slots.scalings, meta,
+                    backend=self.backend, check=False,
+                )
+        names = [n for n in dict.fromkeys(row_adapters) if n is not None and n in self.r]
+        if not names:
+            return F.linear(x, weight, self.bias)
+        index = {n: i for i, n in enumerate(names)}
+        R = max(self.r[n] for n in names)
+        lora_A = torch.stack([F.pad(self.lora_A_weights[n], (0, 0, 0, R - self.r[n])) for n in names])
+        lora_B = torch.stack([F.pad(self.lora_B_weights[n], (0, R - self.r[n])) for n in names])
+        ranks = torch.tensor([self.r[n] for n in names], dtype=torch.int32, device=x.device)
+        scalings = torch.tensor([self.scalings[n] for n in names], dtype=torch.float32, device=x.device)
+        batch_slot = torch.tensor([index.get(n, -1) for n in row_adapters], dtype=torch.int32, device=x.device)
+        out = multi_lora_linear(
+            x, weight, self.bias, lora_A, lora_B, ranks, scalings, row_slots_for_tokens(batch_slot, x),
+            backend=self.backend, check=False,
+        )
+        with_bias = [n for n in names if n in self.lora_B_biases]
+        if with_bias:
+            # PEFT scales lora_B's output, bias included: add s_i * lora_bias_i to row i.
+            zero = torch.zeros(self.out_features, device=x.device, dtype=out.dtype)
+            table = torch.stack(
+                [(self.lora_B_biases[n] * self.scalings[n]).to(out.dtype) if n in with_bias else zero for n in names]
+                + [zero]
+            )
+            per_row = table[torch.where(batch_slot < 0, len(names), batch_slot).long()]
+            out = out + per_row.reshape(x.shape[0], *([1] * (x.dim() - 2)), self.out_features)
+        return out
+
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}(r={r})" for n, r in self.r.items())
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, adapters=[{adapters}], active={self.active_adapter!r}, "
+            f"bias={self.bias is not None}, fan_in_fan_out={self.fan_in_fan_out}, "
+            f"adapters=[{adapters}], active={self.active_adapter!r}, "
             f"backend={self.backend!r}"
         )

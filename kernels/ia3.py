@@ -11,19 +11,29 @@ multiplied by ``l[k]`` in fp32 and rounded back to ``x``'s dtype before ``tl.dot
 PEFT's unfused ``(x * l).to(x.dtype)`` rounds it). Neither adds a pass over ``x`` or
 ``y`` in HBM: ``l`` is one vector read per tile.
 
+On a GPU the launcher's tuner also times :data:`LIBRARY_GEMM` (cuBLAS plus one in-place
+pass) and keeps the faster of the two per shape and M bucket.
+
 Rows of ``x`` are addressed with the two row strides of ``kernels.lora.rows_view``.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .lora import LoraKernelConfig, _input_precision, _m_bucket, _pick_config, rows_view
+from .lora import LoraKernelConfig, _gpu_candidates, _input_precision, _m_bucket, _pick_config, rows_view
 
-__all__ = ["ia3_linear_fwd"]
+__all__ = ["ia3_linear_fwd", "LIBRARY_GEMM"]
+
+# Launch "config" that selects the library GEMM (cuBLAS on CUDA) plus one in-place pass:
+# ``y *= l`` after the GEMM (output scaling) or ``x * l`` before it (input scaling). The
+# GPU tuner times it beside the Triton tiles and keeps whichever is faster for the shape
+# (a tiled Triton GEMM can trail cuBLAS by more than the extra pass costs); under the
+# interpreter the Triton kernel always runs.
+LIBRARY_GEMM = LoraKernelConfig(block_m=0, block_n=0, block_k=0)
 
 
 @triton.jit
@@ -107,15 +117,18 @@ def ia3_linear_fwd(
     ia3_l: torch.Tensor,
     scale_input: bool,
     config: Optional[LoraKernelConfig] = None,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Launch the fused kernel: ``y = (x W^T + b) * l`` or, with ``scale_input``, ``(x * l) W^T + b``.
 
     Args:
         x: ``(..., K)``, any strides; fp32, fp16 or bf16.
         weight: ``(N, K)`` in ``x``'s dtype. bias: ``(N,)`` or None.
-        ia3_l: 1-D, ``(N,)`` for output scaling, ``(K,)`` for input scaling; any float dtype.
+        ia3_l: ``N`` entries for output scaling, ``K`` for input scaling (any shape with
+            that many entries, e.g. PEFT's ``(N, 1)`` / ``(1, K)``); any float dtype.
         scale_input: the feed-forward (input-scaling) form.
         config: force a launch config (benchmarks); default: tuned per shape.
+        out: optional preallocated contiguous output of shape ``(..., N)``.
 
     Returns:
         ``y`` of shape ``(..., N)``, contiguous, in ``x``'s dtype.
@@ -123,13 +136,25 @@ def ia3_linear_fwd(
     Callers validate shapes and dtypes (the op layer does); this function trusts them.
     """
     N, K = weight.shape
-    y = torch.empty((*x.shape[:-1], N), device=x.device, dtype=x.dtype)
+    # PEFT stores l as (N, 1) or (1, K): read it as a 1-D view (no copy for either).
+    ia3_l = ia3_l.reshape(-1)
+    bias = None if bias is None else bias.contiguous()  # read with unit stride
+    lead = x.shape[:-1]
+    if out is None:
+        y = torch.empty((*lead, N), device=x.device, dtype=x.dtype)
+    else:
+        if out.shape != (*lead, N) or out.dtype != x.dtype or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {(*lead, N)}")
+        y = out
     xv, M, m_inner, s_m0, s_m1, s_k = rows_view(x)
     if M == 0 or N == 0:
         return y
     y2 = y.view(M, N)
 
     def run(cfg: LoraKernelConfig) -> None:
+        if cfg.block_m == 0:
+            _library_gemm(xv.reshape(M, K), weight, bias, ia3_l, scale_input, y2)
+            return
         grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
         _ia3_linear_fwd_kernel[grid](
             xv, weight, bias if bias is not None else weight, ia3_l, y2,
@@ -151,6 +176,38 @@ def ia3_linear_fwd(
 
     if config is None:
         key = ("ia3", x.device.index, x.dtype, N, K, scale_input, bias is None, _m_bucket(M))
-        config = _pick_config(key, M, run)
+        config = _pick_config(key, M, run, _candidates(M))
     run(config)
     return y
+
+
+def _candidates(m: int) -> List[LoraKernelConfig]:
+    """What the GPU tuner times: the Triton GEMM tiles for this M, and the library GEMM."""
+    return _gpu_candidates(m) + [LIBRARY_GEMM]
+
+
+def _library_gemm(
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    ia3_l: torch.Tensor,
+    scale_input: bool,
+    y2: torch.Tensor,
+) -> None:
+    """The :data:`LIBRARY_GEMM` variant, written into ``y2`` (``(M, N)``).
+
+    Input scaling scales whichever operand is smaller: ``x * l`` (``M K`` elements) or,
+    when ``M > N``, the weight's columns, ``(x * l) W^T = x (W * l)^T`` (``N K``).
+    """
+    if scale_input:
+        lv = ia3_l.to(x2.dtype)
+        if x2.shape[0] > weight.shape[0]:
+            weight = weight * lv
+        else:
+            x2 = x2 * lv
+    if bias is None:
+        torch.mm(x2, weight.t(), out=y2)
+    else:
+        torch.addmm(bias, x2, weight.t(), out=y2)
+    if not scale_input:
+        y2.mul_(ia3_l)  # fp32 product, rounded once into y's dtype

@@ -12,7 +12,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["lora_linear_ref"]
+__all__ = [
+    "lora_linear_ref",
+    "ia3_linear_ref",
+    "bottleneck_activation_ref",
+    "bottleneck_linear_ref",
+    "multi_lora_linear_ref",
+]
 
 
 def lora_linear_ref(
@@ -45,3 +51,126 @@ def lora_linear_ref(
     xl = xl.to(lora_A.dtype)
     update = F.linear(F.linear(xl, lora_A), lora_B) * scaling
     return base + update.to(base.dtype)
+
+
+def ia3_linear_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    ia3_l: torch.Tensor,
+    scale_input: bool,
+) -> torch.Tensor:
+    """(IA)^3 linear, as PEFT's ``IA3Layer`` computes it.
+
+    * output scaling (``scale_input=False``, attention k/v): ``y = (x W^T + b) * l``,
+      ``l`` of N entries (PEFT stores it as ``(N, 1)``);
+    * input scaling (``scale_input=True``, feed-forward): ``y = (x * l) W^T + b``,
+      ``l`` of K entries (PEFT stores it as ``(1, K)``).
+
+    ``l`` may have any shape with that many entries. The scaled tensor is computed in
+    the promoted dtype and rounded back to ``x``'s dtype, as PEFT does.
+    """
+    l = ia3_l.reshape(-1)
+    if scale_input:
+        return F.linear((x * l).to(x.dtype), weight, bias)
+    return (F.linear(x, weight, bias) * l).to(x.dtype)
+
+
+def bottleneck_activation_ref(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """The bottleneck non-linearity ``f``: relu, gelu (exact erf form), silu/swish, tanh."""
+    if activation == "relu":
+        return F.relu(z)
+    if activation == "gelu":
+        return F.gelu(z)
+    if activation in ("silu", "swish"):
+        return F.silu(z)
+    if activation == "tanh":
+        return torch.tanh(z)
+    raise ValueError(f"unknown non-linearity {activation!r}; expected relu, gelu, silu, swish or tanh")
+
+
+def bottleneck_linear_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    down_w: torch.Tensor,
+    down_b: Optional[torch.Tensor],
+    up_w: torch.Tensor,
+    up_b: Optional[torch.Tensor],
+    scaling: float,
+    activation: str,
+    ln_before: Optional[tuple] = None,
+    ln_after: Optional[tuple] = None,
+    residual_before_ln: bool = True,
+    ln_eps: float = 1e-5,
+) -> torch.Tensor:
+    """Bottleneck adapter (Houlsby / Pfeiffer) on the output of a linear layer::
+
+        h = x W^T + b                                  the sub-layer output
+        u = LN_before(h)            if ln_before else h
+        a = s * (f(u Wd^T + bd) Wu^T + bu)
+        a = LN_after(a)             if ln_after  else a
+        y = (h if residual_before_ln else u) + a
+
+    Args:
+        x: ``(..., K)``; weight ``(N, K)``; bias ``(N,)`` or None.
+        down_w: ``(D, N)``, down_b ``(D,)`` or None; up_w ``(N, D)``, up_b ``(N,)`` or None.
+        scaling: ``s``; activation: see :func:`bottleneck_activation_ref`.
+        ln_before, ln_after: ``(gamma, beta)`` of a layer norm over N, or None.
+        residual_before_ln: which tensor the residual adds (only differs with ln_before).
+        ln_eps: layer-norm epsilon.
+    """
+    h = F.linear(x, weight, bias)
+    u = h
+    if ln_before is not None:
+        u = F.layer_norm(h, (h.shape[-1],), ln_before[0], ln_before[1], ln_eps)
+    a = F.linear(bottleneck_activation_ref(F.linear(u, down_w, down_b), activation), up_w, up_b) * scaling
+    if ln_after is not None:
+        a = F.layer_norm(a, (a.shape[-1],), ln_after[0], ln_after[1], ln_eps)
+    return (h if residual_before_ln else u) + a
+
+
+def multi_lora_linear_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    ranks: torch.Tensor,
+    scalings: torch.Tensor,
+    row_slot: torch.Tensor,
+) -> torch.Tensor:
+    """Mixed-adapter LoRA linear: each row of ``x`` through its own adapter slot::
+
+        y[m] = x[m] W^T + b                                  if row_slot[m] == -1
+        y[m] = x[m] W^T + b + s_i * (x[m] A_i^T) B_i^T        if row_slot[m] == i
+
+    with ``A_i = lora_A[i, :r_i]`` and ``B_i = lora_B[i, :, :r_i]`` (``r_i = ranks[i]``,
+    ``s_i = scalings[i]``).
+
+    Args:
+        x: ``(..., K)``; its rows (leading dims flattened) are ``row_slot``'s rows.
+        weight: ``(N, K)``; bias: ``(N,)`` or None.
+        lora_A: ``(S, max_rank, K)``; lora_B: ``(S, N, max_rank)``: slot stacks.
+        ranks: ``(S,)`` integers in ``[0, max_rank]``; scalings: ``(S,)``.
+        row_slot: ``(M,)`` integers in ``[-1, S)``, M = number of rows of ``x``.
+
+    Returns:
+        ``y`` of shape ``(..., N)`` in ``x``'s dtype. Each slot's LoRA branch runs in the
+        adapters' dtype and is cast back, as :func:`lora_linear_ref` does.
+    """
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)
+    y = F.linear(x2, weight, bias)
+    slot = row_slot.reshape(-1).to(device=x.device, dtype=torch.long)
+    for i in torch.unique(slot[slot >= 0]).tolist():
+        r = int(ranks[i])
+        if r == 0:
+            continue
+        rows = (slot == i).nonzero().squeeze(1)
+        A = lora_A[i, :r]
+        B = lora_B[i, :, :r]
+        xl = x2.index_select(0, rows).to(A.dtype)
+        update = F.linear(F.linear(xl, A), B) * float(scalings[i])
+        y = y.index_add(0, rows, update.to(y.dtype))
+    return y.reshape(*x.shape[:-1], weight.shape[0])

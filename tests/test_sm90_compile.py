@@ -9,6 +9,7 @@ from typing import Any, Dict, List
 
 import pytest
 
+from conftest import ON_GPU
 from sm90 import HOPPER_MAX_SHARED, report_sm90
 
 from fastpeft.kernels import lora as lora_kernels
@@ -112,6 +113,10 @@ def _all_specs() -> List[Dict[str, Any]]:
         }
     )
     return specs
+
+
+# On a GPU the CUDA tests compile and run the same kernels for real.
+pytestmark = pytest.mark.skipif(ON_GPU, reason="ahead-of-time check for machines without a GPU")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,341 @@
+"""Bottleneck adapters (Houlsby et al., 2019; Pfeiffer et al., 2021) on an output projection.
+
+``BottleneckLinear`` wraps the linear layer that ends a sub-layer (attention output
+``o_proj``, feed-forward output ``down_proj``) and adds, per named adapter::
+
+    h = x W^T + b                                   the sub-layer's output
+    u = LN_before(h)          if ln_before else h
+    a = s * (f(u Wd^T + bd) Wu^T + bu)              down, non-linearity, up, scaling
+    a = LN_after(a)           if ln_after  else a
+    y = (h if residual_before_ln else u) + a
+
+With neither layer norm (the default; Houlsby's and Pfeiffer's placements differ only
+in *which* sub-layers get an adapter) the whole layer is one call of the fused op
+``fastpeft.ops_adapters.bottleneck_linear``: ``h`` is never written to memory. The
+down-projection is moved in front of the GEMM through ``W_eff = Wd W``, which this
+module caches per adapter and recomputes only when one of the tensors it is made of
+changes (an optimizer step, a ``load_state_dict``). With a layer norm the math needs
+the full row of ``h`` first, and the layer runs the base GEMM then the adapter in
+PyTorch.
+
+Init near identity: the up-projection (weight and bias) starts at zero, so a new
+adapter leaves the layer's output unchanged; the down-projection gets ``nn.Linear``'s
+default init and a zero bias.
+
+Parameter names follow AdapterHub's ``Adapter`` module: ``adapters.<name>.adapter_down.0``
+(the down Linear; ``.1`` is the non-linearity), ``adapters.<name>.adapter_up``,
+``adapters.<name>.adapter_norm_before``, ``adapters.<name>.adapter_norm_after``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastpeft.ops import BACKENDS, check_linear_input, resolve_backend
+from fastpeft.ops_adapters import bottleneck_down_eff, bottleneck_linear, check_activation
+
+__all__ = ["BottleneckAdapter", "BottleneckLinear", "bottleneck_size_for"]
+
+_ACT_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "swish": nn.SiLU, "tanh": nn.Tanh}
+
+
+def bottleneck_size_for(features: int, bottleneck_size: Optional[int], reduction_factor: Optional[float]) -> int:
+    """The bottleneck width D: ``bottleneck_size`` if given, else ``features // reduction_factor``
+    (at least 1)."""
+    if bottleneck_size is not None:
+        if isinstance(bottleneck_size, bool) or not isinstance(bottleneck_size, int) or bottleneck_size <= 0:
+            raise ValueError(f"bottleneck_size must be a positive integer, got {bottleneck_size!r}")
+        return bottleneck_size
+    if reduction_factor is None:
+        raise ValueError("give bottleneck_size or reduction_factor")
+    if isinstance(reduction_factor, bool) or not isinstance(reduction_factor, (int, float)) or reduction_factor <= 0:
+        raise ValueError(f"reduction_factor must be a positive number, got {reduction_factor!r}")
+    return max(1, int(features // reduction_factor))
+
+
+class BottleneckAdapter(nn.Module):
+    """One bottleneck adapter over ``features`` channels (the module-level math above).
+
+    Its ``forward(h)`` is the unfused PyTorch form (used with layer norms, and as a
+    readable statement of the math); :class:`BottleneckLinear` fuses it when it can.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        bottleneck_size: int,
+        non_linearity: str = "relu",
+        scaling: float = 1.0,
+        ln_before: bool = False,
+        ln_after: bool = False,
+        residual_before_ln: bool = True,
+        init_weights: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.non_linearity = check_activation(non_linearity)
+        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not math.isfinite(scaling):
+            raise ValueError(f"scaling must be a finite number, got {scaling!r}")
+        bottleneck_size_for(features, bottleneck_size, None)
+        self.features = features
+        self.bottleneck_size = bottleneck_size
+        self.scaling = float(scaling)
+        self.residual_before_ln = bool(residual_before_ln)
+        factory = {"device": device, "dtype": dtype}
+        down = nn.Linear(features, bottleneck_size, **factory)
+        # Exact-erf GELU, as the kernel computes it.
+        self.adapter_down = nn.Sequential(down, _ACT_MODULES[self.non_linearity]())
+        self.adapter_up = nn.Linear(bottleneck_size, features, **factory)
+        self.adapter_norm_before = nn.LayerNorm(features, **factory) if ln_before else None
+        self.adapter_norm_after = nn.LayerNorm(features, **factory) if ln_after else None
+        with torch.no_grad():
+            down.bias.zero_()
+            if init_weights:
+                self.adapter_up.weight.zero_()
+                self.adapter_up.bias.zero_()
+
+    @property
+    def down(self) -> nn.Linear:
+        return self.adapter_down[0]
+
+    @property
+    def up(self) -> nn.Linear:
+        return self.adapter_up
+
+    @property
+    def fusable(self) -> bool:
+        """True when the fused kernel computes this adapter (no layer norm)."""
+        return self.adapter_norm_before is None and self.adapter_norm_after is None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        u = h if self.adapter_norm_before is None else self.adapter_norm_before(h)
+        a = self.adapter_up(self.adapter_down(u)) * self.scaling
+        if self.adapter_norm_after is not None:
+            a = self.adapter_norm_after(a)
+        return (h if self.residual_before_ln else u) + a
+
+    def extra_repr(self) -> str:
+        return (
+            f"features={self.features}, bottleneck_size={self.bottleneck_size}, "
+            f"non_linearity={self.non_linearity!r}, scaling={self.scaling}, "
+            f"residual_before_ln={self.residual_before_ln}"
+        )
+
+
+class BottleneckLinear(nn.Module):
+    """A linear output projection followed by bottleneck adapters (one active at a time).
+
+    Build with :meth:`from_linear` (or :meth:`from_conv1d` for GPT-2's ``Conv1D``); the
+    base weight and bias are shared with the wrapped layer and frozen. Adapter options
+    are those of :class:`BottleneckAdapter`; the width is ``bottleneck_size`` or
+    ``out_features // reduction_factor``.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        raise TypeError("build a BottleneckLinear with BottleneckLinear.from_linear(linear, ...)")
+
+    @classmethod
+    def _wrap(cls, weight, bias, fan_in_fan_out, base_cls, backend) -> "BottleneckLinear":
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.fan_in_fan_out = fan_in_fan_out
+        layer.base_cls = base_cls
+        if fan_in_fan_out:
+            layer.in_features, layer.out_features = weight.shape
+        else:
+            layer.out_features, layer.in_features = weight.shape
+        layer.backend = backend
+        layer.weight = nn.Parameter(weight, requires_grad=False)
+        layer.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        layer.adapters = nn.ModuleDict()
+        layer.active_adapter = None
+        layer.row_adapters = None
+        layer._eff_cache = {}
+        return layer
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        bottleneck_size: Optional[int] = None,
+        reduction_factor: Optional[float] = 16,
+        non_linearity: str = "relu",
+        scaling: float = 1.0,
+        ln_before: bool = False,
+        ln_after: bool = False,
+        residual_before_ln: bool = True,
+        *,
+        adapter_name: str = "default",
+        init_weights: bool = True,
+        backend: str = "auto",
+    ) -> "BottleneckLinear":
+        """Wrap ``linear`` (sharing its tensors) and add one adapter named ``adapter_name``."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        layer = cls._wrap(linear.weight.data, None if linear.bias is None else linear.bias.data, False,
+                          nn.Linear, backend)
+        layer.add_adapter(adapter_name, bottleneck_size, reduction_factor, non_linearity, scaling,
+                          ln_before, ln_after, residual_before_ln, init_weights=init_weights)
+        return layer
+
+    @classmethod
+    def from_conv1d(cls, conv: nn.Module, *args, adapter_name: str = "default", init_weights: bool = True,
+                    backend: str = "auto", **kwargs) -> "BottleneckLinear":
+        """Wrap a GPT-2 style ``Conv1D`` (weight ``(in, out)``), read through a transposed view."""
+        weight = getattr(conv, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not hasattr(conv, "nf"):
+            raise TypeError(f"from_conv1d expects a transformers Conv1D, got {type(conv).__name__}")
+        bias = getattr(conv, "bias", None)
+        layer = cls._wrap(weight.data, None if bias is None else bias.data, True, type(conv), backend)
+        layer.add_adapter(adapter_name, *args, init_weights=init_weights, **kwargs)
+        return layer
+
+    def to_base_module(self) -> nn.Module:
+        """The wrapped layer (sharing ``weight``/``bias``), without adapters."""
+        if self.fan_in_fan_out:
+            base = self.base_cls(self.out_features, self.in_features)
+        else:
+            base = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        base.weight = nn.Parameter(self.weight.data, requires_grad=self.weight.requires_grad)
+        base.bias = None if self.bias is None else nn.Parameter(self.bias.data, requires_grad=self.bias.requires_grad)
+        return base
+
+    def base_weight(self) -> torch.Tensor:
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    # ---------------------------------------------------------------- adapters
+
+    def add_adapter(
+        self,
+        adapter_name: str,
+        bottleneck_size: Optional[int] = None,
+        reduction_factor: Optional[float] = 16,
+        non_linearity: str = "relu",
+        scaling: float = 1.0,
+        ln_before: bool = False,
+        ln_after: bool = False,
+        residual_before_ln: bool = True,
+        *,
+        init_weights: bool = True,
+    ) -> None:
+        """Add an adapter (active if none is). Validates everything before changing anything."""
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
+        if adapter_name in self.adapters:
+            raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
+        size = bottleneck_size_for(self.out_features, bottleneck_size, reduction_factor)
+        adapter = BottleneckAdapter(
+            self.out_features, size, non_linearity, scaling, ln_before, ln_after, residual_before_ln,
+            init_weights, device=self.weight.device, dtype=self.weight.dtype,
+        )
+        self.adapters[adapter_name] = adapter
+        if self.active_adapter is None:
+            self.active_adapter = adapter_name
+
+    @property
+    def adapter_names(self) -> List[str]:
+        return list(self.adapters)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._require(adapter_name)
+        del self.adapters[adapter_name]
+        self._eff_cache.pop(adapter_name, None)
+        if self.active_adapter == adapter_name:
+            self.active_adapter = next(iter(self.adapters), None)
+
+    def set_adapter(self, adapter_name: Optional[str]) -> None:
+        """Make ``adapter_name`` active; ``None`` runs the base layer only."""
+        if adapter_name is not None:
+            self._require(adapter_name)
+        self.active_adapter = adapter_name
+
+    def _require(self, adapter_name: str) -> None:
+        if adapter_name not in self.adapters:
+            raise KeyError(f"no adapter named {adapter_name!r} in this layer; it has {sorted(self.adapters)}")
+
+    # Bottleneck adapters are non-linear: there is nothing to fold into the base weight.
+    merged = False
+
+    def merge(self, adapter_name: Optional[str] = None) -> None:
+        raise ValueError(
+            "bottleneck adapters cannot be merged into the base weights (the adapter is non-linear); "
+            "keep them unmerged, or unload the model without merging"
+        )
+
+    def unmerge(self) -> None:
+        """Nothing is ever merged; a no-op kept for the layer protocol."""
+
+    # ---------------------------------------------------------------- forward
+
+    def _down_eff(self, name: str, adapter: BottleneckAdapter):
+        """``(W_eff, b_eff)`` of an adapter, recomputed only when a tensor it depends on changed.
+
+        The key holds each source tensor's version counter and storage, so in-place
+        updates (optimizer steps, ``copy_``) and ``.data`` swaps both invalidate it.
+        """
+        down = adapter.down
+        tensors = (self.weight, self.bias, down.weight, down.bias)
+        key = tuple(
+            None if t is None else (t._version, t.data_ptr(), t.dtype, t.device) for t in tensors
+        )
+        hit = self._eff_cache.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1], hit[2]
+        w_eff, b_eff = bottleneck_down_eff(self.base_weight(), self.bias, down.weight, down.bias)
+        self._eff_cache[name] = (key, w_eff, b_eff)
+        return w_eff, b_eff
+
+    def _adapter_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        adapter: BottleneckAdapter = self.adapters[name]
+        weight = self.base_weight()
+        if not adapter.fusable:
+            return adapter(F.linear(x, weight, self.bias))
+        w_eff = b_eff = None
+        if resolve_backend(self.backend, x.device) == "triton" and not torch.compiler.is_compiling():
+            w_eff, b_eff = self._down_eff(name, adapter)
+        down, up = adapter.down, adapter.up
+        return bottleneck_linear(
+            x, weight, self.bias, down.weight, down.bias, up.weight, up.bias, adapter.scaling,
+            adapter.non_linearity, w_eff=w_eff, b_eff=b_eff, backend=self.backend,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.base_weight()
+        check_linear_input(x, weight, type(self).__name__)
+        if self.row_adapters is not None:
+            return self._mixed_forward(x, self.row_adapters)
+        if self.active_adapter is None:
+            return F.linear(x, weight, self.bias)
+        return self._adapter_forward(x, self.active_adapter)
+
+    def _mixed_forward(self, x: torch.Tensor, row_adapters: Sequence[Optional[str]]) -> torch.Tensor:
+        """Each batch row through its own adapter; ``None`` or an unknown name: base only."""
+        if x.dim() < 2 or x.shape[0] != len(row_adapters):
+            raise ValueError(
+                f"batch_adapters got {len(row_adapters)} adapter names but this layer's input has "
+                f"batch size {x.shape[0] if x.dim() else 'none'} (shape {tuple(x.shape)}); "
+                "give one name (or None) per batch row"
+            )
+        out = F.linear(x, self.base_weight(), self.bias)
+        groups: Dict[str, List[int]] = {}
+        for row, name in enumerate(row_adapters):
+            if name is not None and name in self.adapters:
+                groups.setdefault(name, []).append(row)
+        for name, rows in groups.items():
+            idx = torch.tensor(rows, device=x.device, dtype=torch.long)
+            out = out.index_copy(0, idx, self._adapter_forward(x.index_select(0, idx), name).to(out.dtype))
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, fan_in_fan_out={self.fan_in_fan_out}, "
+            f"active={self.active_adapter!r}, backend={self.backend!r}"
+        )

@@ -1,0 +1,260 @@
+"""PEFT checkpoints: ``adapter_config.json`` + ``adapter_model.safetensors`` (or ``.bin``).
+
+Layout, exactly as PEFT's ``save_pretrained`` writes it: the config is the JSON of the
+adapter's config (``peft_type`` names the method); tensor keys are the model's module
+paths under ``base_model.model.``, without the adapter name, e.g.
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``; ``modules_to_save``
+modules appear under their own path (``base_model.model.lm_head.weight``).
+
+Loading validates everything first (the config, the file, the key set, every shape and
+dtype) and only then copies tensors in; any error leaves the model as it was.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Dict, Union
+
+import torch
+import torch.nn as nn
+
+from fastpeft.model import _inject, _require_adapter, adapter_tensors, get_method
+
+__all__ = [
+    "CONFIG_NAME",
+    "SAFETENSORS_NAME",
+    "BIN_NAME",
+    "PREFIX",
+    "AdapterCheckpointError",
+    "read_adapter_config",
+    "read_adapter_weights",
+    "load_adapter",
+    "save_adapter",
+]
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class AdapterCheckpointError(ValueError):
+    """An adapter directory that cannot be loaded into this model (the message says why)."""
+
+
+def _dir(path: PathLike) -> str:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"adapter directory {path!r} does not exist")
+    if not os.path.isdir(path):
+        raise NotADirectoryError(f"{path!r} is a file; pass the adapter directory that holds {CONFIG_NAME}")
+    return path
+
+
+def read_adapter_config(path: PathLike) -> Dict[str, Any]:
+    """The parsed ``adapter_config.json`` of an adapter directory."""
+    path = _dir(path)
+    file = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{path!r} has no {CONFIG_NAME}: not a PEFT adapter directory")
+    try:
+        with open(file, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterCheckpointError(f"{file!r} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise AdapterCheckpointError(f"{file!r} must hold a JSON object, got {type(data).__name__}")
+    if not data.get("peft_type"):
+        raise AdapterCheckpointError(f"{file!r} has no peft_type (expected e.g. \"LORA\")")
+    data.pop("runtime_config", None)  # runtime-only, as PEFT ignores it
+    return data
+
+
+def read_adapter_weights(path: PathLike) -> Dict[str, torch.Tensor]:
+    """All tensors of an adapter directory (safetensors preferred, else the ``.bin``),
+    on the CPU. A damaged or truncated file raises ``AdapterCheckpointError``."""
+    path = _dir(path)
+    st_file = os.path.join(path, SAFETENSORS_NAME)
+    bin_file = os.path.join(path, BIN_NAME)
+    if os.path.isfile(st_file):
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(st_file, device="cpu")
+        except Exception as exc:  # SafetensorError, OSError, ... : all mean "bad file"
+            raise AdapterCheckpointError(
+                f"cannot read {st_file!r}: the file is corrupted or truncated ({type(exc).__name__}: {exc})"
+            ) from None
+    elif os.path.isfile(bin_file):
+        try:
+            tensors = torch.load(bin_file, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise AdapterCheckpointError(
+                f"cannot read {bin_file!r}: the file is corrupted, truncated or not a tensor dict "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
+    else:
+        raise FileNotFoundError(f"{path!r} has neither {SAFETENSORS_NAME} nor {BIN_NAME}")
+    if not isinstance(tensors, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+    ):
+        raise AdapterCheckpointError(f"the weights in {path!r} are not a dict of named tensors")
+    return tensors
+
+
+def _strip_prefix(tensors: Dict[str, torch.Tensor], where: str) -> Dict[str, torch.Tensor]:
+    bad = [k for k in tensors if not k.startswith(PREFIX)]
+    if bad:
+        raise AdapterCheckpointError(
+            f"{where}: {len(bad)} key(s) do not start with {PREFIX!r} as PEFT writes them, e.g. {bad[:3]}"
+        )
+    return {k[len(PREFIX):]: v for k, v in tensors.items()}
+
+
+def _list(keys, limit: int = 5) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def _check_tensors(
+    source: Dict[str, torch.Tensor], targets: Dict[str, torch.Tensor], where: str
+) -> None:
+    missing = set(targets) - set(source)
+    unexpected = set(source) - set(targets)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_list(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_list(unexpected)}")
+        raise AdapterCheckpointError(
+            f"{where} does not fit this model ({'; '.join(parts)}); is it an adapter for another base "
+            "model or made with a different config?"
+        )
+    for key, dst in targets.items():
+        src = source[key]
+        if tuple(src.shape) != tuple(dst.shape):
+            raise AdapterCheckpointError(
+                f"{where}: {key} has shape {tuple(src.shape)} but the model expects {tuple(dst.shape)}; "
+                "the adapter was made for a base model with other layer sizes"
+            )
+        if dst.is_floating_point() and not src.is_floating_point():
+            raise AdapterCheckpointError(f"{where}: {key} has dtype {src.dtype}, expected a floating-point tensor")
+        if not dst.is_floating_point() and src.is_floating_point():
+            raise AdapterCheckpointError(f"{where}: {key} has dtype {src.dtype}, but the model holds {dst.dtype}")
+        if src.is_complex() != dst.is_complex():
+            raise AdapterCheckpointError(f"{where}: {key} has dtype {src.dtype}, the model holds {dst.dtype}")
+
+
+def load_adapter(
+    model: nn.Module,
+    path: PathLike,
+    adapter_name: str = "default",
+    *,
+    is_trainable: bool = False,
+    backend: str = "auto",
+) -> nn.Module:
+    """Load a PEFT adapter directory into ``model`` (a plain transformers/torch model,
+    or one that already holds fastpeft adapters) under ``adapter_name``; returns the model.
+
+    As ``peft.PeftModel.from_pretrained``: the first adapter becomes active; with
+    ``is_trainable=False`` (the default) the adapter is frozen and the model put in
+    eval mode. Everything is checked before any tensor is copied: on any error (missing
+    files, unknown or unsupported ``peft_type``, DoRA, targets that match nothing, keys
+    or shapes that do not fit) the model is left exactly as it was.
+    """
+    where = os.fspath(path)
+    data = read_adapter_config(path)
+    spec = get_method(data["peft_type"])
+    config = spec.config_cls.from_dict(data)
+    tensors = _strip_prefix(read_adapter_weights(path), where)
+
+    undo = _inject(model, config, adapter_name, backend, for_loading=True)
+    try:
+        targets = adapter_tensors(model, adapter_name)
+        _check_tensors(tensors, targets, where)
+        # Tensors that belonged to the model before (e.g. base biases with bias="all")
+        # are saved so that a failure while copying can still restore them.
+        fresh = {id(t) for t in _fresh_tensors(model, adapter_name)}
+        saved = [(t, t.detach().clone()) for t in targets.values() if id(t) not in fresh]
+        try:
+            with torch.no_grad():
+                for key, dst in targets.items():
+                    dst.copy_(tensors[key].to(device=dst.device, dtype=dst.dtype))
+        except BaseException:
+            with torch.no_grad():
+                for t, value in saved:
+                    t.copy_(value)
+            raise
+    except BaseException:
+        undo()
+        raise
+    if not is_trainable:
+        for t in targets.values():
+            if isinstance(t, nn.Parameter):
+                t.requires_grad_(False)
+        model.eval()
+    return model
+
+
+def _fresh_tensors(model: nn.Module, adapter_name: str):
+    """Tensors created for this adapter (its own weights and modules_to_save copies)."""
+    from fastpeft.model import ModulesToSaveWrapper, _adapter_layers
+
+    out = []
+    for _, layer in _adapter_layers(model):
+        if isinstance(layer, ModulesToSaveWrapper):
+            if adapter_name in layer.modules_to_save:
+                out.extend(layer.modules_to_save[adapter_name].state_dict(keep_vars=True).values())
+            continue
+        for store in ("lora_A_weights", "lora_B_weights", "lora_B_biases"):
+            d = getattr(layer, store, None)
+            if d is not None and adapter_name in d:
+                out.append(d[adapter_name])
+    return out
+
+
+def save_adapter(
+    model: nn.Module, path: PathLike, adapter_name: str = "default", *, safe_serialization: bool = True
+) -> None:
+    """Write ``adapter_name`` as a PEFT adapter directory that ``peft.PeftModel.from_pretrained``
+    and ``fastpeft.load_adapter`` load. Files are written to temporaries and renamed, so
+    an error never leaves a half-written adapter behind."""
+    config = _require_adapter(model, adapter_name)
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        raise NotADirectoryError(f"{path!r} is a file; save_adapter writes a directory")
+    # Own copies: safetensors refuses tensors that share storage (e.g. tied weights).
+    tensors = {
+        PREFIX + key: t.detach().to("cpu").contiguous().clone()
+        for key, t in adapter_tensors(model, adapter_name).items()
+    }
+    data = config.to_dict()
+    if not data.get("base_model_name_or_path"):
+        name = getattr(getattr(model, "config", None), "_name_or_path", None)
+        data["base_model_name_or_path"] = name or None
+    data["inference_mode"] = True
+    os.makedirs(path, exist_ok=True)
+    _atomic_write(path, CONFIG_NAME, lambda f: f.write(json.dumps(data, indent=2, sort_keys=True).encode()))
+    if safe_serialization:
+        from safetensors.torch import save
+
+        blob = save(tensors, metadata={"format": "pt"})
+        _atomic_write(path, SAFETENSORS_NAME, lambda f: f.write(blob))
+    else:
+        _atomic_write(path, BIN_NAME, lambda f: torch.save(tensors, f))
+
+
+def _atomic_write(directory: str, name: str, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, os.path.join(directory, name))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,320 @@
+"""``IA3Linear``: a drop-in ``nn.Linear`` with one or more (IA)^3 adapters.
+
+(IA)^3 (Liu et al., 2022) learns one vector ``l`` per adapted layer, as PEFT defines it:
+
+* ordinary targets (attention k/v): the output is scaled, ``y = (x W^T + b) * l``,
+  ``l`` of shape ``(out_features, 1)``;
+* feed-forward targets (``is_feedforward``): the input is scaled,
+  ``y = (x * l) W^T + b``, ``l`` of shape ``(1, in_features)``.
+
+``l`` is kept in PEFT's checkpoint shape, so ``ia3_l`` tensors load and save unchanged.
+The forward of the active adapter is one call of the fused op
+(``fastpeft.ops_adapters.ia3_linear``): the scale is applied in the GEMM's prologue or
+epilogue, with no extra pass over ``x`` or ``y``. ``merge`` folds ``l`` into the base
+weight (and, for output scaling, the bias) exactly as PEFT does.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastpeft.ops import BACKENDS, check_linear_input
+from fastpeft.ops_adapters import ia3_linear
+
+__all__ = ["IA3Linear"]
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+class IA3Linear(nn.Module):
+    """Linear layer with (IA)^3 scaling vectors, fused into the GEMM.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as ``nn.Linear`` (same order).
+        is_feedforward: (keyword) scale the input (PEFT's ``feedforward_modules``) instead of
+            the output.
+        adapter_name: name of the first adapter.
+        init_ia3_weights: True: ``l = 1`` (the layer equals its base, as PEFT); False:
+            ``l ~ N(0, 1)`` (PEFT's non-default init, for tests).
+        backend: ``"auto"`` (Triton on CUDA or under ``TRITON_INTERPRET=1``, else the
+            PyTorch reference), ``"triton"`` or ``"torch"``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        is_feedforward: bool = False,
+        adapter_name: str = "default",
+        init_ia3_weights: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        _check_backend(backend)
+        factory = {"device": device, "dtype": dtype}
+        weight = torch.empty(out_features, in_features, **factory)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        b = None
+        if bias:
+            bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
+            b = torch.empty(out_features, **factory).uniform_(-bound, bound)
+        self._setup(weight, b, is_feedforward, backend, fan_in_fan_out=False, base_cls=nn.Linear)
+        self.add_adapter(adapter_name, init_ia3_weights)
+
+    def _setup(self, weight, bias, is_feedforward, backend, fan_in_fan_out, base_cls) -> None:
+        self.fan_in_fan_out = fan_in_fan_out
+        self.base_cls = base_cls
+        if fan_in_fan_out:
+            self.in_features, self.out_features = weight.shape
+        else:
+            self.out_features, self.in_features = weight.shape
+        self.is_feedforward = bool(is_feedforward)
+        self.backend = backend
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.ia3_l = nn.ParameterDict()
+        self.active_adapter: Optional[str] = None
+        self.merged_adapters: List[str] = []
+        # One adapter name (or None) per batch row while ``fastpeft.batch_adapters`` is on.
+        self.row_adapters: Optional[List[Optional[str]]] = None
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        is_feedforward: bool = False,
+        *,
+        adapter_name: str = "default",
+        init_ia3_weights: bool = True,
+        backend: str = "auto",
+    ) -> "IA3Linear":
+        """Wrap ``linear``: the new layer shares its weight and bias tensors (no copy)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        _check_backend(backend)
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        bias = None if linear.bias is None else linear.bias.data
+        layer._setup(linear.weight.data, bias, is_feedforward, backend, fan_in_fan_out=False, base_cls=nn.Linear)
+        layer.add_adapter(adapter_name, init_ia3_weights)
+        return layer
+
+    @classmethod
+    def from_conv1d(
+        cls,
+        conv: nn.Module,
+        is_feedforward: bool = False,
+        *,
+        adapter_name: str = "default",
+        init_ia3_weights: bool = True,
+        backend: str = "auto",
+    ) -> "IA3Linear":
+        """Wrap a GPT-2 style ``Conv1D`` (weight ``(in, out)``; PEFT's ``fan_in_fan_out``).
+        The kernel reads the transposed view through strides: no copy of the weight."""
+        weight = getattr(conv, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not hasattr(conv, "nf"):
+            raise TypeError(
+                f"from_conv1d expects a transformers Conv1D (weight (in, out), attribute nf), "
+                f"got {type(conv).__name__}"
+            )
+        _check_backend(backend)
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        bias = getattr(conv, "bias", None)
+        layer._setup(weight.data, None if bias is None else bias.data, is_feedforward, backend,
+                     fan_in_fan_out=True, base_cls=type(conv))
+        layer.add_adapter(adapter_name, init_ia3_weights)
+        return layer
+
+    def to_base_module(self) -> nn.Module:
+        """The plain layer this one wraps, sharing ``weight``/``bias``; unmerged adapters
+        are dropped."""
+        if self.fan_in_fan_out:
+            base = self.base_cls(self.out_features, self.in_features)  # Conv1D(nf, nx)
+        else:
+            base = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        base.weight = nn.Parameter(self.weight.data, requires_grad=self.weight.requires_grad)
+        base.bias = None if self.bias is None else nn.Parameter(self.bias.data, requires_grad=self.bias.requires_grad)
+        return base
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as ``(out_features, in_features)`` (a transposed view for Conv1D)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    @property
+    def l_shape(self) -> tuple:
+        """PEFT's shape of ``ia3_l`` for this layer: ``(1, in)`` or ``(out, 1)``."""
+        return (1, self.in_features) if self.is_feedforward else (self.out_features, 1)
+
+    # ---------------------------------------------------------------- adapters
+
+    def add_adapter(self, adapter_name: str, init_ia3_weights: bool = True) -> None:
+        """Add an adapter (active if none is): ``l = 1``, or ``N(0, 1)`` with
+        ``init_ia3_weights=False``, as PEFT initialises it."""
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
+        if adapter_name in self.ia3_l:
+            raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
+        if not isinstance(init_ia3_weights, bool):
+            raise ValueError(f"init_ia3_weights must be True or False, got {init_ia3_weights!r}")
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        if init_ia3_weights:
+            l = torch.ones(self.l_shape, **factory)
+        else:
+            l = torch.randn(self.l_shape, device=self.weight.device).to(self.weight.dtype)
+        self.ia3_l[adapter_name] = nn.Parameter(l)
+        if self.active_adapter is None:
+            self.active_adapter = adapter_name
+
+    def load_vector(self, adapter_name: str, value: torch.Tensor) -> None:
+        """Copy a checkpoint's ``ia3_l`` into an adapter, after checking its shape.
+
+        Accepts PEFT's shape or a 1-D vector with as many entries. Bad input raises and
+        leaves the layer unchanged.
+        """
+        self._require(adapter_name)
+        want = self.l_shape
+        if not isinstance(value, torch.Tensor) or (tuple(value.shape) != want and tuple(value.shape) != (math.prod(want),)):
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            kind = "input scaling (feed-forward)" if self.is_feedforward else "output scaling"
+            raise ValueError(f"ia3_l for this layer ({kind}) must have shape {want}, got {got}")
+        if adapter_name in self.merged_adapters:
+            raise RuntimeError(f"adapter {adapter_name!r} is merged; unmerge before loading new values")
+        with torch.no_grad():
+            self.ia3_l[adapter_name].copy_(value.reshape(want))
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter; unmerges first if it is merged."""
+        self._require(adapter_name)
+        if adapter_name in self.merged_adapters:
+            self._scale_base(adapter_name, inverse=True)
+            self.merged_adapters.remove(adapter_name)
+        del self.ia3_l[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = next(iter(self.ia3_l), None)
+
+    def set_adapter(self, adapter_name: Optional[str]) -> None:
+        """Make ``adapter_name`` active; ``None`` runs the base layer only."""
+        if adapter_name is not None:
+            self._require(adapter_name)
+        self.active_adapter = adapter_name
+
+    def _require(self, adapter_name: str) -> None:
+        if adapter_name not in self.ia3_l:
+            raise KeyError(f"no adapter named {adapter_name!r} in this layer; it has {sorted(self.ia3_l)}")
+
+    @property
+    def adapter_names(self) -> List[str]:
+        return list(self.ia3_l)
+
+    @property
+    def ia3_vector(self) -> nn.Parameter:
+        """``l`` of the active adapter, in PEFT's shape."""
+        if self.active_adapter is None:
+            raise AttributeError("this layer has no active adapter (set_adapter(None) was called)")
+        return self.ia3_l[self.active_adapter]
+
+    # ---------------------------------------------------------------- merge
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def _scale_base(self, adapter_name: str, inverse: bool) -> None:
+        """``W *= l`` (rows for output scaling, columns for input scaling) and, for output
+        scaling, ``b *= l``; ``inverse`` divides. fp32 math, stored in the weight dtype."""
+        l = self.ia3_l[adapter_name].detach().float().reshape(-1)
+        if inverse:
+            if bool((l == 0).any()):
+                warnings.warn(
+                    f"adapter {adapter_name!r} has zero entries in ia3_l: unmerge cannot restore the "
+                    "weights it zeroed",
+                    stacklevel=3,
+                )
+            l = torch.where(l == 0, torch.ones_like(l), 1.0 / l)
+        with torch.no_grad():
+            w = self.base_weight()  # (out, in) view
+            scale = l[None, :] if self.is_feedforward else l[:, None]
+            w.copy_((w.float() * scale).to(w.dtype))
+            if not self.is_feedforward and self.bias is not None:
+                self.bias.copy_((self.bias.float() * l).to(self.bias.dtype))
+
+    def merge(self, adapter_name: Optional[str] = None) -> None:
+        """Fold ``l`` of the active (or named) adapter into ``weight`` (and ``bias``)."""
+        name = adapter_name if adapter_name is not None else self.active_adapter
+        if name is None:
+            raise ValueError("no adapter to merge: this layer has no active adapter")
+        self._require(name)
+        if name in self.merged_adapters:
+            return
+        l = self.ia3_l[name].detach()
+        if not bool(torch.isfinite(l).all()):
+            raise ValueError(f"cannot merge adapter {name!r}: ia3_l holds NaN or inf")
+        self._scale_base(name, inverse=False)
+        self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Undo every merge, newest first (exact up to the weight dtype's rounding)."""
+        while self.merged_adapters:
+            self._scale_base(self.merged_adapters.pop(), inverse=True)
+
+    # ---------------------------------------------------------------- forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.base_weight()
+        check_linear_input(x, weight, type(self).__name__)
+        if self.row_adapters is not None:
+            if self.merged:
+                raise RuntimeError(
+                    "mixed-adapter batches need unmerged adapters: call fastpeft.unmerge(model) first"
+                )
+            return self._mixed_forward(x, self.row_adapters)
+        name = self.active_adapter
+        if name is None or self.merged:
+            # Base only, or an adapter already folded into the weights: cuBLAS.
+            return F.linear(x, weight, self.bias)
+        return ia3_linear(x, weight, self.bias, self.ia3_l[name], self.is_feedforward, backend=self.backend)
+
+    def _mixed_forward(self, x: torch.Tensor, row_adapters: Sequence[Optional[str]]) -> torch.Tensor:
+        """Each batch row (``x``'s dim 0) through its own adapter; ``None`` or a name this
+        layer does not hold: the base only. One sub-batch per adapter."""
+        if x.dim() < 2 or x.shape[0] != len(row_adapters):
+            raise ValueError(
+                f"batch_adapters got {len(row_adapters)} adapter names but this layer's input has "
+                f"batch size {x.shape[0] if x.dim() else 'none'} (shape {tuple(x.shape)}); "
+                "give one name (or None) per batch row"
+            )
+        weight = self.base_weight()
+        out = F.linear(x, weight, self.bias)
+        groups: Dict[str, List[int]] = {}
+        for row, name in enumerate(row_adapters):
+            if name is not None and name in self.ia3_l:
+                groups.setdefault(name, []).append(row)
+        for name, rows in groups.items():
+            idx = torch.tensor(rows, device=x.device, dtype=torch.long)
+            sub = ia3_linear(x.index_select(0, idx), weight, self.bias, self.ia3_l[name],
+                             self.is_feedforward, backend=self.backend)
+            out = out.index_copy(0, idx, sub.to(out.dtype))
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, is_feedforward={self.is_feedforward}, "
+            f"fan_in_fan_out={self.fan_in_fan_out}, adapters={list(self.ia3_l)}, "
+            f"active={self.active_adapter!r}, backend={self.backend!r}"
+        )

@@ -1,0 +1,686 @@
+"""Model-level API: inject adapters into a model, switch, merge, unload, mix per row.
+
+Every PEFT method plugs in through one small registry: a ``MethodSpec`` says which
+config class reads its ``adapter_config.json``, how to wrap one target module, how to
+add a further adapter to an already-wrapped one, and which model tensors make up its
+checkpoint (keys exactly as PEFT writes them, without the ``base_model.model.`` prefix).
+From that, ``inject``, ``load_adapter``/``save_adapter`` (fastpeft.checkpoint),
+``set_adapter``, ``merge``, ``unmerge``, ``unload``, ``delete_adapter`` and
+``batch_adapters`` work for every method alike.
+
+Injected layers follow a small protocol (``FastLoRALinear`` is the model):
+``adapter_names`` (names it holds), ``set_adapter(name | None)``, ``merge(name)``,
+``unmerge()``, ``merged``, ``delete_adapter(name)``, ``to_base_module()`` (the plain
+module, with merged adapters folded in) and an attribute ``row_adapters``
+(``None``, or one adapter name or ``None`` per batch row).
+
+State kept on the model (plain attributes, not parameters): ``model.fastpeft_config``
+(``{adapter_name: config}``) and ``model.fastpeft_active`` (the active adapter name).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from fastpeft.config import LORA_INIT_CHOICES, AdapterConfig, LoraConfig, config_to_plain
+from fastpeft.lora import POOL_ATTR, FastLoRALinear
+from fastpeft.targets import find_targets, linear_types, named_modules_of, replace_modules
+
+__all__ = [
+    "MethodSpec",
+    "register_method",
+    "get_method",
+    "registered_methods",
+    "as_config",
+    "inject",
+    "set_adapter",
+    "merge",
+    "unmerge",
+    "unload",
+    "delete_adapter",
+    "batch_adapters",
+    "trainable_parameters",
+    "print_trainable_parameters",
+    "adapter_tensors",
+    "ModulesToSaveWrapper",
+    "BASE",
+]
+
+#: Row name that PEFT uses for "no adapter" in ``adapter_names=``; ``None`` means the same.
+BASE = "__base__"
+
+# build_layer(module_path, target_module, config, adapter_name, backend) -> new module
+BuildLayer = Callable[[str, nn.Module, AdapterConfig, str, str], nn.Module]
+# add_to_layer(module_path, existing_layer, config, adapter_name) -> None
+AddToLayer = Callable[[str, nn.Module, AdapterConfig, str], None]
+# param_map(model, adapter_name, config) -> {checkpoint key (no "base_model.model."): live tensor}
+ParamMap = Callable[[nn.Module, str, AdapterConfig], Dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How one PEFT method plugs into the model-level API.
+
+    Attributes:
+        peft_type: the ``peft_type`` string of ``adapter_config.json`` (``"LORA"``).
+        config_cls: an ``AdapterConfig`` subclass with that ``peft_type``.
+        layer_types: the module classes this method injects (for set/merge/unload...).
+        target_types: module classes a target may be; anything else matched by
+            ``target_modules`` is an error naming the module and its type.
+        build_layer: wrap one target module: ``(path, module, config, adapter_name,
+            backend) -> new module``. Must not modify ``module`` or the model.
+        add_to_layer: add an adapter to an already-injected layer of ``layer_types``:
+            ``(path, layer, config, adapter_name) -> None``. Undone with
+            ``layer.delete_adapter(adapter_name)``.
+        param_map: ``(model, adapter_name, config) -> {key: tensor}``: every tensor of
+            this adapter's checkpoint, keyed as PEFT writes it *without* the
+            ``base_model.model.`` prefix (e.g. ``"model.layers.0.self_attn.q_proj.lora_A.weight"``),
+            the value being the live model tensor to save from / copy into.
+            ``modules_to_save`` keys are added by the generic code, not here.
+        check_config: optional ``(config) -> list of problems``; non-empty refuses the
+            config (unsupported feature) with those messages.
+    """
+
+    peft_type: str
+    config_cls: type
+    layer_types: Tuple[type, ...]
+    target_types: Tuple[type, ...]
+    build_layer: BuildLayer
+    add_to_layer: AddToLayer
+    param_map: ParamMap
+    check_config: Optional[Callable[[AdapterConfig], List[str]]] = None
+
+
+_METHODS: Dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    """Register (or replace) the method for ``spec.peft_type``; returns ``spec``."""
+    if not isinstance(spec, MethodSpec):
+        raise TypeError(f"register_method expects a MethodSpec, got {type(spec).__name__}")
+    key = spec.peft_type.upper()
+    if getattr(spec.config_cls, "peft_type", None) != key:
+        raise ValueError(
+            f"{spec.config_cls.__name__}.peft_type is {getattr(spec.config_cls, 'peft_type', None)!r}, "
+            f"but the spec registers {key!r}"
+        )
+    _METHODS[key] = spec
+    return spec
+
+
+def registered_methods() -> List[str]:
+    return sorted(_METHODS)
+
+
+def get_method(peft_type: Any) -> MethodSpec:
+    """The registered ``MethodSpec`` for a ``peft_type`` (string or enum)."""
+    key = str(getattr(peft_type, "value", peft_type)).upper()
+    if key not in _METHODS:
+        raise ValueError(
+            f"unsupported peft_type {peft_type!r}: fastpeft supports {registered_methods()}"
+        )
+    return _METHODS[key]
+
+
+def as_config(config: Any) -> AdapterConfig:
+    """A fastpeft config from a fastpeft config, a ``peft`` config object, or a dict."""
+    if isinstance(config, AdapterConfig):
+        return config
+    data = config_to_plain(config)
+    if "peft_type" not in data or data["peft_type"] is None:
+        raise ValueError("the config has no peft_type; expected e.g. peft_type='LORA'")
+    return get_method(data["peft_type"]).config_cls.from_dict(data)
+
+
+# --------------------------------------------------------------------- model state
+
+
+def _configs(model: nn.Module) -> Dict[str, AdapterConfig]:
+    configs = model.__dict__.get("fastpeft_config")
+    if configs is None:
+        configs = {}
+        model.__dict__["fastpeft_config"] = configs
+    return configs
+
+
+def _all_layer_types() -> Tuple[type, ...]:
+    return tuple({t for spec in _METHODS.values() for t in spec.layer_types})
+
+
+def _adapter_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    return named_modules_of(model, _all_layer_types() + (ModulesToSaveWrapper,))
+
+
+def _require_adapter(model: nn.Module, adapter_name: str) -> AdapterConfig:
+    configs = _configs(model)
+    if adapter_name not in configs:
+        raise KeyError(f"the model has no adapter named {adapter_name!r}; it has {sorted(configs)}")
+    return configs[adapter_name]
+
+
+def adapter_tensors(model: nn.Module, adapter_name: str) -> Dict[str, torch.Tensor]:
+    """Every tensor of one adapter's checkpoint, keyed as PEFT saves it (no prefix)."""
+    config = _require_adapter(model, adapter_name)
+    tensors = dict(get_method(config.peft_type).param_map(model, adapter_name, config))
+    for name, wrapper in named_modules_of(model, (ModulesToSaveWrapper,)):
+        if adapter_name in wrapper.modules_to_save:
+            for key, tensor in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
+                tensors[f"{name}.{key}"] = tensor
+    return tensors
+
+
+# --------------------------------------------------------------------- modules_to_save
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A module trained in full per adapter (PEFT's ``modules_to_save``).
+
+    ``original_module`` is the frozen original; ``modules_to_save[name]`` a trainable copy
+    per adapter (state-dict keys as PEFT's wrapper). The active adapter's copy runs; with
+    ``row_adapters`` set each batch row runs through its own adapter's copy.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: Optional[str] = None
+        self.row_adapters: Optional[List[Optional[str]]] = None
+
+    @property
+    def adapter_names(self) -> List[str]:
+        return list(self.modules_to_save.keys())
+
+    def add_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.modules_to_save:
+            raise ValueError(f"adapter {adapter_name!r} already exists in this module")
+        clone = copy.deepcopy(self.original_module)
+        for p in clone.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[adapter_name] = clone
+
+    def set_adapter(self, adapter_name: Optional[str]) -> None:
+        self.active_adapter = adapter_name if adapter_name in self.modules_to_save else None
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        del self.modules_to_save[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = None
+
+    # No merging: the copy simply replaces the original.
+    merged = False
+
+    def merge(self, adapter_name: Optional[str] = None) -> None:
+        return None
+
+    def unmerge(self) -> None:
+        return None
+
+    def to_base_module(self) -> nn.Module:
+        if self.active_adapter is not None:
+            return self.modules_to_save[self.active_adapter]
+        return self.original_module
+
+    def active_module(self) -> nn.Module:
+        """The module that runs now: the active adapter's copy, else the original."""
+        return self.modules_to_save[self.active_adapter] if self.active_adapter else self.original_module
+
+    def __getattr__(self, name: str):
+        # Attributes the model reads from the wrapped module (``lm_head.weight``, ...).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original_module", "modules_to_save", "active_adapter"):
+                raise
+            return getattr(self.active_module(), name)
+
+    def forward(self, x, *args, **kwargs):
+        if self.row_adapters is None:
+            return self.active_module()(x, *args, **kwargs)
+        rows = self.row_adapters
+        if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != len(rows):
+            raise ValueError(
+                f"batch_adapters got {len(rows)} adapter names but this module's input has batch size "
+                f"{x.shape[0] if isinstance(x, torch.Tensor) and x.dim() else 'none'}"
+            )
+        groups: Dict[Optional[str], List[int]] = {}
+        for i, name in enumerate(rows):
+            groups.setdefault(name if name in self.modules_to_save else None, []).append(i)
+        out = None
+        for name, idx in groups.items():
+            module = self.original_module if name is None else self.modules_to_save[name]
+            index = torch.tensor(idx, device=x.device, dtype=torch.long)
+            sub = module(x.index_select(0, index), *args, **kwargs)
+            if out is None:
+                out = sub.new_empty((x.shape[0], *sub.shape[1:]))
+            out.index_copy_(0, index, sub)
+        return out
+
+
+# --------------------------------------------------------------------- inject
+
+
+class _Undo:
+    """Collects the steps that reverse a partly done injection, run newest first."""
+
+    def __init__(self) -> None:
+        self.steps: List[Callable[[], None]] = []
+
+    def add(self, step: Callable[[], None]) -> None:
+        self.steps.append(step)
+
+    def __call__(self) -> None:
+        while self.steps:
+            self.steps.pop()()
+
+
+def _inject(model: nn.Module, config: AdapterConfig, adapter_name: str, backend: str, for_loading: bool) -> _Undo:
+    """Inject one adapter; returns the undo of everything done. All checks come first."""
+    spec = get_method(config.peft_type)
+    if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE or "." in adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string without '.', not {BASE!r}; got {adapter_name!r}")
+    configs = _configs(model)
+    if adapter_name in configs:
+        raise ValueError(
+            f"the model already has an adapter named {adapter_name!r}; pick another name or "
+            "fastpeft.delete_adapter(model, name) first"
+        )
+    problems = spec.check_config(config) if spec.check_config is not None else []
+    if problems:
+        raise NotImplementedError(f"cannot use this {spec.peft_type} config: " + "; ".join(problems))
+    if not for_loading and getattr(config, "init_lora_weights", True) not in LORA_INIT_CHOICES:
+        raise NotImplementedError(
+            f"init_lora_weights={config.init_lora_weights!r} is not supported for new adapters; "
+            f"use one of {LORA_INIT_CHOICES} (saved adapters with any init load fine)"
+        )
+
+    adapted_types = _all_layer_types() + (ModulesToSaveWrapper,)
+    names = find_targets(
+        model,
+        config.target_modules,
+        config.exclude_modules,
+        config.layers_to_transform,
+        config.layers_pattern,
+        modules_to_save=config.modules_to_save,
+        task_type=config.task_type,
+        adapted_types=adapted_types,
+    )
+    modules = dict(model.named_modules())
+    new_modules: Dict[str, nn.Module] = {}
+    existing: List[Tuple[str, nn.Module]] = []
+    for name in names:
+        module = modules[name]
+        if isinstance(module, spec.layer_types):
+            if adapter_name in getattr(module, "adapter_names", ()):
+                raise ValueError(f"module {name!r} already holds an adapter named {adapter_name!r}")
+            existing.append((name, module))
+        elif isinstance(module, adapted_types):
+            raise ValueError(
+                f"module {name!r} is already adapted by another method ({type(module).__name__}); "
+                "one module takes adapters of one method only"
+            )
+        elif isinstance(module, spec.target_types):
+            new_modules[name] = spec.build_layer(name, module, config, adapter_name, backend)
+        else:
+            kinds = ", ".join(t.__name__ for t in spec.target_types)
+            raise ValueError(
+                f"target module {name!r} is a {type(module).__name__}; {spec.peft_type} adapts only {kinds}. "
+                "Narrow target_modules (e.g. name the leaf projections) or exclude it"
+            )
+
+    # modules_to_save: new wrappers (built aside) or a new copy in an existing wrapper.
+    save_new: Dict[str, nn.Module] = {}
+    save_existing: List[nn.Module] = []
+    if config.modules_to_save:
+        for name, module in modules.items():
+            # PEFT's rule: a plain suffix match on the module path.
+            if not name or not any(name.endswith(m) for m in config.modules_to_save):
+                continue
+            if any(isinstance(modules.get(p), adapted_types) or p in save_new for p in _prefixes(name)):
+                continue  # inside an adapted layer, a wrapper, or a module already chosen
+            if isinstance(module, ModulesToSaveWrapper):
+                save_existing.append(module)
+            elif isinstance(module, adapted_types):
+                raise ValueError(f"modules_to_save names {name!r}, which is already adapted ({type(module).__name__})")
+            else:
+                wrapper = ModulesToSaveWrapper(module)
+                wrapper.add_adapter(adapter_name)
+                save_new[name] = wrapper
+        if not save_new and not save_existing:
+            raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module of the model")
+
+    # New layers take the train/eval mode of the module they replace.
+    for name, module in {**new_modules, **save_new}.items():
+        module.train(modules[name].training)
+
+    undo = _Undo()
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    undo.add(lambda: [p.requires_grad_(f) for p, f in flags])
+    try:
+        old = replace_modules(model, {**new_modules, **save_new})
+        undo.add(lambda: replace_modules(model, old))
+        for name, module in existing:
+            spec.add_to_layer(name, module, config, adapter_name)
+            undo.add(lambda m=module: m.delete_adapter(adapter_name))
+        for wrapper in save_existing:
+            wrapper.add_adapter(adapter_name)
+            undo.add(lambda w=wrapper: w.delete_adapter(adapter_name))
+        configs[adapter_name] = config
+        undo.add(lambda: configs.pop(adapter_name, None))
+        active = model.__dict__.get("fastpeft_active")
+        if active is None or active not in configs:
+            model.__dict__["fastpeft_active"] = adapter_name
+            undo.add(lambda: model.__dict__.__setitem__("fastpeft_active", active))
+        _sync_active(model)
+        undo.add(lambda: _sync_active(model))
+        _mark_trainable(model, adapter_name)
+    except BaseException:
+        undo()
+        raise
+    return undo
+
+
+def _prefixes(name: str) -> List[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _mark_trainable(model: nn.Module, adapter_name: str) -> None:
+    """Freeze the base; make this adapter's tensors trainable; leave other adapters as they are."""
+    own = {id(t) for t in adapter_tensors(model, adapter_name).values()}
+    others = set()
+    for name in _configs(model):
+        if name != adapter_name:
+            others |= {id(t) for t in adapter_tensors(model, name).values()}
+    for p in model.parameters():
+        if id(p) in own:
+            p.requires_grad_(True)
+        elif id(p) not in others:
+            p.requires_grad_(False)
+
+
+def _sync_active(model: nn.Module) -> None:
+    active = model.__dict__.get("fastpeft_active")
+    for _, layer in _adapter_layers(model):
+        layer.set_adapter(active if active in layer.adapter_names else None)
+
+
+def inject(model: nn.Module, config: Any, adapter_name: str = "default", *, backend: str = "auto") -> nn.Module:
+    """Add an adapter to ``model`` in place and return the model.
+
+    ``config``: a fastpeft config (``fp.LoraConfig``), a ``peft`` config, or its dict.
+    Each target module is replaced by the method's layer (a layer already adapted by
+    the same method gets one more named adapter), every other parameter is frozen
+    (``modules_to_save`` copies and, per ``bias``, biases stay trainable). The first
+    adapter becomes the active one; later ones are added inactive (``set_adapter``).
+    All or nothing: on any error the model is left exactly as it was.
+    """
+    _inject(model, as_config(config), adapter_name, backend, for_loading=False)
+    return model
+
+
+# --------------------------------------------------------------------- switching
+
+
+def set_adapter(model: nn.Module, adapter_name: Optional[str]) -> None:
+    """Make ``adapter_name`` the active adapter everywhere; ``None``: run the base model."""
+    if adapter_name is not None:
+        _require_adapter(model, adapter_name)
+    model.__dict__["fastpeft_active"] = adapter_name
+    _sync_active(model)
+
+
+def active_adapter(model: nn.Module) -> Optional[str]:
+    return model.__dict__.get("fastpeft_active")
+
+
+def merge(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Module:
+    """Fold ``adapter_name`` (default: the active adapter) into the base weights of every
+    layer that holds it. Outputs are unchanged; ``unmerge`` undoes it."""
+    name = adapter_name if adapter_name is not None else active_adapter(model)
+    if name is None:
+        raise ValueError("no adapter is active and none was named: nothing to merge")
+    _require_adapter(model, name)
+    layers = [layer for _, layer in _adapter_layers(model) if name in layer.adapter_names]
+    done = []
+    try:
+        for layer in layers:
+            if not isinstance(layer, ModulesToSaveWrapper):
+                layer.merge(name)
+                done.append(layer)
+    except BaseException:
+        for layer in done:
+            layer.unmerge()
+        raise
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Undo every merge in every layer."""
+    for _, layer in _adapter_layers(model):
+        layer.unmerge()
+    return model
+
+
+def unload(model: nn.Module, merge_adapter: bool = True) -> nn.Module:
+    """Merge the active adapter (unless ``merge_adapter=False``) and put the plain modules
+    back: the result has no fastpeft layers (PEFT's ``merge_and_unload``/``unload``).
+    ``modules_to_save`` modules are replaced by the active adapter's trained copy."""
+    if merge_adapter and active_adapter(model) is not None:
+        merge(model)
+    layers = _adapter_layers(model)
+    # Outermost first is not needed: adapted layers are never nested.
+    replace_modules(model, {name: layer.to_base_module() for name, layer in layers})
+    model.__dict__.pop("fastpeft_config", None)
+    model.__dict__.pop("fastpeft_active", None)
+    return model
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove one adapter from every layer (unmerging it first where merged)."""
+    _require_adapter(model, adapter_name)
+    for _, layer in _adapter_layers(model):
+        if adapter_name in layer.adapter_names:
+            layer.delete_adapter(adapter_name)
+    del _configs(model)[adapter_name]
+    if active_adapter(model) == adapter_name:
+        model.__dict__["fastpeft_active"] = next(iter(_configs(model)), None)
+    _sync_active(model)
+
+
+def adapter_names(model: nn.Module) -> List[str]:
+    return list(_configs(model))
+
+
+# --------------------------------------------------------------------- mixed batches
+
+
+def _layer_and_pool_adapters(model: nn.Module) -> set:
+    """Adapter names the model's layers hold (injected or built by hand) and those
+    loaded in an ``AdapterPool`` attached to them (serving)."""
+    names: set = set()
+    for module in model.modules():
+        if module is not model and hasattr(module, "row_adapters"):
+            names.update(getattr(module, "adapter_names", ()))
+        slots = getattr(module, POOL_ATTR, None)
+        if slots is not None:
+            names.update(slots.pool.adapters)
+    return names
+
+
+@contextlib.contextmanager
+def batch_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator[nn.Module]:
+    """Within the block, batch row ``i`` runs through adapter ``names[i]`` (``None`` or
+    ``"__base__"``: the base model), as PEFT's ``model(..., adapter_names=names)``. Names
+    may be the model's own adapters or those loaded in an attached ``AdapterPool``.
+
+    Eval mode only (dropout and gradients per row are not defined); adapters must be
+    unmerged. Every adapter layer's previous state is restored on exit, errors included.
+    """
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise TypeError(f"batch_adapters expects a list with one adapter name (or None) per row, got {names!r}")
+    if len(names) == 0:
+        raise ValueError("batch_adapters needs at least one row name")
+    known = set(_configs(model)) | _layer_and_pool_adapters(model)
+    rows: List[Optional[str]] = []
+    for name in names:
+        if name is None or name == BASE:
+            rows.append(None)
+        elif isinstance(name, str) and name in known:
+            rows.append(name)
+        else:
+            raise ValueError(
+                f"batch_adapters: unknown adapter {name!r}; the model has {sorted(known)} "
+                f"(use None or {BASE!r} for the base model)"
+            )
+    layers = [m for _, m in model.named_modules() if hasattr(m, "row_adapters") and m is not model]
+    if not layers:
+        raise ValueError("batch_adapters: the model has no adapter layers (inject or load an adapter first)")
+    training = [type(m).__name__ for m in layers if m.training]
+    if model.training or training:
+        raise RuntimeError(
+            "batch_adapters (mixed adapters per row) runs in eval mode only, as PEFT's adapter_names=: "
+            "call model.eval() first"
+        )
+    if any(getattr(m, "merged", False) for m in layers):
+        raise RuntimeError("batch_adapters needs unmerged adapters: call fastpeft.unmerge(model) first")
+    previous = [(m, m.row_adapters) for m in layers]
+    try:
+        for m in layers:
+            m.row_adapters = list(rows)
+        yield model
+    finally:
+        for m, prev in previous:
+            m.row_adapters = prev
+
+
+# --------------------------------------------------------------------- counts
+
+
+def trainable_parameters(model: nn.Module) -> Tuple[int, int]:
+    """``(trainable, total)`` parameter counts (shared tensors counted once)."""
+    seen = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print the counts as PEFT's ``print_trainable_parameters`` does."""
+    trainable, total = trainable_parameters(model)
+    pct = 100 * trainable / total if total else 0.0
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}")
+
+
+# --------------------------------------------------------------------- LoRA
+
+
+def _lora_build(name: str, module: nn.Module, config: LoraConfig, adapter_name: str, backend: str) -> nn.Module:
+    r, alpha = config.rank_and_alpha(name)
+    init = config.init_lora_weights if config.init_lora_weights in LORA_INIT_CHOICES else True
+    kwargs = dict(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=config.lora_dropout,
+        use_rslora=config.use_rslora,
+        adapter_name=adapter_name,
+        init_lora_weights=init,
+        lora_bias=config.lora_bias,
+        backend=backend,
+    )
+    if isinstance(module, nn.Linear):
+        # As PEFT: fan_in_fan_out=True on an nn.Linear is a config mistake it corrects.
+        return FastLoRALinear.from_linear(module, **kwargs)
+    # transformers Conv1D: always fan_in_fan_out, whatever the config says (as PEFT).
+    return FastLoRALinear.from_conv1d(module, **kwargs)
+
+
+def _lora_add(name: str, layer: nn.Module, config: LoraConfig, adapter_name: str) -> None:
+    r, alpha = config.rank_and_alpha(name)
+    init = config.init_lora_weights if config.init_lora_weights in LORA_INIT_CHOICES else True
+    layer.add_adapter(
+        adapter_name, r, alpha, config.lora_dropout, config.use_rslora, init, lora_bias=config.lora_bias
+    )
+
+
+def _lora_param_map(model: nn.Module, adapter_name: str, config: LoraConfig) -> Dict[str, torch.Tensor]:
+    out: Dict[str, torch.Tensor] = {}
+    lora_layers = named_modules_of(model, (FastLoRALinear,))
+    for name, layer in lora_layers:
+        if adapter_name not in layer.adapter_names:
+            continue
+        out[f"{name}.lora_A.weight"] = layer.lora_A_weights[adapter_name]
+        out[f"{name}.lora_B.weight"] = layer.lora_B_weights[adapter_name]
+        if adapter_name in layer.lora_B_biases:
+            out[f"{name}.lora_B.bias"] = layer.lora_B_biases[adapter_name]
+        if config.bias == "lora_only" and layer.bias is not None:
+            out[f"{name}.base_layer.bias"] = layer.bias
+    if config.bias == "all":
+        # Every bias of the model, as PEFT (the adapted layers' under ``base_layer``).
+        wrappers = named_modules_of(model, (ModulesToSaveWrapper,))
+        skip = {n for n, _ in wrappers}
+        layer_types = _all_layer_types()
+        for name, wrapper in wrappers:
+            # PEFT saves these too (beside the wrapper's own ``<name>.bias``): the
+            # original's bias and the adapter copy's, with the adapter name removed.
+            for key, tensor in wrapper.state_dict(keep_vars=True).items():
+                if not (key == "bias" or key.endswith(".bias")):
+                    continue
+                parts = key.split(".")
+                if parts[0] == "modules_to_save" and parts[1] != adapter_name:
+                    continue
+                out[_without_adapter_name(f"{name}.{key}", adapter_name)] = tensor
+        for name, module in model.named_modules():
+            if any(name == s or name.startswith(s + ".") for s in skip):
+                continue
+            if isinstance(module, layer_types):
+                if isinstance(module, FastLoRALinear) and module.bias is not None:
+                    out[f"{name}.base_layer.bias"] = module.bias
+                continue
+            if any(name.startswith(p + ".") for p, _ in lora_layers):
+                continue
+            bias = module._parameters.get("bias")
+            if bias is None and "bias" in module._buffers and "bias" not in module._non_persistent_buffers_set:
+                bias = module._buffers["bias"]
+            if isinstance(bias, torch.Tensor):
+                out[f"{name}.bias" if name else "bias"] = bias
+    return out
+
+
+def _without_adapter_name(key: str, adapter_name: str) -> str:
+    """PEFT's rule for dropping the adapter name from a state-dict key."""
+    if key.endswith(f".{adapter_name}"):
+        return key[: -len(adapter_name) - 1]
+    head, _, suffix = key.rpartition(".")
+    if head.endswith(f".{adapter_name}"):
+        head = head[: -len(adapter_name) - 1]
+    return f"{head}.{suffix}"
+
+
+def _lora_check(config: LoraConfig) -> List[str]:
+    return config.unsupported()
+
+
+register_method(
+    MethodSpec(
+        peft_type="LORA",
+        config_cls=LoraConfig,
+        layer_types=(FastLoRALinear,),
+        target_types=linear_types(),
+        build_layer=_lora_build,
+        add_to_layer=_lora_add,
+        param_map=_lora_param_map,
+        check_config=_lora_check,
+    )
+)

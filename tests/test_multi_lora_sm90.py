@@ -1,0 +1,79 @@
+"""The mixed-adapter kernels compile for Hopper (sm_90) in every GPU launch config the
+launcher can pick, and fit in shared memory. No GPU needed (see tests/sm90.py)."""
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import pytest
+
+from sm90 import HOPPER_MAX_SHARED, report_sm90
+
+from fastpeft.kernels import lora as lora_kernels
+from fastpeft.kernels import multi_lora as ml
+
+I32 = "i32"
+CANDIDATES = sorted(
+    {cfg for m in (1, 64, 4096) for cfg in lora_kernels._gpu_candidates(m)},
+    key=lambda c: (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages),
+)
+
+
+def _expand(cfg, dtype: str, fuse: bool, split_k: int, block_r: int = 16, gather: bool = False) -> Dict[str, Any]:
+    return {
+        "id": f"expand-{dtype}-{cfg.block_m}x{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}"
+              f"-{'fused' if fuse else 'split'}-k{split_k}-r{block_r}{'-gather' if gather else ''}",
+        "module": "fastpeft.kernels.multi_lora",
+        "kernel": "_mlora_expand_kernel",
+        "ptr_dtypes": {
+            "x_ptr": dtype, "w_ptr": dtype, "bias_ptr": dtype, "b_ptr": dtype, "xa_ptr": "fp32", "y_ptr": dtype,
+            "sorted_rows_ptr": I32, "sorted_slot_ptr": I32, "seg_end_ptr": I32, "rank_ptr": I32,
+            "scaling_ptr": "fp32",
+        },
+        "constexprs": dict(
+            FUSE_BASE=fuse, HAS_BIAS=True, GATHER=gather, SPLIT_K=split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            BLOCK_K=cfg.block_k, BLOCK_R=block_r, GROUP_M=cfg.group_m, INPUT_PRECISION="ieee",
+        ),
+        "unit_args": ["stride_xk", "stride_wk", "stride_br", "stride_xar", "stride_yn"],
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
+    }
+
+
+def _shrink(dtype: str, block_m: int, block_r: int = 16) -> Dict[str, Any]:
+    return {
+        "id": f"shrink-{dtype}-m{block_m}-r{block_r}",
+        "module": "fastpeft.kernels.multi_lora",
+        "kernel": "_mlora_shrink_kernel",
+        "ptr_dtypes": {
+            "x_ptr": dtype, "a_ptr": dtype, "xa_ptr": "fp32", "sorted_rows_ptr": I32, "slot_rows_ptr": I32,
+            "slot_start_ptr": I32, "rank_ptr": I32,
+        },
+        "constexprs": dict(BLOCK_M=block_m, BLOCK_K=64, BLOCK_R=block_r, INPUT_PRECISION="ieee"),
+        "unit_args": ["stride_xk", "stride_ak", "stride_xar"],
+        "num_warps": 4,
+        "num_stages": 3,
+    }
+
+
+def _all_specs() -> List[Dict[str, Any]]:
+    specs = [_expand(c, "bf16", fuse, 1 if fuse else 4) for c in CANDIDATES for fuse in (True, False)]
+    specs += [_expand(CANDIDATES[0], dt, True, 8, 32) for dt in ("fp16", "fp32")]
+    # the gathering expand, on the decode tiles (M <= GATHER_MAX_M) it is picked for
+    small = sorted({c for m in (1, 64) for c in lora_kernels._gpu_candidates(m)},
+                   key=lambda c: (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages))
+    specs += [_expand(c, "bf16", fuse, 8, ml.gather_block_r(c), gather=True) for c in small for fuse in (True, False)]
+    specs += [_expand(small[0], dt, True, 1, 8, gather=True) for dt in ("fp16", "fp32")]
+    specs += [_shrink(dt, bm) for dt in ("bf16", "fp16") for bm in (16, 64)]
+    return specs
+
+
+@pytest.fixture(scope="module")
+def reports() -> Dict[str, Dict[str, Any]]:
+    return report_sm90(_all_specs())
+
+
+@pytest.mark.parametrize("spec_id", [s["id"] for s in _all_specs()])
+def test_compiles_for_sm90_and_fits_shared_memory(reports, spec_id):
+    rep = reports[spec_id]
+    assert "error" not in rep, rep.get("error")
+    assert rep["shared"] <= HOPPER_MAX_SHARED, f"{spec_id} needs {rep['shared']} B of shared memory"

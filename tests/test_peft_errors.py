@@ -1,0 +1,282 @@
+"""Bad input gets a clear exception and leaves the model exactly as it was."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import fastpeft as fp  # noqa: E402
+from fastpeft.checkpoint import AdapterCheckpointError  # noqa: E402
+from fastpeft.targets import replace_modules  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from conftest import DEVICE  # noqa: E402
+from tiny_models import BUILDERS, assert_same_snapshot, input_ids, logits, snapshot  # noqa: E402
+
+LLAMA_CFG = dict(
+    r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"], bias="all", lora_bias=True,
+    init_lora_weights=False,
+)
+
+
+@pytest.fixture(scope="module")
+def good_dir(tmp_path_factory):
+    """A valid PEFT adapter for the tiny Llama (made once for the module)."""
+    path = tmp_path_factory.mktemp("adapters") / "good"
+    torch.manual_seed(7)
+    pm = peft.get_peft_model(BUILDERS["llama"](0), peft.LoraConfig(**LLAMA_CFG))
+    pm.save_pretrained(str(path))
+    return path
+
+
+def _copy(good_dir, tmp_path, name="bad"):
+    dst = tmp_path / name
+    shutil.copytree(good_dir, dst)
+    return dst
+
+
+def _edit_tensors(path, fn):
+    file = path / "adapter_model.safetensors"
+    tensors = load_file(str(file))
+    fn(tensors)
+    save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+def _edit_config(path, fn):
+    file = path / "adapter_config.json"
+    data = json.loads(file.read_text())
+    fn(data)
+    file.write_text(json.dumps(data))
+
+
+@pytest.fixture(params=["plain", "with-adapter"])
+def model(request, good_dir):
+    """A fresh tiny Llama; the second flavour already holds a loaded adapter 'a'
+    (so failures must also keep existing adapters intact)."""
+    m = BUILDERS["llama"](0).to(DEVICE)
+    if request.param == "with-adapter":
+        fp.load_adapter(m, good_dir, adapter_name="a", is_trainable=True)
+        m.train()
+    return m
+
+
+def _fails(model, path, exc, match, **kwargs):
+    before = snapshot(model)
+    with pytest.raises(exc, match=match):
+        fp.load_adapter(model, path, adapter_name="new", **kwargs)
+    assert_same_snapshot(before, snapshot(model))
+
+
+def test_good_adapter_loads(model, good_dir):
+    fp.load_adapter(model, good_dir, adapter_name="new")
+    assert "new" in fp.adapter_names(model)
+
+
+def test_missing_directory_and_files(model, good_dir, tmp_path):
+    _fails(model, tmp_path / "nope", FileNotFoundError, "does not exist")
+    (tmp_path / "empty").mkdir()
+    _fails(model, tmp_path / "empty", FileNotFoundError, "adapter_config.json")
+    bad = _copy(good_dir, tmp_path)
+    (bad / "adapter_model.safetensors").unlink()
+    _fails(model, bad, FileNotFoundError, "neither adapter_model.safetensors nor adapter_model.bin")
+    _fails(model, good_dir / "adapter_config.json", NotADirectoryError, "is a file")
+
+
+@pytest.mark.parametrize(
+    "edit, exc, match",
+    [
+        (lambda d: d.update(peft_type="NOT_A_METHOD"), ValueError, "unsupported peft_type 'NOT_A_METHOD'"),
+        (lambda d: d.pop("peft_type"), ValueError, "no peft_type"),
+        (lambda d: d.update(use_dora=True), NotImplementedError, "DoRA"),
+        (lambda d: d.update(target_modules=["nothing_like_this"]), ValueError, "matched no module"),
+        (lambda d: d.update(target_modules=["mlp"]), ValueError, "adapts only Linear"),
+        (lambda d: d.update(modules_to_save=["not_here"]), ValueError, "modules_to_save"),
+        (lambda d: d.update(r=8), AdapterCheckpointError, "shape"),
+        (lambda d: d.update(bias="none"), AdapterCheckpointError, "unexpected keys"),
+        (lambda d: d.update(lora_bias=False), AdapterCheckpointError, "unexpected keys: .*lora_B.bias"),
+        (lambda d: d.update(bias="sometimes"), ValueError, "bias must be"),
+        (lambda d: d.update(target_parameters=["x.weight"]), NotImplementedError, "target_parameters"),
+    ],
+)
+def test_bad_config(model, good_dir, tmp_path, edit, exc, match):
+    bad = _copy(good_dir, tmp_path)
+    _edit_config(bad, edit)
+    _fails(model, bad, exc, match)
+
+
+def test_invalid_json(model, good_dir, tmp_path):
+    bad = _copy(good_dir, tmp_path)
+    (bad / "adapter_config.json").write_text("{not json")
+    _fails(model, bad, AdapterCheckpointError, "not valid JSON")
+
+
+def test_unknown_config_fields_are_not_fatal(model, good_dir, tmp_path):
+    ok = _copy(good_dir, tmp_path, "ok")
+    _edit_config(ok, lambda d: d.update(field_from_peft_v9={"x": 1}))
+    fp.load_adapter(model, ok, adapter_name="new")
+    assert model.fastpeft_config["new"].extra["field_from_peft_v9"] == {"x": 1}
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda t: t.pop(next(k for k in sorted(t) if "lora_A" in k)), "missing keys: .*lora_A.weight"),
+        (lambda t: t.pop("base_model.model.lm_head.weight"), "missing keys: lm_head.weight"),
+        (lambda t: t.update({"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.zeros(4, 32)}),
+         "unexpected keys: model.layers.0.mlp.up_proj"),
+        (lambda t: t.update({k: torch.zeros(5, 32) for k in t
+                             if k.endswith("layers.1.self_attn.q_proj.lora_A.weight")}),
+         r"shape \(5, 32\)"),
+        (lambda t: t.update({k: v.to(torch.int32) for k, v in t.items() if k.endswith("q_proj.lora_B.weight")}),
+         "int32"),
+        (lambda t: t.update({k.replace("base_model.model.", "", 1): t.pop(k) for k in list(t)[:1]}),
+         "do not start with 'base_model.model.'"),
+    ],
+)
+def test_bad_tensors(model, good_dir, tmp_path, edit, match):
+    bad = _copy(good_dir, tmp_path)
+    _edit_tensors(bad, edit)
+    _fails(model, bad, AdapterCheckpointError, match)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "header"])
+def test_corrupted_safetensors(model, good_dir, tmp_path, damage):
+    bad = _copy(good_dir, tmp_path)
+    file = bad / "adapter_model.safetensors"
+    data = file.read_bytes()
+    if damage == "truncate":
+        data = data[: len(data) - 100]
+    elif damage == "garbage":
+        data = b"\x00" * 16 + data[16:]
+    else:
+        data = data[:8] + b"[" + data[9:]
+    file.write_bytes(data)
+    _fails(model, bad, AdapterCheckpointError, "corrupted or truncated")
+
+
+def test_corrupted_bin(model, good_dir, tmp_path):
+    bad = _copy(good_dir, tmp_path)
+    (bad / "adapter_model.safetensors").unlink()
+    (bad / "adapter_model.bin").write_bytes(b"not a torch file")
+    _fails(model, bad, AdapterCheckpointError, "adapter_model.bin")
+
+
+def test_adapter_for_another_base(good_dir):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = LlamaForCausalLM(
+        LlamaConfig(vocab_size=100, hidden_size=48, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, attention_bias=True)
+    )
+    before = snapshot(other)
+    with pytest.raises(AdapterCheckpointError, match="another base|shape"):
+        fp.load_adapter(other, good_dir)
+    assert_same_snapshot(before, snapshot(other))
+    gpt2 = BUILDERS["gpt2"](0)
+    before = snapshot(gpt2)
+    with pytest.raises(ValueError, match="matched no module"):
+        fp.load_adapter(gpt2, good_dir)
+    assert_same_snapshot(before, snapshot(gpt2))
+
+
+def test_duplicate_adapter_name(model, good_dir):
+    fp.load_adapter(model, good_dir, adapter_name="new")
+    _fails(model, good_dir, ValueError, "already has an adapter named 'new'")
+
+
+def test_dora_adapter_made_by_peft_is_refused(tmp_path):
+    pm = peft.get_peft_model(BUILDERS["llama"](0), peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    pm.save_pretrained(str(tmp_path / "dora"))
+    model = BUILDERS["llama"](0)
+    before = snapshot(model)
+    with pytest.raises(NotImplementedError, match="DoRA"):
+        fp.load_adapter(model, tmp_path / "dora")
+    with pytest.raises(NotImplementedError, match="DoRA"):
+        fp.inject(model, fp.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    assert_same_snapshot(before, snapshot(model))
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(target_modules=["nope"]), ValueError, "matched no module .*q_proj"),
+        (dict(target_modules=r".*mlp"), ValueError, "LlamaMLP"),
+        (dict(target_modules=None), ValueError, "target_modules is not set"),
+        (dict(target_modules=["q_proj"], init_lora_weights="pissa"), NotImplementedError, "pissa"),
+        (dict(target_modules=["q_proj"], layers_to_transform=[7]), ValueError, "layers_to_transform"),
+    ],
+)
+def test_bad_inject(model, kwargs, exc, match):
+    before = snapshot(model)
+    with pytest.raises(exc, match=match):
+        fp.inject(model, fp.LoraConfig(r=4, **kwargs), adapter_name="new")
+    assert_same_snapshot(before, snapshot(model))
+
+
+def test_bad_config_values():
+    with pytest.raises(ValueError, match="r must be a positive integer"):
+        fp.LoraConfig(r=0)
+    with pytest.raises(ValueError, match="regex string"):
+        fp.LoraConfig(target_modules=".*q_proj", layers_to_transform=[0])
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        fp.LoraConfig(target_modules="(unclosed")
+    with pytest.raises(ValueError, match="adapter_name"):
+        fp.inject(BUILDERS["llama"](0), fp.LoraConfig(target_modules=["q_proj"]), adapter_name="__base__")
+
+
+def test_replace_modules_is_atomic():
+    model = BUILDERS["llama"](0)
+    before = snapshot(model)
+    new = torch.nn.Linear(32, 32)
+    with pytest.raises(KeyError, match="no module"):
+        replace_modules(model, {"model.layers.0.self_attn.q_proj": new, "model.layers.0.self_attn.nope": new})
+    with pytest.raises(TypeError, match="nn.Module"):
+        replace_modules(model, {"model.layers.0.self_attn.q_proj": new, "model.layers.0.self_attn.k_proj": 3})
+    with pytest.raises(ValueError, match="inside the other"):
+        replace_modules(model, {"model.layers.0": new, "model.layers.0.self_attn": new})
+    assert_same_snapshot(before, snapshot(model))
+    old = replace_modules(model, {"model.layers.0.self_attn.q_proj": new})
+    assert model.model.layers[0].self_attn.q_proj is new
+    replace_modules(model, old)
+    assert_same_snapshot(before, snapshot(model))
+
+
+def test_failure_after_partial_copy_restores_base(model, good_dir, monkeypatch):
+    """Even an error in the middle of copying tensors (e.g. out of memory) restores
+    base tensors that were overwritten (bias='all' writes base biases)."""
+    import fastpeft.checkpoint as ck
+
+    calls = {"n": 0}
+    real = torch.Tensor.copy_
+
+    def flaky_copy(self, src, *a, **k):
+        calls["n"] += 1
+        if tuple(self.shape) == (100, 32):  # lm_head's copy: the last tensor, after the base biases
+            raise RuntimeError("simulated failure while copying")
+        return real(self, src, *a, **k)
+
+    before = snapshot(model)
+    monkeypatch.setattr(torch.Tensor, "copy_", flaky_copy)
+    with pytest.raises(RuntimeError, match="simulated"):
+        ck.load_adapter(model, good_dir, adapter_name="new")
+    monkeypatch.setattr(torch.Tensor, "copy_", real)
+    assert calls["n"] > 20, "the failure came before the base biases were overwritten"
+    assert_same_snapshot(before, snapshot(model))
+
+
+def test_save_errors(tmp_path):
+    model = BUILDERS["llama"](0)
+    with pytest.raises(KeyError, match="no adapter named"):
+        fp.save_adapter(model, tmp_path / "x")
+    fp.inject(model, fp.LoraConfig(target_modules=["q_proj"]))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        fp.save_adapter(model, tmp_path / "file")
+    ids = input_ids()
+    fp.save_adapter(model, tmp_path / "ok")
+    assert logits(fp.load_adapter(BUILDERS["llama"](0), tmp_path / "ok"), ids).shape == (3, 7, 100)
