@@ -225,38 +225,25 @@ def run_cpu() -> List[Dict[str, Any]]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = common.base_args(__doc__.splitlines()[0], "bench_adapters.json")
-    args = parser.parse_args(argv)
-    info = common.device_info()
-    print(f"device: {info['device']}  torch {info['torch']}  triton {info.get('triton')}", flush=True)
-    if not ON_GPU:
-        print("no CUDA GPU: running a correctness-only pass of the fused ops under the interpreter (no timings)")
-        rows = run_cpu()
-        common.print_table(rows, ["op", "K", "N", "M", "dtype", "rel_err", "tol"])
-        common.write_json(args.json, {"device_info": info, "mode": "cpu-correctness", "results": rows})
-        return 0
-    rows = run_gpu(args.quick)
-    print("\nratios to cuBLAS base F.linear(x, W), same run (bf16); *_graph: CUDA-graph replay")
-    common.print_table(
-        rows,
-        ["K", "N", "M", "base_ms", "ia3_out_unfused_x", "ia3_out_peft_x", "ia3_out_fused_x", "ia3_out_pick",
-         "ia3_in_unfused_x", "ia3_in_peft_x", "ia3_in_fused_x", "ia3_in_pick",
-         "bn_unfused_x", "bn_fused_x", "bn_pick", "bn_fused_nocache_x", "bn_nocache_pick", "target"],
-    )
-    small = [r for r in rows if r["M"] <= GRAPH_MAX_M]
-    if small:
-        print("\nCUDA-graph replay at M <= 256 (ratios to the base's graph time)")
-        common.print_table(
-            small,
+    args = common.base_args(__doc__.splitlines()[0], "bench_adapters.json").parse_args(argv)
+    return common.run_benchmark(
+        args,
+        what="the fused ops",
+        run_cpu=run_cpu,
+        cpu_columns=["op", "K", "N", "M", "dtype", "rel_err", "tol"],
+        run_gpu=lambda info: run_gpu(args.quick),
+        gpu_columns=["K", "N", "M", "base_ms", "ia3_out_unfused_x", "ia3_out_peft_x", "ia3_out_fused_x",
+                     "ia3_out_pick", "ia3_in_unfused_x", "ia3_in_peft_x", "ia3_in_fused_x", "ia3_in_pick",
+                     "bn_unfused_x", "bn_fused_x", "bn_pick", "bn_fused_nocache_x", "bn_nocache_pick", "target"],
+        key_columns=["K", "N", "M"],
+        title="ratios to cuBLAS base F.linear(x, W), same run (bf16); *_graph: CUDA-graph replay",
+        more_tables=[(
+            "CUDA-graph replay at M <= 256 (ratios to the base's graph time)",
             ["K", "N", "M", "base_graph_ms", "ia3_out_unfused_graph_x", "ia3_out_fused_graph_x",
              "ia3_in_unfused_graph_x", "ia3_in_fused_graph_x", "bn_unfused_graph_x", "bn_fused_graph_x"],
-        )
-    for r in rows:
-        for k, v in r.items():
-            if k.endswith("_error"):
-                print("error:", r["K"], r["N"], r["M"], k, v)
-    common.write_json(args.json, {"device_info": info, "mode": "quick" if args.quick else "full", "results": rows})
-    return 0
+            lambda row: row["M"] <= GRAPH_MAX_M,
+        )],
+    )
 
 
 if __name__ == "__main__":

@@ -177,28 +177,18 @@ def run_cpu() -> List[Dict[str, Any]]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = common.base_args(__doc__.splitlines()[0], "bench_lora.json")
-    args = parser.parse_args(argv)
-    info = common.device_info()
-    print(f"device: {info['device']}  torch {info['torch']}  triton {info.get('triton')}", flush=True)
-    if not ON_GPU:
-        print("no CUDA GPU: running a correctness-only pass of the Triton kernel under the interpreter (no timings)")
-        rows = run_cpu()
-        common.print_table(rows, ["K", "N", "M", "r", "dtype", "rel_err", "tol"])
-        common.write_json(args.json, {"device_info": info, "mode": "cpu-correctness", "results": rows})
-        return 0
-    rows = run_gpu(args.quick)
-    print("\nratios to cuBLAS base F.linear(x, W), same run (bf16); *_graph: CUDA-graph replay")
-    common.print_table(
-        rows,
-        ["K", "N", "M", "r", "base_ms", "unfused_x", "peft_x", "compile_x", "fastpeft_x",
-         "base_graph_ms", "unfused_graph_x", "peft_graph_x", "fastpeft_graph_x", "target"],
+    args = common.base_args(__doc__.splitlines()[0], "bench_lora.json").parse_args(argv)
+    return common.run_benchmark(
+        args,
+        what="the Triton kernel",
+        run_cpu=run_cpu,
+        cpu_columns=["K", "N", "M", "r", "dtype", "rel_err", "tol"],
+        run_gpu=lambda info: run_gpu(args.quick),
+        gpu_columns=["K", "N", "M", "r", "base_ms", "unfused_x", "peft_x", "compile_x", "fastpeft_x",
+                     "base_graph_ms", "unfused_graph_x", "peft_graph_x", "fastpeft_graph_x", "target"],
+        key_columns=["K", "N", "M", "r"],
+        title="ratios to cuBLAS base F.linear(x, W), same run (bf16); *_graph: CUDA-graph replay",
     )
-    errors = [(r["K"], r["N"], r["M"], k, v) for r in rows for k, v in r.items() if k.endswith("_error")]
-    for e in errors:
-        print("error:", *e)
-    common.write_json(args.json, {"device_info": info, "mode": "quick" if args.quick else "full", "results": rows})
-    return 0
 
 
 if __name__ == "__main__":

@@ -211,32 +211,20 @@ def run_cpu() -> List[Dict[str, Any]]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = common.base_args(__doc__.splitlines()[0], "bench_multi.json")
-    args = parser.parse_args(argv)
-    info = common.device_info()
-    print(f"device: {info['device']}  torch {info['torch']}  triton {info.get('triton')}", flush=True)
-    if not ON_GPU:
-        print("no CUDA GPU: running a correctness-only pass of the mixed-adapter kernels under the interpreter "
-              "(no timings)")
-        rows = run_cpu()
-        common.print_table(rows, ["M", "adapters", "ranks", "dist", "dtype", "rel_err", "tol"])
-        common.write_json(args.json, {"device_info": info, "mode": "cpu-correctness", "results": rows})
-        return 0
-    rows = run_gpu(args.quick, args.json, info)
-    print(f"\nratios to cuBLAS base F.linear(x, W), same run (bf16, {K}x{N}); *_graph: CUDA-graph replay")
-    common.print_table(
-        rows,
-        ["adapters", "dist", "ranks", "M", "distinct", "base_ms", "peft_loop_x", "gather_bmm_x", "fastpeft_x",
-         "fastpeft_meta_x", "fastpeft_seg_x", "fastpeft_gather_x", "base_graph_ms", "gather_bmm_graph_x",
-         "fastpeft_graph_x", "fastpeft_seg_graph_x", "fastpeft_gather_graph_x", "target"],
+    args = common.base_args(__doc__.splitlines()[0], "bench_multi.json").parse_args(argv)
+    return common.run_benchmark(
+        args,
+        what="the mixed-adapter kernels",
+        run_cpu=run_cpu,
+        cpu_columns=["M", "adapters", "ranks", "dist", "dtype", "rel_err", "tol"],
+        run_gpu=lambda info: run_gpu(args.quick, args.json, info),
+        gpu_columns=["adapters", "dist", "ranks", "M", "distinct", "base_ms", "peft_loop_x", "gather_bmm_x",
+                     "fastpeft_x", "fastpeft_meta_x", "fastpeft_seg_x", "fastpeft_gather_x", "base_graph_ms",
+                     "gather_bmm_graph_x", "fastpeft_graph_x", "fastpeft_seg_graph_x", "fastpeft_gather_graph_x",
+                     "target"],
+        key_columns=["adapters", "dist", "ranks", "M"],
+        title=f"ratios to cuBLAS base F.linear(x, W), same run (bf16, {K}x{N}); *_graph: CUDA-graph replay",
     )
-    for r in rows:
-        for k, v in r.items():
-            if k.endswith("_error"):
-                print("error:", r["adapters"], r["dist"], r["ranks"], r["M"], k, v)
-    common.write_json(args.json, {"device_info": info, "mode": "quick" if args.quick else "full", "complete": True,
-                                  "results": rows})
-    return 0
 
 
 if __name__ == "__main__":

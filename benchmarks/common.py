@@ -17,7 +17,7 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -166,3 +166,44 @@ def check_close(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> 
 def env_summary(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Payload head shared by all benchmarks."""
     return {"device_info": device_info(), "results": rows}
+
+
+def run_benchmark(
+    args: argparse.Namespace,
+    *,
+    what: str,
+    run_cpu: Callable[[], List[Dict[str, Any]]],
+    cpu_columns: Sequence[str],
+    run_gpu: Callable[[Dict[str, Any]], List[Dict[str, Any]]],
+    gpu_columns: Sequence[str],
+    key_columns: Sequence[str],
+    title: str,
+    more_tables: Sequence[Tuple[str, Sequence[str], Callable[[Dict[str, Any]], bool]]] = (),
+) -> int:
+    """The common flow of a benchmark program: say where it runs; without a GPU run the
+    correctness-only pass of ``what``, else ``run_gpu(device_info)``; print the table,
+    any ``more_tables`` (title, columns, row filter), every recorded ``*_error`` (named
+    by ``key_columns``), and write the JSON."""
+    info = device_info()
+    print(f"device: {info['device']}  torch {info['torch']}  triton {info.get('triton')}", flush=True)
+    if not on_gpu():
+        print(f"no CUDA GPU: running a correctness-only pass of {what} under the interpreter (no timings)")
+        rows = run_cpu()
+        print_table(rows, cpu_columns)
+        write_json(args.json, {"device_info": info, "mode": "cpu-correctness", "results": rows})
+        return 0
+    rows = run_gpu(info)
+    print(f"\n{title}")
+    print_table(rows, gpu_columns)
+    for more_title, columns, keep in more_tables:
+        kept = [row for row in rows if keep(row)]
+        if kept:
+            print(f"\n{more_title}")
+            print_table(kept, columns)
+    for row in rows:
+        for key, value in row.items():
+            if key.endswith("_error"):
+                print("error:", *(row.get(c) for c in key_columns), key, value)
+    mode = "quick" if getattr(args, "quick", False) else "full"
+    write_json(args.json, {"device_info": info, "mode": mode, "complete": True, "results": rows})
+    return 0

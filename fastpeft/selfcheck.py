@@ -75,6 +75,49 @@ def _lora_kernel_checks(device: str, dtypes: Sequence[torch.dtype]) -> List[Chec
     return results
 
 
+def _randn(g: torch.Generator, shape, device: str, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=g) * scale).to(device, dtype)
+
+
+def _adapter_kernel_checks(device: str, dtypes: Sequence[torch.dtype]) -> List[CheckResult]:
+    """(IA)^3, bottleneck and mixed-adapter kernels, launched directly, vs float64."""
+    from fastpeft.kernels import bottleneck, ia3, multi_lora
+    from fastpeft.kernels import reference as ref
+
+    results = []
+    M, K, N, D = 33, 72, 56, 16
+    for dt in dtypes:
+        g = torch.Generator().manual_seed(7)
+        x = _randn(g, (M, K), device, dt)
+        W = _randn(g, (N, K), device, dt, 1 / math.sqrt(K))
+        b = _randn(g, (N,), device, dt)
+        d = lambda t: t.double()  # noqa: E731
+        tol = _TOL[dt]
+        for scale_input in (False, True):
+            l = _randn(g, (K if scale_input else N,), device, dt, 0.5) + 1
+            out = ia3.ia3_linear_fwd(x, W, b, l, scale_input)
+            err = _rel_err(out, ref.ia3_linear_ref(d(x), d(W), d(b), d(l), scale_input))
+            form = "input" if scale_input else "output"
+            results.append(CheckResult(f"ia3 kernel {str(dt)[6:]:8s} {form} scaling", err <= tol, f"rel err {err:.2e}"))
+        Wd, bd = _randn(g, (D, N), device, dt, 1 / math.sqrt(N)), _randn(g, (D,), device, dt, 0.1)
+        Wu, bu = _randn(g, (N, D), device, dt, 1 / math.sqrt(D)), _randn(g, (N,), device, dt, 0.1)
+        out = bottleneck.bottleneck_linear_fwd(x, W, b, Wd, bd, Wu, bu, 0.5, "gelu")
+        err = _rel_err(out, ref.bottleneck_linear_ref(d(x), d(W), d(b), d(Wd), d(bd), d(Wu), d(bu), 0.5, "gelu"))
+        results.append(CheckResult(f"bottleneck kernel {str(dt)[6:]:8s} D={D} gelu", err <= tol, f"rel err {err:.2e}"))
+        S, R = 5, 16
+        A = _randn(g, (S, R, K), device, dt, 1 / math.sqrt(K))
+        B = _randn(g, (S, N, R), device, dt, 1 / math.sqrt(R))
+        ranks = torch.tensor([16, 1, 8, 0, 5], dtype=torch.int32, device=device)
+        scalings = torch.tensor([0.5, 2.0, 1.0, 1.0, 0.25], dtype=torch.float32, device=device)
+        row_slot = torch.randint(-1, S, (M,), generator=g).to(device=device, dtype=torch.int32)
+        meta = multi_lora.MultiLoraMeta.build(row_slot, S)
+        out = multi_lora.multi_lora_linear_fwd(x, W, b, A, B, ranks, scalings, meta)
+        expect = ref.multi_lora_linear_ref(d(x), d(W), d(b), d(A), d(B), ranks, scalings.double(), row_slot)
+        err = _rel_err(out, expect)
+        results.append(CheckResult(f"mixed-adapter kernel {str(dt)[6:]:8s} {S} slots", err <= tol, f"rel err {err:.2e}"))
+    return results
+
+
 def _module_checks(device: str) -> List[CheckResult]:
     """FastLoRALinear: forward, gradients and merge round trip vs the reference."""
     import fastpeft as fp
@@ -162,7 +205,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if gpu else [])
     print("\nchecks against the float64 reference" + ("" if gpu else " (bf16 needs a GPU: the interpreter lacks bf16 dot)"))
     results: List[CheckResult] = []
-    for check in (lambda: _lora_kernel_checks(device, dtypes), lambda: _module_checks(device)):
+    checks = (
+        lambda: _lora_kernel_checks(device, dtypes),
+        lambda: _adapter_kernel_checks(device, dtypes),
+        lambda: _module_checks(device),
+    )
+    for check in checks:
         batch = check()
         _print_results(batch)
         results += batch

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from .ia3 import LIBRARY_GEMM, _candidates
+from .tiles import grouped_tile
 from .lora import (
     _INTERPRETER_CONFIG,
     LoraKernelConfig,
@@ -113,15 +114,7 @@ def _bottleneck_linear_fwd_kernel(
     folded into the fp32 accumulate as ``acc += s * (a Wu^T)``.
     """
     pid = tl.program_id(axis=0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped ordering: GROUP_M row-tiles share the same W column panel in L2.
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

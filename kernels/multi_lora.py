@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from fastpeft.kernels import lora as _lora
+from fastpeft.kernels.tiles import grouped_tile
 from fastpeft.kernels.lora import (
     LoraKernelConfig,
     _input_precision,
@@ -225,14 +226,7 @@ def _mlora_expand_kernel(
     the input dtype, as an unfused low-precision LoRA branch would). Stored at ``row(p)``.
     """
     pid = tl.program_id(axis=0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     tile_start = pid_m * BLOCK_M
     tile_end = tl.minimum(M, tile_start + BLOCK_M)
