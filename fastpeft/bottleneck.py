@@ -29,13 +29,14 @@ Parameter names follow AdapterHub's ``Adapter`` module: ``adapters.<name>.adapte
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastpeft.ops import BACKENDS, check_linear_input, resolve_backend
+from fastpeft.layers import AdapterLinear
+from fastpeft.ops import check_linear_input, resolve_backend
 from fastpeft.ops_adapters import bottleneck_down_eff, bottleneck_linear, check_activation
 
 __all__ = ["BottleneckAdapter", "BottleneckLinear", "bottleneck_size_for"]
@@ -127,7 +128,7 @@ class BottleneckAdapter(nn.Module):
         )
 
 
-class BottleneckLinear(nn.Module):
+class BottleneckLinear(AdapterLinear):
     """A linear output projection followed by bottleneck adapters (one active at a time).
 
     Build with :meth:`from_linear` (or :meth:`from_conv1d` for GPT-2's ``Conv1D``); the
@@ -140,25 +141,16 @@ class BottleneckLinear(nn.Module):
         raise TypeError("build a BottleneckLinear with BottleneckLinear.from_linear(linear, ...)")
 
     @classmethod
-    def _wrap(cls, weight, bias, fan_in_fan_out, base_cls, backend) -> "BottleneckLinear":
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    def _wrap(cls, parts, fan_in_fan_out, base_cls, backend) -> "BottleneckLinear":
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer.fan_in_fan_out = fan_in_fan_out
-        layer.base_cls = base_cls
-        if fan_in_fan_out:
-            layer.in_features, layer.out_features = weight.shape
-        else:
-            layer.out_features, layer.in_features = weight.shape
-        layer.backend = backend
-        layer.weight = nn.Parameter(weight, requires_grad=False)
-        layer.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        layer._init_base(*parts, fan_in_fan_out=fan_in_fan_out, base_cls=base_cls, backend=backend)
         layer.adapters = nn.ModuleDict()
-        layer.active_adapter = None
-        layer.row_adapters = None
         layer._eff_cache = {}
         return layer
+
+    def _adapter_store(self) -> nn.ModuleDict:
+        return self.adapters
 
     @classmethod
     def from_linear(
@@ -177,10 +169,7 @@ class BottleneckLinear(nn.Module):
         backend: str = "auto",
     ) -> "BottleneckLinear":
         """Wrap ``linear`` (sharing its tensors) and add one adapter named ``adapter_name``."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        layer = cls._wrap(linear.weight.data, None if linear.bias is None else linear.bias.data, False,
-                          nn.Linear, backend)
+        layer = cls._wrap(cls._linear_parts(linear), False, nn.Linear, backend)
         layer.add_adapter(adapter_name, bottleneck_size, reduction_factor, non_linearity, scaling,
                           ln_before, ln_after, residual_before_ln, init_weights=init_weights)
         return layer
@@ -189,26 +178,9 @@ class BottleneckLinear(nn.Module):
     def from_conv1d(cls, conv: nn.Module, *args, adapter_name: str = "default", init_weights: bool = True,
                     backend: str = "auto", **kwargs) -> "BottleneckLinear":
         """Wrap a GPT-2 style ``Conv1D`` (weight ``(in, out)``), read through a transposed view."""
-        weight = getattr(conv, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not hasattr(conv, "nf"):
-            raise TypeError(f"from_conv1d expects a transformers Conv1D, got {type(conv).__name__}")
-        bias = getattr(conv, "bias", None)
-        layer = cls._wrap(weight.data, None if bias is None else bias.data, True, type(conv), backend)
+        layer = cls._wrap(cls._conv1d_parts(conv), True, type(conv), backend)
         layer.add_adapter(adapter_name, *args, init_weights=init_weights, **kwargs)
         return layer
-
-    def to_base_module(self) -> nn.Module:
-        """The wrapped layer (sharing ``weight``/``bias``), without adapters."""
-        if self.fan_in_fan_out:
-            base = self.base_cls(self.out_features, self.in_features)
-        else:
-            base = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        base.weight = nn.Parameter(self.weight.data, requires_grad=self.weight.requires_grad)
-        base.bias = None if self.bias is None else nn.Parameter(self.bias.data, requires_grad=self.bias.requires_grad)
-        return base
-
-    def base_weight(self) -> torch.Tensor:
-        return self.weight.t() if self.fan_in_fan_out else self.weight
 
     # ---------------------------------------------------------------- adapters
 
@@ -226,10 +198,7 @@ class BottleneckLinear(nn.Module):
         init_weights: bool = True,
     ) -> None:
         """Add an adapter (active if none is). Validates everything before changing anything."""
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
-        if adapter_name in self.adapters:
-            raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
+        self._check_new_name(adapter_name)
         size = bottleneck_size_for(self.out_features, bottleneck_size, reduction_factor)
         adapter = BottleneckAdapter(
             self.out_features, size, non_linearity, scaling, ln_before, ln_after, residual_before_ln,
@@ -239,29 +208,14 @@ class BottleneckLinear(nn.Module):
         if self.active_adapter is None:
             self.active_adapter = adapter_name
 
-    @property
-    def adapter_names(self) -> List[str]:
-        return list(self.adapters)
-
     def delete_adapter(self, adapter_name: str) -> None:
         self._require(adapter_name)
         del self.adapters[adapter_name]
         self._eff_cache.pop(adapter_name, None)
-        if self.active_adapter == adapter_name:
-            self.active_adapter = next(iter(self.adapters), None)
+        self._after_delete(adapter_name)
 
-    def set_adapter(self, adapter_name: Optional[str]) -> None:
-        """Make ``adapter_name`` active; ``None`` runs the base layer only."""
-        if adapter_name is not None:
-            self._require(adapter_name)
-        self.active_adapter = adapter_name
-
-    def _require(self, adapter_name: str) -> None:
-        if adapter_name not in self.adapters:
-            raise KeyError(f"no adapter named {adapter_name!r} in this layer; it has {sorted(self.adapters)}")
-
-    # Bottleneck adapters are non-linear: there is nothing to fold into the base weight.
-    merged = False
+    # Bottleneck adapters are non-linear: nothing is ever folded into the base weight, so
+    # ``merged_adapters`` stays empty and ``merged`` False.
 
     def merge(self, adapter_name: Optional[str] = None) -> None:
         raise ValueError(
@@ -317,21 +271,7 @@ class BottleneckLinear(nn.Module):
 
     def _mixed_forward(self, x: torch.Tensor, row_adapters: Sequence[Optional[str]]) -> torch.Tensor:
         """Each batch row through its own adapter; ``None`` or an unknown name: base only."""
-        if x.dim() < 2 or x.shape[0] != len(row_adapters):
-            raise ValueError(
-                f"batch_adapters got {len(row_adapters)} adapter names but this layer's input has "
-                f"batch size {x.shape[0] if x.dim() else 'none'} (shape {tuple(x.shape)}); "
-                "give one name (or None) per batch row"
-            )
-        out = F.linear(x, self.base_weight(), self.bias)
-        groups: Dict[str, List[int]] = {}
-        for row, name in enumerate(row_adapters):
-            if name is not None and name in self.adapters:
-                groups.setdefault(name, []).append(row)
-        for name, rows in groups.items():
-            idx = torch.tensor(rows, device=x.device, dtype=torch.long)
-            out = out.index_copy(0, idx, self._adapter_forward(x.index_select(0, idx), name).to(out.dtype))
-        return out
+        return self._forward_by_row_groups(x, row_adapters, self._adapter_forward)
 
     def extra_repr(self) -> str:
         return (

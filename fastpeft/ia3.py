@@ -17,24 +17,20 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastpeft.ops import BACKENDS, check_linear_input
+from fastpeft.layers import AdapterLinear
+from fastpeft.ops import check_linear_input
 from fastpeft.ops_adapters import ia3_linear
 
 __all__ = ["IA3Linear"]
 
 
-def _check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-
-class IA3Linear(nn.Module):
+class IA3Linear(AdapterLinear):
     """Linear layer with (IA)^3 scaling vectors, fused into the GEMM.
 
     Args:
@@ -62,33 +58,17 @@ class IA3Linear(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        _check_backend(backend)
-        factory = {"device": device, "dtype": dtype}
-        weight = torch.empty(out_features, in_features, **factory)
-        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-        b = None
-        if bias:
-            bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
-            b = torch.empty(out_features, **factory).uniform_(-bound, bound)
-        self._setup(weight, b, is_feedforward, backend, fan_in_fan_out=False, base_cls=nn.Linear)
+        weight, b = self._new_linear_tensors(in_features, out_features, bias, device, dtype)
+        self._setup((weight, b), is_feedforward, backend, fan_in_fan_out=False, base_cls=nn.Linear)
         self.add_adapter(adapter_name, init_ia3_weights)
 
-    def _setup(self, weight, bias, is_feedforward, backend, fan_in_fan_out, base_cls) -> None:
-        self.fan_in_fan_out = fan_in_fan_out
-        self.base_cls = base_cls
-        if fan_in_fan_out:
-            self.in_features, self.out_features = weight.shape
-        else:
-            self.out_features, self.in_features = weight.shape
+    def _setup(self, parts, is_feedforward, backend, fan_in_fan_out, base_cls) -> None:
+        self._init_base(*parts, fan_in_fan_out=fan_in_fan_out, base_cls=base_cls, backend=backend)
         self.is_feedforward = bool(is_feedforward)
-        self.backend = backend
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.ia3_l = nn.ParameterDict()
-        self.active_adapter: Optional[str] = None
-        self.merged_adapters: List[str] = []
-        # One adapter name (or None) per batch row while ``fastpeft.batch_adapters`` is on.
-        self.row_adapters: Optional[List[Optional[str]]] = None
+
+    def _adapter_store(self) -> nn.ParameterDict:
+        return self.ia3_l
 
     # ---------------------------------------------------------------- construction
 
@@ -103,13 +83,9 @@ class IA3Linear(nn.Module):
         backend: str = "auto",
     ) -> "IA3Linear":
         """Wrap ``linear``: the new layer shares its weight and bias tensors (no copy)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        _check_backend(backend)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        bias = None if linear.bias is None else linear.bias.data
-        layer._setup(linear.weight.data, bias, is_feedforward, backend, fan_in_fan_out=False, base_cls=nn.Linear)
+        layer._setup(cls._linear_parts(linear), is_feedforward, backend, fan_in_fan_out=False, base_cls=nn.Linear)
         layer.add_adapter(adapter_name, init_ia3_weights)
         return layer
 
@@ -125,35 +101,12 @@ class IA3Linear(nn.Module):
     ) -> "IA3Linear":
         """Wrap a GPT-2 style ``Conv1D`` (weight ``(in, out)``; PEFT's ``fan_in_fan_out``).
         The kernel reads the transposed view through strides: no copy of the weight."""
-        weight = getattr(conv, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not hasattr(conv, "nf"):
-            raise TypeError(
-                f"from_conv1d expects a transformers Conv1D (weight (in, out), attribute nf), "
-                f"got {type(conv).__name__}"
-            )
-        _check_backend(backend)
+        parts = cls._conv1d_parts(conv)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        bias = getattr(conv, "bias", None)
-        layer._setup(weight.data, None if bias is None else bias.data, is_feedforward, backend,
-                     fan_in_fan_out=True, base_cls=type(conv))
+        layer._setup(parts, is_feedforward, backend, fan_in_fan_out=True, base_cls=type(conv))
         layer.add_adapter(adapter_name, init_ia3_weights)
         return layer
-
-    def to_base_module(self) -> nn.Module:
-        """The plain layer this one wraps, sharing ``weight``/``bias``; unmerged adapters
-        are dropped."""
-        if self.fan_in_fan_out:
-            base = self.base_cls(self.out_features, self.in_features)  # Conv1D(nf, nx)
-        else:
-            base = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        base.weight = nn.Parameter(self.weight.data, requires_grad=self.weight.requires_grad)
-        base.bias = None if self.bias is None else nn.Parameter(self.bias.data, requires_grad=self.bias.requires_grad)
-        return base
-
-    def base_weight(self) -> torch.Tensor:
-        """The base weight as ``(out_features, in_features)`` (a transposed view for Conv1D)."""
-        return self.weight.t() if self.fan_in_fan_out else self.weight
 
     @property
     def l_shape(self) -> tuple:
@@ -165,10 +118,7 @@ class IA3Linear(nn.Module):
     def add_adapter(self, adapter_name: str, init_ia3_weights: bool = True) -> None:
         """Add an adapter (active if none is): ``l = 1``, or ``N(0, 1)`` with
         ``init_ia3_weights=False``, as PEFT initialises it."""
-        if not isinstance(adapter_name, str) or not adapter_name:
-            raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
-        if adapter_name in self.ia3_l:
-            raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
+        self._check_new_name(adapter_name)
         if not isinstance(init_ia3_weights, bool):
             raise ValueError(f"init_ia3_weights must be True or False, got {init_ia3_weights!r}")
         factory = {"device": self.weight.device, "dtype": self.weight.dtype}
@@ -204,22 +154,7 @@ class IA3Linear(nn.Module):
             self._scale_base(adapter_name, inverse=True)
             self.merged_adapters.remove(adapter_name)
         del self.ia3_l[adapter_name]
-        if self.active_adapter == adapter_name:
-            self.active_adapter = next(iter(self.ia3_l), None)
-
-    def set_adapter(self, adapter_name: Optional[str]) -> None:
-        """Make ``adapter_name`` active; ``None`` runs the base layer only."""
-        if adapter_name is not None:
-            self._require(adapter_name)
-        self.active_adapter = adapter_name
-
-    def _require(self, adapter_name: str) -> None:
-        if adapter_name not in self.ia3_l:
-            raise KeyError(f"no adapter named {adapter_name!r} in this layer; it has {sorted(self.ia3_l)}")
-
-    @property
-    def adapter_names(self) -> List[str]:
-        return list(self.ia3_l)
+        self._after_delete(adapter_name)
 
     @property
     def ia3_vector(self) -> nn.Parameter:
@@ -229,10 +164,6 @@ class IA3Linear(nn.Module):
         return self.ia3_l[self.active_adapter]
 
     # ---------------------------------------------------------------- merge
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
 
     def _scale_base(self, adapter_name: str, inverse: bool) -> None:
         """``W *= l`` (rows for output scaling, columns for input scaling) and, for output
@@ -292,24 +223,12 @@ class IA3Linear(nn.Module):
     def _mixed_forward(self, x: torch.Tensor, row_adapters: Sequence[Optional[str]]) -> torch.Tensor:
         """Each batch row (``x``'s dim 0) through its own adapter; ``None`` or a name this
         layer does not hold: the base only. One sub-batch per adapter."""
-        if x.dim() < 2 or x.shape[0] != len(row_adapters):
-            raise ValueError(
-                f"batch_adapters got {len(row_adapters)} adapter names but this layer's input has "
-                f"batch size {x.shape[0] if x.dim() else 'none'} (shape {tuple(x.shape)}); "
-                "give one name (or None) per batch row"
-            )
         weight = self.base_weight()
-        out = F.linear(x, weight, self.bias)
-        groups: Dict[str, List[int]] = {}
-        for row, name in enumerate(row_adapters):
-            if name is not None and name in self.ia3_l:
-                groups.setdefault(name, []).append(row)
-        for name, rows in groups.items():
-            idx = torch.tensor(rows, device=x.device, dtype=torch.long)
-            sub = ia3_linear(x.index_select(0, idx), weight, self.bias, self.ia3_l[name],
-                             self.is_feedforward, backend=self.backend)
-            out = out.index_copy(0, idx, sub.to(out.dtype))
-        return out
+
+        def run(rows: torch.Tensor, name: str) -> torch.Tensor:
+            return ia3_linear(rows, weight, self.bias, self.ia3_l[name], self.is_feedforward, backend=self.backend)
+
+        return self._forward_by_row_groups(x, row_adapters, run)
 
     def extra_repr(self) -> str:
         return (

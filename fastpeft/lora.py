@@ -11,13 +11,14 @@ reads through strides, so no copy of the base weight is ever made.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastpeft.ops import BACKENDS, check_linear_input, lora_linear
+from fastpeft.layers import AdapterLinear
+from fastpeft.ops import check_linear_input, lora_linear
 
 __all__ = ["FastLoRALinear", "POOL_ATTR"]
 
@@ -39,7 +40,7 @@ def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
-class FastLoRALinear(nn.Module):
+class FastLoRALinear(AdapterLinear):
     """Linear layer ``y = x W^T + b + s * (dropout(x) A^T) B^T`` with fused kernels.
 
     Args:
@@ -68,21 +69,8 @@ class FastLoRALinear(nn.Module):
     ) -> None:
         super().__init__()
         _check_rank(r)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.in_features = in_features
-        self.out_features = out_features
-        self.backend = backend
-        self.fan_in_fan_out = False
-        self.base_cls: type = nn.Linear
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
-        # Base init as nn.Linear does, so a freshly built layer is a usable Linear.
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
-            nn.init.uniform_(self.bias, -bound, bound)
+        weight, b = self._new_linear_tensors(in_features, out_features, bias, device, dtype)
+        self._init_base(weight, b, backend=backend)
         self._init_adapter_state()
         self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
 
@@ -95,12 +83,31 @@ class FastLoRALinear(nn.Module):
         self.r: Dict[str, int] = {}
         self.lora_alpha: Dict[str, float] = {}
         self.scalings: Dict[str, float] = {}
-        self.active_adapter: Optional[str] = None
-        self.merged_adapters: List[str] = []
-        # One adapter name (or None) per batch row while ``fastpeft.batch_adapters`` is on.
-        self.row_adapters: Optional[List[Optional[str]]] = None
+
+    def _adapter_store(self) -> Dict[str, int]:
+        return self.r
 
     # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def _wrap(
+        cls,
+        parts: Tuple[torch.Tensor, Optional[torch.Tensor]],
+        fan_in_fan_out: bool,
+        base_cls: type,
+        backend: str,
+        adapter_name: str,
+        adapter_args: tuple,
+        init_lora_weights: InitSpec,
+        lora_bias: bool,
+    ) -> "FastLoRALinear":
+        _check_rank(adapter_args[0])
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._init_base(*parts, fan_in_fan_out=fan_in_fan_out, base_cls=base_cls, backend=backend)
+        layer._init_adapter_state()
+        layer.add_adapter(adapter_name, *adapter_args, init_lora_weights, lora_bias=lora_bias)
+        return layer
 
     @classmethod
     def from_linear(
@@ -117,25 +124,10 @@ class FastLoRALinear(nn.Module):
         backend: str = "auto",
     ) -> "FastLoRALinear":
         """Wrap ``linear``: the new layer shares its weight and bias tensors (no copy)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        _check_rank(r)
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        layer.in_features = linear.in_features
-        layer.out_features = linear.out_features
-        layer.backend = backend
-        layer.fan_in_fan_out = False
-        layer.base_cls = nn.Linear
-        layer.weight = nn.Parameter(linear.weight.data, requires_grad=False)
-        layer.bias = None if linear.bias is None else nn.Parameter(linear.bias.data, requires_grad=False)
-        layer._init_adapter_state()
-        layer.add_adapter(
-            adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_bias=lora_bias
+        return cls._wrap(
+            cls._linear_parts(linear), False, nn.Linear, backend, adapter_name,
+            (r, lora_alpha, lora_dropout, use_rslora), init_lora_weights, lora_bias,
         )
-        return layer
 
     @classmethod
     def from_conv1d(
@@ -154,48 +146,10 @@ class FastLoRALinear(nn.Module):
         """Wrap a GPT-2 style ``Conv1D`` (``y = x W + b`` with ``W: (in, out)``): PEFT's
         ``fan_in_fan_out=True``. The layer shares the Conv1D's tensors and keeps its layout.
         """
-        weight = getattr(conv, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not hasattr(conv, "nf"):
-            raise TypeError(
-                f"from_conv1d expects a transformers Conv1D (weight (in, out), attribute nf), "
-                f"got {type(conv).__name__}"
-            )
-        _check_rank(r)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.in_features, layer.out_features = weight.shape
-        layer.backend = backend
-        layer.fan_in_fan_out = True
-        layer.base_cls = type(conv)
-        layer.weight = nn.Parameter(weight.data, requires_grad=False)
-        bias = getattr(conv, "bias", None)
-        layer.bias = None if bias is None else nn.Parameter(bias.data, requires_grad=False)
-        layer._init_adapter_state()
-        layer.add_adapter(
-            adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_bias=lora_bias
+        return cls._wrap(
+            cls._conv1d_parts(conv), True, type(conv), backend, adapter_name,
+            (r, lora_alpha, lora_dropout, use_rslora), init_lora_weights, lora_bias,
         )
-        return layer
-
-    def to_base_module(self) -> nn.Module:
-        """The plain layer this one wraps (``nn.Linear``, or a ``Conv1D`` in its own layout),
-        sharing ``weight``/``bias`` tensors; adapters not merged are dropped."""
-        if self.fan_in_fan_out:
-            with torch.device("meta"):  # no throw-away allocation: the tensors are replaced below
-                base = self.base_cls(self.out_features, self.in_features)  # Conv1D(nf, nx)
-        else:
-            base = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
-        base.weight = nn.Parameter(self.weight.data, requires_grad=self.weight.requires_grad)
-        if self.bias is None:
-            base.bias = None
-        else:
-            base.bias = nn.Parameter(self.bias.data, requires_grad=self.bias.requires_grad)
-        return base
-
-    def base_weight(self) -> torch.Tensor:
-        """The base weight as ``(out_features, in_features)``: a transposed view for Conv1D."""
-        return self.weight.t() if self.fan_in_fan_out else self.weight
 
     def add_adapter(
         self,
@@ -216,10 +170,7 @@ class FastLoRALinear(nn.Module):
         ``lora_B.bias`` (zeros unless ``init_lora_weights`` is False), scaled like ``B``.
         """
         _check_rank(r)
-        if not isinstance(adapter_name, str) or not adapter_name:
-            raise ValueError(f"adapter_name must be a non-empty string, got {adapter_name!r}")
-        if adapter_name in self.r:
-            raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
+        self._check_new_name(adapter_name)
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
         if init_lora_weights not in (True, False, "gaussian"):
@@ -262,23 +213,7 @@ class FastLoRALinear(nn.Module):
             del self.lora_B_biases[adapter_name]
         for meta in (self.r, self.lora_alpha, self.scalings):
             del meta[adapter_name]
-        if self.active_adapter == adapter_name:
-            self.active_adapter = next(iter(self.r), None)
-
-    def set_adapter(self, adapter_name: Optional[str]) -> None:
-        """Make ``adapter_name`` the active adapter; ``None`` runs the base layer only."""
-        if adapter_name is not None:
-            self._require(adapter_name)
-        self.active_adapter = adapter_name
-
-    @property
-    def adapter_names(self) -> List[str]:
-        """Names of the adapters this layer holds, in the order they were added."""
-        return list(self.r)
-
-    def _require(self, adapter_name: str) -> None:
-        if adapter_name not in self.r:
-            raise KeyError(f"no adapter named {adapter_name!r} in this layer; it has {sorted(self.r)}")
+        self._after_delete(adapter_name)
 
     # ---------------------------------------------------------------- active adapter
 
@@ -303,10 +238,6 @@ class FastLoRALinear(nn.Module):
         return self.scalings[self._active()]
 
     # ---------------------------------------------------------------- merge
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``s * B A`` of one adapter, computed in fp32, shape ``(out, in)``."""
@@ -406,12 +337,7 @@ class FastLoRALinear(nn.Module):
         """
         from fastpeft.ops_multi import multi_lora_linear, row_slots_for_tokens
 
-        if x.dim() < 2 or x.shape[0] != len(row_adapters):
-            raise ValueError(
-                f"batch_adapters got {len(row_adapters)} adapter names but this layer's input has "
-                f"batch size {x.shape[0] if x.dim() else 'none'} (shape {tuple(x.shape)}); "
-                "give one name (or None) per batch row"
-            )
+        self._check_rows(x, row_adapters)
         weight = self.base_weight()
         slots = getattr(self, POOL_ATTR, None)
         wanted = {n for n in row_adapters if n is not None}

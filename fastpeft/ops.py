@@ -130,7 +130,6 @@ def _backward(ctx, grad_y: torch.Tensor):
     x, weight, lora_A, lora_B, x_lora = ctx.saved_tensors
     s = ctx.scaling
     need = ctx.needs_input_grad
-    K = x.shape[-1]
     g = _rows(grad_y)
     x_l = _rows(x_lora if ctx.has_x_lora else x).to(lora_A.dtype)
     g_l = g.to(lora_B.dtype)

@@ -1,0 +1,186 @@
+"""``AdapterLinear``: what every adapter layer shares, whatever its adapter method.
+
+An adapter layer holds a frozen base linear (an ``nn.Linear``, or a GPT-2 style
+``Conv1D`` kept in its own ``(in, out)`` layout and handed to the kernels as a transposed
+*view*, never copied) and any number of named adapters, one of them active. Subclasses
+(LoRA, (IA)^3, bottleneck) own their adapters' tensors and their forward; this class
+owns the base, the names, the active adapter and the layer protocol the model-level API
+relies on (``adapter_names``, ``set_adapter``, ``merged``, ``to_base_module``,
+``row_adapters``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastpeft.ops import BACKENDS
+
+__all__ = ["AdapterLinear"]
+
+
+class AdapterLinear(nn.Module):
+    """Base of the adapter layers: frozen ``weight``/``bias`` plus named adapters.
+
+    Subclasses call :meth:`_init_base` first and implement :meth:`_adapter_store`.
+    """
+
+    in_features: int
+    out_features: int
+
+    # ---------------------------------------------------------------- base
+
+    def _init_base(
+        self,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        *,
+        fan_in_fan_out: bool = False,
+        base_cls: type = nn.Linear,
+        backend: str = "auto",
+    ) -> None:
+        """Adopt ``weight`` (``(out, in)``; ``(in, out)`` with ``fan_in_fan_out``) and
+        ``bias`` as the frozen base, sharing their storage."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.fan_in_fan_out = fan_in_fan_out
+        self.base_cls = base_cls
+        if fan_in_fan_out:
+            self.in_features, self.out_features = weight.shape
+        else:
+            self.out_features, self.in_features = weight.shape
+        self.backend = backend
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.active_adapter: Optional[str] = None
+        self.merged_adapters: List[str] = []
+        # One adapter name (or None) per batch row while ``fastpeft.batch_adapters`` is on.
+        self.row_adapters: Optional[List[Optional[str]]] = None
+
+    @staticmethod
+    def _new_linear_tensors(
+        in_features: int, out_features: int, bias: bool, device: Any = None, dtype: Any = None
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """A fresh ``(weight, bias)`` initialised as ``nn.Linear`` does, so a layer built
+        from sizes is a usable linear layer before any checkpoint is loaded."""
+        factory = {"device": device, "dtype": dtype}
+        weight = torch.empty(out_features, in_features, **factory)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+        b = None
+        if bias:
+            bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
+            b = torch.empty(out_features, **factory).uniform_(-bound, bound)
+        return weight, b
+
+    @staticmethod
+    def _linear_parts(linear: nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(weight, bias)`` data of an ``nn.Linear`` (a clear error for anything else)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        return linear.weight.data, None if linear.bias is None else linear.bias.data
+
+    @staticmethod
+    def _conv1d_parts(conv: nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(weight, bias)`` data of a transformers ``Conv1D`` (``y = x W + b``, ``W: (in, out)``)."""
+        weight = getattr(conv, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not hasattr(conv, "nf"):
+            raise TypeError(
+                f"from_conv1d expects a transformers Conv1D (weight (in, out), attribute nf), "
+                f"got {type(conv).__name__}"
+            )
+        bias = getattr(conv, "bias", None)
+        return weight.data, None if bias is None else bias.data
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as ``(out_features, in_features)``: a transposed view for Conv1D."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    def to_base_module(self) -> nn.Module:
+        """The plain layer this one wraps (``nn.Linear``, or a ``Conv1D`` in its own layout),
+        sharing ``weight``/``bias`` tensors; adapters not merged are dropped."""
+        with torch.device("meta"):  # no throw-away allocation: the tensors are replaced below
+            if self.fan_in_fan_out:
+                base = self.base_cls(self.out_features, self.in_features)  # Conv1D(nf, nx)
+            else:
+                base = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        base.weight = nn.Parameter(self.weight.data, requires_grad=self.weight.requires_grad)
+        if self.bias is None:
+            base.bias = None
+        else:
+            base.bias = nn.Parameter(self.bias.data, requires_grad=self.bias.requires_grad)
+        return base
+
+    # ---------------------------------------------------------------- adapters
+
+    def _adapter_store(self) -> Mapping[str, Any]:
+        """The mapping keyed by this layer's adapter names, in the order they were added."""
+        raise NotImplementedError
+
+    @property
+    def adapter_names(self) -> List[str]:
+        """Names of the adapters this layer holds, in the order they were added."""
+        return list(self._adapter_store())
+
+    def _require(self, adapter_name: str) -> None:
+        store = self._adapter_store()
+        if adapter_name not in store:
+            raise KeyError(f"no adapter named {adapter_name!r} in this layer; it has {sorted(store)}")
+
+    def _check_new_name(self, adapter_name: str) -> None:
+        """A name ``add_adapter`` can take: a non-empty string (no '.', which would split a
+        module path) not in use."""
+        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+            raise ValueError(f"adapter_name must be a non-empty string without '.', got {adapter_name!r}")
+        if adapter_name in self._adapter_store():
+            raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
+
+    def set_adapter(self, adapter_name: Optional[str]) -> None:
+        """Make ``adapter_name`` the active adapter; ``None`` runs the base layer only."""
+        if adapter_name is not None:
+            self._require(adapter_name)
+        self.active_adapter = adapter_name
+
+    def _after_delete(self, adapter_name: str) -> None:
+        """Hand the active role on when the active adapter was deleted."""
+        if self.active_adapter == adapter_name:
+            self.active_adapter = next(iter(self._adapter_store()), None)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    # ---------------------------------------------------------------- mixed batches
+
+    @staticmethod
+    def _check_rows(x: torch.Tensor, row_adapters: Sequence[Optional[str]]) -> None:
+        """A mixed batch names one adapter per row of ``x``'s first dim."""
+        if x.dim() < 2 or x.shape[0] != len(row_adapters):
+            raise ValueError(
+                f"batch_adapters got {len(row_adapters)} adapter names but this layer's input has "
+                f"batch size {x.shape[0] if x.dim() else 'none'} (shape {tuple(x.shape)}); "
+                "give one name (or None) per batch row"
+            )
+
+    def _forward_by_row_groups(
+        self,
+        x: torch.Tensor,
+        row_adapters: Sequence[Optional[str]],
+        run_adapter: Callable[[torch.Tensor, str], torch.Tensor],
+    ) -> torch.Tensor:
+        """A mixed batch as one sub-batch per adapter: the base for every row, then
+        ``run_adapter(rows of x, name)`` for the rows of each adapter this layer holds
+        (``None`` or a name it does not hold: the base only, as in PEFT)."""
+        self._check_rows(x, row_adapters)
+        out = F.linear(x, self.base_weight(), self.bias)
+        store = self._adapter_store()
+        groups: Dict[str, List[int]] = {}
+        for row, name in enumerate(row_adapters):
+            if name is not None and name in store:
+                groups.setdefault(name, []).append(row)
+        for name, rows in groups.items():
+            idx = torch.tensor(rows, device=x.device, dtype=torch.long)
+            out = out.index_copy(0, idx, run_adapter(x.index_select(0, idx), name).to(out.dtype))
+        return out
