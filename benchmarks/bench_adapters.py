@@ -118,25 +118,10 @@ def _time_point(K: int, N: int, M: int, dev: str = "cuda", dt: torch.dtype = tor
     row: Dict[str, Any] = {"K": K, "N": N, "M": M}
     fns = {**_ia3_variants(x, W, l_out, l_in), **_bn_variants(x, W, dw, db, uw, ub)}
     with torch.no_grad():
-        for name, fn in fns.items():
-            if name != "base":
-                ref = refs["bn"] if name.startswith("bn_") else refs[name.rsplit("_", 1)[0]]
-                try:
-                    row[f"{name}_err"] = common.check_close(name, fn(), ref, BF16_TOL)
-                except Exception as exc:  # report a failing variant, keep measuring the others
-                    row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
-                    continue
-            row[f"{name}_ms"] = common.bench_ms(fn)
-            if M <= GRAPH_MAX_M:
-                try:
-                    row[f"{name}_graph_ms"] = common.bench_graph_ms(fn)
-                except Exception as exc:
-                    row[f"{name}_graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
-    for name in fns:
-        if name == "base":
-            continue
-        row[f"{name}_x"] = common.ratio(row.get(f"{name}_ms"), row.get("base_ms"))
-        row[f"{name}_graph_x"] = common.ratio(row.get(f"{name}_graph_ms"), row.get("base_graph_ms"))
+        common.measure_variants(
+            row, fns, lambda name: refs["bn"] if name.startswith("bn_") else refs[name.rsplit("_", 1)[0]],
+            BF16_TOL, M <= GRAPH_MAX_M,
+        )
     row["ia3_out_pick"] = _pick_ia3(dt, N, K, M, False)
     row["ia3_in_pick"] = _pick_ia3(dt, N, K, M, True)
     row["bn_pick"] = _pick_bn(dt, N, K, M, True)
@@ -179,12 +164,13 @@ def _verdict(row: Dict[str, Any]) -> str:
     return ", ".join(out) or "n/a"
 
 
-def run_gpu(quick: bool) -> List[Dict[str, Any]]:
+def run_gpu(quick: bool, json_path: Optional[str], info: Dict[str, Any]) -> List[Dict[str, Any]]:
     rows = []
     for K, N in SHAPES:
         for M in QUICK_MS if quick else MS:
             row = _time_point(K, N, M)
             rows.append(row)
+            common.write_partial(json_path, info, quick, rows)
             print(
                 f"K={K} N={N} M={M}: base {row.get('base_ms', float('nan')):.4f} ms, "
                 f"ia3 out {row.get('ia3_out_fused_x') or float('nan'):.3f}x, "
@@ -231,7 +217,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         what="the fused ops",
         run_cpu=run_cpu,
         cpu_columns=["op", "K", "N", "M", "dtype", "rel_err", "tol"],
-        run_gpu=lambda info: run_gpu(args.quick),
+        run_gpu=lambda info: run_gpu(args.quick, args.json, info),
         gpu_columns=["K", "N", "M", "base_ms", "ia3_out_unfused_x", "ia3_out_peft_x", "ia3_out_fused_x",
                      "ia3_out_pick", "ia3_in_unfused_x", "ia3_in_peft_x", "ia3_in_fused_x", "ia3_in_pick",
                      "bn_unfused_x", "bn_fused_x", "bn_pick", "bn_fused_nocache_x", "bn_nocache_pick", "target"],

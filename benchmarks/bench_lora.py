@@ -2,6 +2,7 @@
 
     python benchmarks/bench_lora.py            # full sweep (GPU): 4 shapes x 7 M x r {16, 64}
     python benchmarks/bench_lora.py --quick    # a few minutes: 3 shapes x 5 M x r 16
+                                               # (torch.compile on the first shape only)
 
 Variants (bf16, ``W: (N, K)``, ``y = x W^T + s * (x A^T) B^T``):
 
@@ -101,22 +102,9 @@ def _time_point(
     ref = lora_linear_ref(x.float(), W.float(), None, A.float(), B.float(), s)
     row: Dict[str, Any] = {"K": K, "N": N, "M": M, "r": r}
     with torch.no_grad():
-        for name, fn in _variants(x, W, A, B, s, r, with_compile).items():
-            if name != "base":
-                try:
-                    row[f"{name}_err"] = common.check_close(name, fn(), ref, BF16_TOL)
-                except Exception as exc:  # report a failing baseline, keep measuring the others
-                    row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
-                    continue
-            row[f"{name}_ms"] = common.bench_ms(fn)
-            if M <= GRAPH_MAX_M:
-                try:
-                    row[f"{name}_graph_ms"] = common.bench_graph_ms(fn)
-                except Exception as exc:
-                    row[f"{name}_graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
-    for name in VARIANTS[1:]:
-        row[f"{name}_x"] = common.ratio(row.get(f"{name}_ms"), row.get("base_ms"))
-        row[f"{name}_graph_x"] = common.ratio(row.get(f"{name}_graph_ms"), row.get("base_graph_ms"))
+        common.measure_variants(
+            row, _variants(x, W, A, B, s, r, with_compile), lambda name: ref, BF16_TOL, M <= GRAPH_MAX_M
+        )
     return row
 
 
@@ -135,15 +123,19 @@ def _verdict(row: Dict[str, Any]) -> Optional[str]:
     return f"{'met' if x <= target else 'MISSED'} (<= {target})"
 
 
-def run_gpu(quick: bool) -> List[Dict[str, Any]]:
+def run_gpu(quick: bool, json_path: Optional[str], info: Dict[str, Any]) -> List[Dict[str, Any]]:
     shapes, ms, ranks = (QUICK_SHAPES, QUICK_MS, [16]) if quick else (SHAPES, MS, RANKS)
     rows = []
     for K, N in shapes:
+        # torch.compile recompiles per shape (tens of seconds): --quick measures it on the
+        # first shape only.
+        with_compile = not quick or (K, N) == shapes[0]
         for r in ranks:
             for M in ms:
-                row = _time_point(K, N, M, r)
+                row = _time_point(K, N, M, r, with_compile=with_compile)
                 row["target"] = _verdict(row)
                 rows.append(row)
+                common.write_partial(json_path, info, quick, rows)
                 print(
                     f"K={K} N={N} M={M} r={r}: base {row.get('base_ms', float('nan')):.4f} ms, "
                     f"fastpeft {row.get('fastpeft_x') or float('nan'):.3f}x",
@@ -183,7 +175,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         what="the Triton kernel",
         run_cpu=run_cpu,
         cpu_columns=["K", "N", "M", "r", "dtype", "rel_err", "tol"],
-        run_gpu=lambda info: run_gpu(args.quick),
+        run_gpu=lambda info: run_gpu(args.quick, args.json, info),
         gpu_columns=["K", "N", "M", "r", "base_ms", "unfused_x", "peft_x", "compile_x", "fastpeft_x",
                      "base_graph_ms", "unfused_graph_x", "peft_graph_x", "fastpeft_graph_x", "target"],
         key_columns=["K", "N", "M", "r"],

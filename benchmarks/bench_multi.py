@@ -123,26 +123,13 @@ def _time_point(M: int, n: int, ranks_kind: str, dist: str, dev: str = "cuda", d
     ref = multi_lora_linear_ref(x.float(), W.float(), None, A.float(), B.float(), ranks_t, scal, slots)
     row: Dict[str, Any] = {"adapters": n, "dist": dist, "ranks": ranks_kind, "M": M,
                            "distinct": len(set(slots.tolist()))}
+    too_big = M * max(ranks) * (k + nn_) * 2 > 8 * 2**30
     with torch.no_grad():
-        for name, fn in _variants(x, W, A, B, ranks_t, scal, slots, ranks).items():
-            if name == "gather_bmm" and M * max(ranks) * (k + nn_) * 2 > 8 * 2**30:
-                row[f"{name}_error"] = "skipped: gathered A/B would exceed 8 GiB"
-                continue
-            if name != "base":
-                try:
-                    row[f"{name}_err"] = common.check_close(name, fn(), ref, BF16_TOL)
-                except Exception as exc:  # report a failing variant, keep measuring the others
-                    row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
-                    continue
-            row[f"{name}_ms"] = common.bench_ms(fn, **TIMING)
-            if M <= GRAPH_MAX_M:
-                try:
-                    row[f"{name}_graph_ms"] = common.bench_graph_ms(fn, **TIMING)
-                except Exception as exc:
-                    row[f"{name}_graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
-    for name in VARIANTS[1:]:
-        row[f"{name}_x"] = common.ratio(row.get(f"{name}_ms"), row.get("base_ms"))
-        row[f"{name}_graph_x"] = common.ratio(row.get(f"{name}_graph_ms"), row.get("base_graph_ms"))
+        common.measure_variants(
+            row, _variants(x, W, A, B, ranks_t, scal, slots, ranks), lambda name: ref, BF16_TOL, M <= GRAPH_MAX_M,
+            skip=lambda name: "skipped: gathered A/B would exceed 8 GiB" if name == "gather_bmm" and too_big else None,
+            **TIMING,
+        )
     row["target"] = _verdict(row)
     return row
 
@@ -178,9 +165,7 @@ def run_gpu(quick: bool, json_path: Optional[str], info: Dict[str, Any]) -> List
         for M in ms:
             row = _time_point(M, n, ranks_kind, dist)
             rows.append(row)
-            # written after every point: a run cut short by a time limit keeps what it measured
-            common.write_json(json_path, {"device_info": info, "mode": "quick" if quick else "full",
-                                          "complete": False, "results": rows})
+            common.write_partial(json_path, info, quick, rows)
             print(
                 f"adapters={n} {dist} {ranks_kind} M={M}: base {row.get('base_ms', float('nan')):.4f} ms, "
                 f"fastpeft {row.get('fastpeft_x') or float('nan'):.3f}x "

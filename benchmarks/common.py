@@ -115,15 +115,23 @@ def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> No
     print(format_table(rows, columns), flush=True)
 
 
-def write_json(path: Optional[str], payload: Mapping[str, Any]) -> Optional[Path]:
+def write_json(path: Optional[str], payload: Mapping[str, Any], quiet: bool = False) -> Optional[Path]:
     """Write ``payload`` (plus nothing else) as indented JSON; ``None`` path: skip."""
     if not path:
         return None
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    print(f"wrote {out}", flush=True)
+    if not quiet:
+        print(f"wrote {out}", flush=True)
     return out
+
+
+def write_partial(path: Optional[str], info: Mapping[str, Any], quick: bool, rows: List[Dict[str, Any]]) -> None:
+    """The results so far, after every point: a run cut short by a time limit keeps
+    what it measured (``complete`` is False until the final write)."""
+    mode = "quick" if quick else "full"
+    write_json(path, {"device_info": info, "mode": mode, "complete": False, "results": rows}, quiet=True)
 
 
 def base_args(description: str, default_json: str) -> argparse.ArgumentParser:
@@ -161,6 +169,47 @@ def check_close(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> 
     if not err <= tol:
         raise AssertionError(f"{name}: relative error {err:.3e} > {tol:.1e}; refusing to time a wrong result")
     return err
+
+
+def measure_variants(
+    row: Dict[str, Any],
+    fns: Mapping[str, Callable[[], torch.Tensor]],
+    ref_for: Callable[[str], torch.Tensor],
+    tol: float,
+    with_graph: bool,
+    skip: Callable[[str], Optional[str]] = lambda name: None,
+    **timing: Any,
+) -> None:
+    """Check, then time, every variant of one benchmark point, into ``row``.
+
+    ``fns["base"]`` is the cuBLAS base (timed, never checked); every other variant is
+    checked against ``ref_for(name)`` within ``tol`` before it is timed. Writes
+    ``<name>_err``, ``<name>_ms``, ``<name>_graph_ms`` (``with_graph``), and the ratios
+    ``<name>_x`` / ``<name>_graph_x`` to the base of the same run. A variant that fails its
+    check, or that ``skip(name)`` rules out (returning why), gets ``<name>_error`` and
+    is not timed; the others go on. Run under ``torch.no_grad()``.
+    """
+    for name, fn in fns.items():
+        why = skip(name)
+        if why:
+            row[f"{name}_error"] = why
+            continue
+        if name != "base":
+            try:
+                row[f"{name}_err"] = check_close(name, fn(), ref_for(name), tol)
+            except Exception as exc:  # report a failing variant, keep measuring the others
+                row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                continue
+        row[f"{name}_ms"] = bench_ms(fn, **timing)
+        if with_graph:
+            try:
+                row[f"{name}_graph_ms"] = bench_graph_ms(fn, **timing)
+            except Exception as exc:
+                row[f"{name}_graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    for name in fns:
+        if name != "base":
+            row[f"{name}_x"] = ratio(row.get(f"{name}_ms"), row.get("base_ms"))
+            row[f"{name}_graph_x"] = ratio(row.get(f"{name}_graph_ms"), row.get("base_graph_ms"))
 
 
 def env_summary(rows: List[Dict[str, Any]]) -> Dict[str, Any]:

@@ -28,20 +28,23 @@ def _run(args, timeout=600):
 
 
 @pytest.fixture
-def bench_lora(monkeypatch):
+def stub_timers(monkeypatch):
+    """The GPU timers replaced: each variant runs once and 'takes' 1 ms; no CUDA graphs."""
     monkeypatch.syspath_prepend(str(BENCH))
     import common
 
-    module = importlib.import_module("bench_lora")
-    # Stand-ins for the GPU timers: call the function once (so it must run) and return a
-    # fixed time; the CUDA-graph timer fails as it would on a machine without CUDA.
-    monkeypatch.setattr(common, "bench_ms", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(common, "bench_ms", lambda fn, **kw: (fn(), 1.0)[1])
 
-    def no_graphs(fn):
+    def no_graphs(fn, **kw):
         raise RuntimeError("no CUDA graphs here")
 
     monkeypatch.setattr(common, "bench_graph_ms", no_graphs)
-    return module
+    return common
+
+
+@pytest.fixture
+def bench_lora(stub_timers):
+    return importlib.import_module("bench_lora")
 
 
 def test_bench_lora_cpu_pass_writes_json(tmp_path):
@@ -85,3 +88,12 @@ def test_gpu_check_script_says_no_gpu():
     proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
     assert "no CUDA GPU" in proc.stderr
+
+
+def test_bench_multi_point_checks_every_variant(stub_timers):
+    bench_multi = importlib.import_module("bench_multi")
+    row = bench_multi._time_point(9, 4, "mixed", "zipf", dev="cpu", dt=torch.float32, k=40, nn_=24)
+    checked = [k[: -len("_err")] for k in row if k.endswith("_err")]
+    assert "fastpeft" in checked and "peft_loop" in checked and "gather_bmm" in checked, row
+    assert all(row[f"{name}_err"] < 1e-5 for name in checked), row
+    assert not [k for k in row if k.endswith("_error") and "graph" not in k], row
