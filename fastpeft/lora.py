@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastpeft.layers import AdapterLinear
-from fastpeft.ops import check_linear_input, lora_linear
+from fastpeft.ops import check_linear_input, lora_linear_unchecked
 
 __all__ = ["FastLoRALinear", "POOL_ATTR"]
 
@@ -309,17 +309,21 @@ class FastLoRALinear(AdapterLinear):
         if name is None or name in self.merged_adapters or self.merged:
             # The base (with any merged adapters folded in) is a plain linear: cuBLAS.
             return F.linear(x, weight, self.bias)
-        dropout = self.lora_dropout[name]
-        x_lora = dropout(x) if (self.training and isinstance(dropout, nn.Dropout)) else None
-        return lora_linear(
+        x_lora = None
+        if self.training:
+            dropout = self.lora_dropout[name]
+            x_lora = dropout(x) if isinstance(dropout, nn.Dropout) else None
+        # x is checked above and the adapter's shapes are the layer's own (add_adapter and
+        # checkpoint loading check them): skip the op's second round of checks.
+        return lora_linear_unchecked(
             x,
             weight,
             self._effective_bias(name),
             self.lora_A_weights[name],
             self.lora_B_weights[name],
             self.scalings[name],
-            x_lora=x_lora,
-            backend=self.backend,
+            x_lora,
+            self.backend,
         )
 
     def _mixed_forward(self, x: torch.Tensor, row_adapters: Sequence[Optional[str]]) -> torch.Tensor:

@@ -18,7 +18,7 @@ from fastpeft.kernels.reference import lora_linear_ref
 Backend = Literal["auto", "triton", "torch"]
 BACKENDS = ("auto", "triton", "torch")
 
-__all__ = ["Backend", "BACKENDS", "resolve_backend", "lora_linear", "check_linear_input"]
+__all__ = ["Backend", "BACKENDS", "resolve_backend", "lora_linear", "lora_linear_unchecked", "check_linear_input"]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -194,6 +194,22 @@ def lora_linear(
         raise ValueError(f"lora_B must have shape ({weight.shape[0]}, {r}), got {tuple(lora_B.shape)}")
     if x_lora is not None and x_lora.shape != x.shape:
         raise ValueError(f"x_lora must have the shape of x {tuple(x.shape)}, got {tuple(x_lora.shape)}")
+    return lora_linear_unchecked(x, weight, bias, lora_A, lora_B, scaling, x_lora, backend)
+
+
+def lora_linear_unchecked(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    x_lora: Optional[torch.Tensor],
+    backend: str,
+) -> torch.Tensor:
+    """:func:`lora_linear` for callers that guarantee the shapes, dtypes and devices
+    (a layer that built its own adapters and checked ``x``): no second round of checks
+    on the decode path."""
     use_triton = resolve_backend(backend, x.device) == "triton"
     if use_triton and _eager_inference(x, weight, bias, lora_A, lora_B, x_lora):
         # Lean decode path: no autograd and no tracing, so skip the custom-op dispatcher

@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.jit import JITFunction
 
 from . import lora_tma
 from .tiles import grouped_tile, lora_expand_from_memory, lora_expand_resident
@@ -39,10 +40,13 @@ __all__ = ["LoraKernelConfig", "lora_linear_fwd", "interpreter_active", "rows_vi
 
 
 def interpreter_active() -> bool:
-    """True when Triton runs kernels on the CPU (``TRITON_INTERPRET=1``)."""
-    import os
+    """True when Triton runs kernels on the CPU (``TRITON_INTERPRET=1``).
 
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    Triton reads the flag when ``@triton.jit`` wraps a kernel (at import), so what counts
+    is whether this module's kernels became interpreted functions; checking that object
+    also keeps the launch path free of environment lookups.
+    """
+    return not isinstance(_lora_linear_fwd_kernel, JITFunction)
 
 
 @triton.jit
@@ -276,6 +280,9 @@ def rows_view(x: torch.Tensor) -> Tuple[torch.Tensor, int, int, int, int, int]:
     strides (a permuted 4-D tensor, say) is copied, since no kernel here takes three.
     """
     K = x.shape[-1]
+    if x.is_contiguous():  # the common case, without the general walk over dims below
+        M = x.numel() // K if K else math.prod(x.shape[:-1])
+        return x, M, max(M, 1), 0, K, 1
     dims = [(s, st) for s, st in zip(x.shape[:-1], x.stride()[:-1]) if s != 1]
     merged: List[List[int]] = []
     for size, stride in dims:
