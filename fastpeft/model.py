@@ -427,10 +427,23 @@ def inject(model: nn.Module, config: Any, adapter_name: str = "default", *, back
 # --------------------------------------------------------------------- switching
 
 
-def set_adapter(model: nn.Module, adapter_name: Optional[str]) -> None:
-    """Make ``adapter_name`` the active adapter everywhere; ``None``: run the base model."""
+def set_adapter(model: nn.Module, adapter_name: Optional[str], inference_mode: bool = False) -> None:
+    """Make ``adapter_name`` the active adapter everywhere; ``None``: run the base model.
+
+    As PEFT's ``set_adapter``: the active adapter's tensors become trainable (frozen with
+    ``inference_mode=True``) and every other adapter's are frozen; ``None`` leaves the
+    flags as they are.
+    """
     if adapter_name is not None:
         _require_adapter(model, adapter_name)
+        own = {id(t): t for t in adapter_tensors(model, adapter_name).values() if isinstance(t, nn.Parameter)}
+        for name in _configs(model):
+            if name != adapter_name:
+                for t in adapter_tensors(model, name).values():
+                    if isinstance(t, nn.Parameter) and id(t) not in own:
+                        t.requires_grad_(False)
+        for t in own.values():
+            t.requires_grad_(not inference_mode)
     model.__dict__["fastpeft_active"] = adapter_name
     _sync_active(model)
 

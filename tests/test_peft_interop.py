@@ -360,3 +360,25 @@ def test_generate_matches_peft(tmp_path):
     ids = input_ids(batch=2, seq=5).to(DEVICE)
     kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(ids, **kwargs), pm.generate(input_ids=ids, **kwargs))
+
+
+def test_set_adapter_moves_trainability_as_peft_does():
+    """PEFT's set_adapter: the active adapter trains, the others are frozen;
+    inference_mode=True freezes the active one too; the base stays frozen throughout."""
+    model = fp.inject(_model("llama"), fp.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), "a")
+    fp.inject(model, fp.LoraConfig(r=2, target_modules=["v_proj"], modules_to_save=["lm_head"]), "b")
+
+    def trainable(name):
+        return {id(t) for t in fp.model.adapter_tensors(model, name).values() if t.requires_grad}
+
+    def count(name):
+        return len(fp.model.adapter_tensors(model, name))
+
+    base = [p for n, p in model.named_parameters() if "lora_" not in n and "modules_to_save" not in n]
+    fp.set_adapter(model, "b")
+    assert len(trainable("b")) == count("b") and not trainable("a")
+    fp.set_adapter(model, "a")
+    assert len(trainable("a")) == count("a") and not trainable("b")
+    fp.set_adapter(model, "a", inference_mode=True)
+    assert not trainable("a") and not trainable("b")
+    assert not any(p.requires_grad for p in base)
