@@ -40,7 +40,7 @@ from fastpeft.bottleneck import BottleneckLinear
 from fastpeft.config_adapters import BottleneckConfig, IA3Config
 from fastpeft.ia3 import IA3Linear
 from fastpeft.model import MethodSpec, register_method
-from fastpeft.targets import linear_types, named_modules_of
+from fastpeft.targets import default_ia3_targets, linear_types, named_modules_of
 
 __all__ = ["IA3_METHOD", "BOTTLENECK_METHOD"]
 
@@ -95,6 +95,11 @@ IA3_METHOD = register_method(
         add_to_layer=_ia3_add,
         param_map=_ia3_params,
         check_config=_ia3_check,
+        default_targets=lambda model_type: (
+            {"target_modules": found[0], "feedforward_modules": found[1]}
+            if (found := default_ia3_targets(model_type))
+            else None
+        ),
     )
 )
 

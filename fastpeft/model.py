@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -29,7 +30,14 @@ import torch.nn as nn
 
 from fastpeft.config import LORA_INIT_CHOICES, AdapterConfig, LoraConfig, config_to_plain
 from fastpeft.lora import POOL_ATTR, FastLoRALinear
-from fastpeft.targets import find_targets, linear_types, named_modules_of, replace_modules
+from fastpeft.targets import (
+    default_lora_targets,
+    find_targets,
+    linear_types,
+    model_type_of,
+    named_modules_of,
+    replace_modules,
+)
 
 __all__ = [
     "MethodSpec",
@@ -84,6 +92,9 @@ class MethodSpec:
             ``modules_to_save`` keys are added by the generic code, not here.
         check_config: optional ``(config) -> list of problems``; non-empty refuses the
             config (unsupported feature) with those messages.
+        default_targets: optional ``(model_type) -> {config field: value}`` filling a
+            config whose ``target_modules`` is unset (PEFT's per-architecture defaults);
+            None: no default for that model type.
     """
 
     peft_type: str
@@ -94,6 +105,7 @@ class MethodSpec:
     add_to_layer: AddToLayer
     param_map: ParamMap
     check_config: Optional[Callable[[AdapterConfig], List[str]]] = None
+    default_targets: Optional[Callable[[Optional[str]], Optional[Dict[str, Any]]]] = None
 
 
 _METHODS: Dict[str, MethodSpec] = {}
@@ -420,8 +432,18 @@ def inject(model: nn.Module, config: Any, adapter_name: str = "default", *, back
     adapter becomes the active one; later ones are added inactive (``set_adapter``).
     All or nothing: on any error the model is left exactly as it was.
     """
-    _inject(model, as_config(config), adapter_name, backend, for_loading=False)
+    _inject(model, _with_default_targets(model, as_config(config)), adapter_name, backend, for_loading=False)
     return model
+
+
+def _with_default_targets(model: nn.Module, config: AdapterConfig) -> AdapterConfig:
+    """``config`` with PEFT's default targets for this architecture filled in when it
+    names none (the filled config is the one saved, as PEFT saves it)."""
+    if config.target_modules is not None:
+        return config
+    spec = get_method(config.peft_type)
+    defaults = spec.default_targets(model_type_of(model)) if spec.default_targets is not None else None
+    return dataclasses.replace(config, **defaults) if defaults else config
 
 
 # --------------------------------------------------------------------- switching
@@ -695,5 +717,8 @@ register_method(
         add_to_layer=_lora_add,
         param_map=_lora_param_map,
         check_config=_lora_check,
+        default_targets=lambda model_type: (
+            {"target_modules": targets} if (targets := default_lora_targets(model_type)) else None
+        ),
     )
 )

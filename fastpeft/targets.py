@@ -25,6 +25,9 @@ import torch.nn as nn
 
 __all__ = [
     "ALL_LINEAR",
+    "default_ia3_targets",
+    "default_lora_targets",
+    "model_type_of",
     "find_targets",
     "is_target",
     "linear_types",
@@ -168,9 +171,12 @@ def find_targets(
     includes them (to add a second adapter) but never the Linear-like modules inside them.
     """
     if target_modules is None:
+        kind = model_type_of(model)
         raise ValueError(
-            "target_modules is not set: name the modules to adapt, e.g. target_modules=['q_proj', 'v_proj'], "
-            f"a regex, or 'all-linear' ({_describe(model, tuple(adapted_types))})"
+            f"target_modules is not set and there is no default for this model "
+            f"({'model_type ' + repr(kind) if kind else 'not a transformers model'}): name the modules to adapt, "
+            f"e.g. target_modules=['q_proj', 'v_proj'], a regex, or 'all-linear' "
+            f"({_describe(model, tuple(adapted_types))})"
         )
     if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
         candidates = _all_linear_names(model, task_type, tuple(adapted_types))
@@ -245,3 +251,63 @@ def named_modules_of(model: nn.Module, types: Iterable[type]) -> List[Tuple[str,
     if not types:
         return []
     return [(n, m) for n, m in model.named_modules() if isinstance(m, types)]
+
+
+# --------------------------------------------------------------------- defaults
+
+# Default targets per transformers ``model_type`` when a config leaves ``target_modules``
+# unset, as PEFT chooses them (tests/test_peft_config.py checks every entry against the
+# installed peft). With peft installed, its own table is used, covering more models.
+_LORA_DEFAULTS: Dict[str, List[str]] = {
+    **{t: ["q_proj", "v_proj"] for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "opt")},
+    "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "t5": ["q", "v"],
+    **{t: ["query_key_value"] for t in ("gpt_neox", "falcon", "bloom")},
+}
+# (IA)^3: (target_modules, feedforward_modules).
+_IA3_DEFAULTS: Dict[str, Tuple[List[str], List[str]]] = {
+    **{t: (["k_proj", "v_proj", "down_proj"], ["down_proj"]) for t in ("llama", "mistral")},
+    **{t: (["q_proj", "v_proj", "down_proj"], ["down_proj"]) for t in ("qwen2", "qwen3", "gemma", "gemma2")},
+    "mixtral": (["k_proj", "v_proj", "w2"], ["w2"]),
+    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+    "bert": (["key", "value", "output.dense"], ["output.dense"]),
+    "roberta": (["key", "value", "output.dense"], ["output.dense"]),
+    "t5": (["k", "v", "wo"], ["wo"]),
+    "opt": (["q_proj", "k_proj", "fc2"], ["fc2"]),
+}
+
+
+def model_type_of(model: nn.Module) -> Optional[str]:
+    """The transformers ``config.model_type`` of ``model`` (None for other modules)."""
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def _peft_table(name: str) -> Optional[Mapping[str, List[str]]]:
+    try:
+        from peft.utils import constants
+    except ImportError:
+        return None
+    return getattr(constants, name, None)
+
+
+def default_lora_targets(model_type: Optional[str]) -> Optional[List[str]]:
+    """PEFT's default LoRA ``target_modules`` for a ``model_type`` (None: no default)."""
+    table = _peft_table("TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING") or _LORA_DEFAULTS
+    found = table.get(model_type) if model_type else None
+    return list(found) if found else None
+
+
+def default_ia3_targets(model_type: Optional[str]) -> Optional[Tuple[List[str], List[str]]]:
+    """PEFT's default (IA)^3 ``(target_modules, feedforward_modules)`` for a ``model_type``."""
+    if not model_type:
+        return None
+    targets = _peft_table("TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING")
+    feedforward = _peft_table("TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING")
+    if targets is not None and feedforward is not None:
+        if model_type in targets and model_type in feedforward:
+            return list(targets[model_type]), list(feedforward[model_type])
+        return None
+    found = _IA3_DEFAULTS.get(model_type)
+    return (list(found[0]), list(found[1])) if found else None

@@ -129,3 +129,50 @@ def test_print_trainable_parameters(capsys):
     assert trainable == 2 * 2 * (32 * 2 + 32 * 2) // 2  # 2 layers x (A: 2x32 + B: 32x2)
     assert f"trainable params: {trainable:,d} || all params: {total:,d}" in capsys.readouterr().out
     torch.testing.assert_close(torch.tensor(trainable), torch.tensor(256))
+
+
+# ------------------------------------------------------------------ default targets
+
+from fastpeft import targets as targets_mod  # noqa: E402
+
+
+def test_builtin_default_tables_equal_peft():
+    """The built-in tables (used when peft is not installed) say what peft says."""
+    from peft.utils import constants
+
+    for model_type, names in targets_mod._LORA_DEFAULTS.items():
+        assert names == list(constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type]), model_type
+    for model_type, (names, ff) in targets_mod._IA3_DEFAULTS.items():
+        assert names == list(constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING[model_type]), model_type
+        assert ff == list(constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING[model_type]), model_type
+
+
+def _adapted(model, layer_type):
+    return sorted(n for n, m in model.named_modules() if isinstance(m, layer_type))
+
+
+@pytest.mark.parametrize("with_peft_tables", [True, False], ids=["peft-tables", "builtin-tables"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+def test_unset_targets_take_peft_defaults(kind, with_peft_tables, monkeypatch, tmp_path):
+    if not with_peft_tables:
+        monkeypatch.setattr(targets_mod, "_peft_table", lambda name: None)
+    theirs = peft.get_peft_model(BUILDERS[kind](), peft.LoraConfig(r=4))
+    ours = fp.inject(BUILDERS[kind](), fp.LoraConfig(r=4))
+    peft_names = sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                        if isinstance(m, peft.tuners.lora.LoraLayer))
+    assert _adapted(ours, fp.FastLoRALinear) == peft_names and peft_names
+    theirs = peft.get_peft_model(BUILDERS[kind](), peft.IA3Config())
+    ours = fp.inject(BUILDERS[kind](), fp.IA3Config())
+    peft_ia3 = {n.removeprefix("base_model.model."): m.is_feedforward for n, m in theirs.named_modules()
+                if isinstance(m, peft.tuners.ia3.IA3Layer)}
+    assert {n: m.is_feedforward for n, m in ours.named_modules() if isinstance(m, fp.IA3Linear)} == peft_ia3
+    fp.save_adapter(ours, tmp_path)  # the resolved targets are saved, as peft saves them
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert sorted(saved["target_modules"]) == sorted(theirs.peft_config["default"].target_modules)
+
+
+def test_unset_targets_without_a_default_name_the_model_type():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="no default for this model \\(not a transformers model\\)"):
+        fp.inject(model, fp.LoraConfig())
+    assert isinstance(model[0], torch.nn.Linear)
