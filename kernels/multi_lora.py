@@ -36,12 +36,15 @@ inside the kernel), so neither ``x`` nor ``y`` is permuted in memory.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 from fastpeft.kernels import lora as _lora
 from fastpeft.kernels.tiles import grouped_tile
@@ -320,7 +323,8 @@ def _mlora_expand_kernel(
 class MultiLoraLaunch:
     """Launch choices beyond the expand tile config (benchmarks and tests force them).
 
-    ``fuse_base``: base GEMM inside the expand kernel (True) or by cuBLAS first (False);
+    ``fuse_base``: base GEMM inside the expand kernel (True) or by cuBLAS first (False)
+    (None: timed both ways on a GPU, see ``_tuned_launch``; by M elsewhere);
     None picks by M (:data:`FUSE_BASE_MAX_M`). ``gather``: the expand gathers each row's
     own B chunk (True) or walks the tile's segments with one ``tl.dot`` each (False);
     None picks by M (:data:`GATHER_MAX_M`). ``split_k``: K splits of the shrink (None:
@@ -337,14 +341,15 @@ class MultiLoraLaunch:
     gather_block_r: Optional[int] = None
 
 
-# Largest M for which the base GEMM runs inside the expand kernel by default. Above it,
-# cuBLAS computes the base and the expand kernel adds the LoRA terms in place: a plain
-# Triton GEMM trails cuBLAS by 1.2-1.4x at large M on Hopper (../shared/anchors/), while
-# the split costs one extra read+write of y. A first guess from those anchors, to be
-# set from benchmarks/bench_multi.py on a GPU.
+# Largest M for which the base GEMM runs inside the expand kernel when nothing was timed
+# (the interpreter; on a GPU the launcher times both ways per shape and M bucket, see
+# ``_tuned_launch``). Above it, cuBLAS computes the base and the expand kernel adds the
+# LoRA terms in place: a plain Triton GEMM trails cuBLAS by 1.2-1.4x at large M on
+# Hopper (../shared/anchors/), while the split costs one extra read+write of y.
 FUSE_BASE_MAX_M = 64
 
-# Largest M for which the expand gathers each row's B instead of walking segments. At
+# Largest M for which the expand gathers each row's B instead of walking segments (the
+# default where nothing was timed, as FUSE_BASE_MAX_M). At
 # decode a row tile holds many short segments, and the segment walk is a serial chain of
 # dependent loads (slot -> B chunk -> dot) per segment; the gather issues one load per
 # rank chunk for the whole tile. At prefill segments are long and tl.dot wins. A first
@@ -421,13 +426,66 @@ def multi_lora_linear_fwd(
     """
     launch = launch or MultiLoraLaunch()
     N, K = weight.shape
-    S = lora_A.shape[0]
     lead = x.shape[:-1]
     if out is not None and (out.shape != (*lead, N) or out.dtype != x.dtype or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {(*lead, N)}")
-    xv, M, m_inner, s_m0, s_m1, s_k = rows_view(x)
+    M = math.prod(lead)
     if M == 0 or N == 0:
         return out if out is not None else torch.empty((*lead, N), device=x.device, dtype=x.dtype)
+    args = (x, weight, bias, lora_A, lora_B, ranks, scalings, meta)
+    if (launch.fuse_base is None or launch.gather is None) and not interpreter_active() and x.is_cuda:
+        launch = _tuned_launch(launch, args, config, out)
+    return _forward(*args, launch=launch, config=config, out=out)
+
+
+# (fuse_base, gather) chosen per shape and M bucket by timing every open combination.
+_LAUNCH_CHOICE: Dict[Tuple, Tuple[bool, bool]] = {}
+
+
+def _tuned_launch(launch: "MultiLoraLaunch", args: tuple, config, out) -> "MultiLoraLaunch":
+    """Fill the open choices of ``launch`` (base GEMM fused or left to cuBLAS; B gathered
+    per row or walked per segment) with the fastest end-to-end combination on this GPU,
+    timed once per shape and M bucket: the split runs only where it measures faster."""
+    x, weight, bias, lora_A = args[0], args[1], args[2], args[3]
+    M = math.prod(x.shape[:-1])
+    key = (x.device.index, x.dtype, weight.shape, lora_A.shape, bias is None, launch.fuse_base,
+           launch.gather, _m_bucket(M))
+    choice = _LAUNCH_CHOICE.get(key)
+    if choice is None:
+        fuses = [launch.fuse_base] if launch.fuse_base is not None else [True, False]
+        gathers = [launch.gather] if launch.gather is not None else [True, False]
+        timed = []
+        for fuse in fuses:
+            for gather in gathers:
+                trial = dataclasses.replace(launch, fuse_base=fuse, gather=gather)
+                ms = triton.testing.do_bench(
+                    lambda: _forward(*args, launch=trial, config=config, out=out), warmup=5, rep=20
+                )
+                timed.append((ms, fuse, gather))
+        _, fuse, gather = min(timed)
+        choice = _LAUNCH_CHOICE[key] = (fuse, gather)
+    return dataclasses.replace(launch, fuse_base=choice[0], gather=choice[1])
+
+
+def _forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    ranks: torch.Tensor,
+    scalings: torch.Tensor,
+    meta: MultiLoraMeta,
+    *,
+    launch: "MultiLoraLaunch",
+    config: Optional[LoraKernelConfig],
+    out: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """:func:`multi_lora_linear_fwd` with the launch choices made (``None``: by M)."""
+    N, K = weight.shape
+    S = lora_A.shape[0]
+    lead = x.shape[:-1]
+    xv, M, m_inner, s_m0, s_m1, s_k = rows_view(x)
     fuse = launch.fuse_base if launch.fuse_base is not None else M <= FUSE_BASE_MAX_M
     gather = launch.gather if launch.gather is not None else M <= GATHER_MAX_M
     if fuse:

@@ -286,3 +286,41 @@ def test_custom_op_fake_registration_and_compile_fullgraph():
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     assert rel_err(compiled(x, rs), f(x, rs)) < 1e-6
+
+
+def test_gpu_launch_choice_is_timed_and_cached(monkeypatch):
+    """On a GPU the fused-vs-split base and gather-vs-segment choices are made by timing
+    every combination end to end (stubbed timer here), kept per shape and M bucket, and
+    whatever is picked computes the right result."""
+    fake_ms = {(True, True): 3.0, (True, False): 2.0, (False, True): 4.0, (False, False): 1.0}
+    timed = []
+
+    def fake_bench(fn, **kwargs):
+        fn()  # each combination really runs
+        launch = fake_bench.current
+        timed.append(launch)
+        return fake_ms[launch]
+
+    real_forward = ml._forward
+
+    def forward(*args, launch, **kwargs):
+        fake_bench.current = (launch.fuse_base, launch.gather)
+        return real_forward(*args, launch=launch, **kwargs)
+
+    monkeypatch.setattr(ml, "_forward", forward)
+    monkeypatch.setattr(ml.triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(ml, "_LAUNCH_CHOICE", {})
+    M, K, N = 12, 40, 24
+    A, B, ranks_t, scal = _stacks(K, N, [4, 9], torch.float32)
+    x, w, b = _base(M, K, N, torch.float32)
+    row_slot = torch.randint(-1, 2, (M,))
+    meta = ops_multi.build_meta(row_slot.to(DEVICE), 2)
+    args = (x, w, b, A, B, ranks_t, scal, meta)
+    launch = ml._tuned_launch(ml.MultiLoraLaunch(), args, None, None)
+    assert (launch.fuse_base, launch.gather) == (False, False) and len(timed) == 4
+    assert ml._tuned_launch(ml.MultiLoraLaunch(gather=True), args, None, None).fuse_base is True
+    assert len(timed) == 6  # a forced choice times only the open one
+    ml._tuned_launch(ml.MultiLoraLaunch(), args, None, None)
+    assert len(timed) == 6  # cached
+    y = ml._forward(*args, launch=launch, config=None, out=None)
+    _check(y, x, w, b, A, B, ranks_t, scal, row_slot, torch.float32)
