@@ -358,31 +358,58 @@ class FastLoRALinear(AdapterLinear):
                     x, weight, self.bias, slots.lora_A, slots.lora_B, slots.ranks, slots.scalings, meta,
                     backend=self.backend, check=False,
                 )
-        names = [n for n in dict.fromkeys(row_adapters) if n is not None and n in self.r]
-        if not names:
+        stacks = self._batch_stacks(tuple(row_adapters), x.device)
+        if stacks is None:
             return F.linear(x, weight, self.bias)
-        index = {n: i for i, n in enumerate(names)}
-        R = max(self.r[n] for n in names)
-        lora_A = torch.stack([F.pad(self.lora_A_weights[n], (0, 0, 0, R - self.r[n])) for n in names])
-        lora_B = torch.stack([F.pad(self.lora_B_weights[n], (0, R - self.r[n])) for n in names])
-        ranks = torch.tensor([self.r[n] for n in names], dtype=torch.int32, device=x.device)
-        scalings = torch.tensor([self.scalings[n] for n in names], dtype=torch.float32, device=x.device)
-        batch_slot = torch.tensor([index.get(n, -1) for n in row_adapters], dtype=torch.int32, device=x.device)
+        lora_A, lora_B, ranks, scalings, batch_slot, bias_table = stacks
         out = multi_lora_linear(
             x, weight, self.bias, lora_A, lora_B, ranks, scalings, row_slots_for_tokens(batch_slot, x),
             backend=self.backend, check=False,
         )
-        with_bias = [n for n in names if n in self.lora_B_biases]
-        if with_bias:
+        if bias_table is not None:
             # PEFT scales lora_B's output, bias included: add s_i * lora_bias_i to row i.
-            zero = torch.zeros(self.out_features, device=x.device, dtype=out.dtype)
-            table = torch.stack(
-                [(self.lora_B_biases[n] * self.scalings[n]).to(out.dtype) if n in with_bias else zero for n in names]
-                + [zero]
-            )
-            per_row = table[torch.where(batch_slot < 0, len(names), batch_slot).long()]
-            out = out + per_row.reshape(x.shape[0], *([1] * (x.dim() - 2)), self.out_features)
+            per_row = bias_table[torch.where(batch_slot < 0, bias_table.shape[0] - 1, batch_slot).long()]
+            out = out + per_row.to(out.dtype).reshape(x.shape[0], *([1] * (x.dim() - 2)), self.out_features)
         return out
+
+    def _batch_stacks(self, row_adapters: Tuple[Optional[str], ...], device: torch.device):
+        """The slot stacks of the adapters a mixed batch names (padded to the largest of
+        their ranks; the kernels never read the padding), the slot of each row, and the
+        per-slot ``s * lora_bias`` table (None without lora_bias); None when the batch
+        uses none of this layer's adapters.
+
+        Kept for the next forward while the batch's names and the adapters' tensors are
+        unchanged (``Tensor._version`` counts in-place updates), so decoding step after
+        step with one batch stacks and uploads once, not once per step and layer.
+        """
+        names = [n for n in dict.fromkeys(row_adapters) if n is not None and n in self.r]
+        if not names:
+            return None
+        tensors = [self.lora_A_weights[n] for n in names] + [self.lora_B_weights[n] for n in names]
+        tensors += [self.lora_B_biases[n] for n in names if n in self.lora_B_biases]
+        key = (row_adapters, device, tuple((id(t), t._version) for t in tensors),
+               tuple(self.scalings[n] for n in names))
+        cached = self.__dict__.get("_stack_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        index = {n: i for i, n in enumerate(names)}
+        R = max(self.r[n] for n in names)
+        # Built with autograd on when it is on, so that a backward through a mixed batch
+        # reaches the op and its clear "inference only" error.
+        lora_A = torch.stack([F.pad(self.lora_A_weights[n], (0, 0, 0, R - self.r[n])) for n in names])
+        lora_B = torch.stack([F.pad(self.lora_B_weights[n], (0, R - self.r[n])) for n in names])
+        bias_table = None
+        if any(n in self.lora_B_biases for n in names):
+            zero = torch.zeros(self.out_features, device=device, dtype=self.weight.dtype)
+            rows = [self.lora_B_biases[n] * self.scalings[n] if n in self.lora_B_biases else zero for n in names]
+            bias_table = torch.stack([r.to(zero.dtype) for r in rows] + [zero])
+        ranks = torch.tensor([self.r[n] for n in names], dtype=torch.int32, device=device)
+        scalings = torch.tensor([self.scalings[n] for n in names], dtype=torch.float32, device=device)
+        batch_slot = torch.tensor([index.get(n, -1) for n in row_adapters], dtype=torch.int32, device=device)
+        stacks = (lora_A, lora_B, ranks, scalings, batch_slot, bias_table)
+        if not (lora_A.requires_grad or lora_B.requires_grad):  # never keep a graph alive
+            self.__dict__["_stack_cache"] = (key, stacks)
+        return stacks
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}(r={r})" for n, r in self.r.items())

@@ -113,3 +113,29 @@ def test_backward_through_mixed_batch_raises_clear_error():
     y = layer(torch.randn(2, 24, device=DEVICE))  # grad mode on: the LoRA params require grad
     with pytest.raises(RuntimeError, match="inference-only"):
         y.sum().backward()
+
+
+def test_batch_stacks_are_reused_until_names_or_weights_change(monkeypatch):
+    """Decoding step after step with one batch stacks the adapters once; an in-place
+    update of an adapter, a new name list or lora_bias change it, and results follow."""
+    layer = _layer(24, 20, [("a", 4, 8), ("b", 9, 9)], lora_bias=("b",))
+    stacked = []
+    real_stack = torch.stack
+    monkeypatch.setattr(torch, "stack", lambda *a, **k: stacked.append(1) or real_stack(*a, **k))
+    names = ["b", None, "a"]
+    x = torch.randn(3, 5, 24, device=DEVICE)
+    with torch.no_grad():
+        layer.row_adapters = names
+        first = layer(x)
+        n = len(stacked)
+        assert torch.equal(layer(x), first) and len(stacked) == n  # reused
+        layer.lora_B_weights["a"].mul_(2.0)  # in place: the cache must notice
+        changed = layer(x)
+        assert len(stacked) > n
+        assert rel_err(changed, _alone64(layer, x, names)) < 1e-5
+        assert not torch.equal(changed[2], first[2]) and torch.equal(changed[1], first[1])
+        layer.lora_B_biases["b"].add_(1.0)
+        assert rel_err(layer(x), _alone64(layer, x, names)) < 1e-5
+        layer.row_adapters = ["a", "a", None]
+        assert rel_err(layer(x), _alone64(layer, x, ["a", "a", None])) < 1e-5
+    layer.row_adapters = None
