@@ -29,7 +29,7 @@ Parameter names follow AdapterHub's ``Adapter`` module: ``adapters.<name>.adapte
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -151,6 +151,10 @@ class BottleneckLinear(AdapterLinear):
 
     def _adapter_store(self) -> nn.ModuleDict:
         return self.adapters
+
+    def adapter_parameters(self, adapter_name: str) -> List[torch.Tensor]:
+        self._require(adapter_name)
+        return list(self.adapters[adapter_name].parameters())
 
     @classmethod
     def from_linear(

@@ -210,10 +210,8 @@ def _fresh_tensors(model: nn.Module, adapter_name: str):
             if adapter_name in layer.modules_to_save:
                 out.extend(layer.modules_to_save[adapter_name].state_dict(keep_vars=True).values())
             continue
-        for store in ("lora_A_weights", "lora_B_weights", "lora_B_biases"):
-            d = getattr(layer, store, None)
-            if d is not None and adapter_name in d:
-                out.append(d[adapter_name])
+        if adapter_name in getattr(layer, "adapter_names", ()):
+            out.extend(layer.adapter_parameters(adapter_name))
     return out
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -69,6 +69,10 @@ class IA3Linear(AdapterLinear):
 
     def _adapter_store(self) -> nn.ParameterDict:
         return self.ia3_l
+
+    def adapter_parameters(self, adapter_name: str) -> List[torch.Tensor]:
+        self._require(adapter_name)
+        return [self.ia3_l[adapter_name]]
 
     # ---------------------------------------------------------------- construction
 

@@ -119,6 +119,11 @@ class AdapterLinear(nn.Module):
         """The mapping keyed by this layer's adapter names, in the order they were added."""
         raise NotImplementedError
 
+    def adapter_parameters(self, adapter_name: str) -> List[torch.Tensor]:
+        """The tensors that belong to one adapter of this layer alone (created with it,
+        removed with it): never the shared base."""
+        raise NotImplementedError
+
     @property
     def adapter_names(self) -> List[str]:
         """Names of the adapters this layer holds, in the order they were added."""

@@ -11,7 +11,7 @@ reads through strides, so no copy of the base weight is ever made.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -86,6 +86,11 @@ class FastLoRALinear(AdapterLinear):
 
     def _adapter_store(self) -> Dict[str, int]:
         return self.r
+
+    def adapter_parameters(self, adapter_name: str) -> List[torch.Tensor]:
+        self._require(adapter_name)
+        own = [self.lora_A_weights[adapter_name], self.lora_B_weights[adapter_name]]
+        return own + ([self.lora_B_biases[adapter_name]] if adapter_name in self.lora_B_biases else [])
 
     # ---------------------------------------------------------------- construction
 
