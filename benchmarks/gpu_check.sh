@@ -27,6 +27,13 @@ fi
 mkdir -p "$out"
 status=0
 
+# The package maps kernels/ to fastpeft.kernels, so it must be installed (editable, no
+# downloads: the GPU machine has no network and already has torch, triton and friends).
+if ! python -c "import fastpeft.kernels.lora" 2>/dev/null || \
+   [ "$(python -c 'import fastpeft, os; print(os.path.realpath(os.path.dirname(fastpeft.__file__)))')" != "$(realpath fastpeft)" ]; then
+  pip install -q --no-deps --no-build-isolation -e . || { echo "gpu_check: pip install -e . failed" >&2; exit 3; }
+fi
+
 step() {  # step NAME TIMEOUT_S CMD...: run with a time limit, log, remember failures, go on
   local name=$1 limit=$2; shift 2
   echo "=== $name ($(date -u +%H:%M:%S))"
