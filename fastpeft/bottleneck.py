@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastpeft.layers import AdapterLinear
-from fastpeft.ops import check_linear_input, resolve_backend
+from fastpeft.ops import resolve_backend
 from fastpeft.ops_adapters import bottleneck_down_eff, bottleneck_linear, check_activation
 
 __all__ = ["BottleneckAdapter", "BottleneckLinear", "bottleneck_size_for"]
@@ -227,8 +227,6 @@ class BottleneckLinear(AdapterLinear):
             "keep them unmerged, or unload the model without merging"
         )
 
-    def unmerge(self) -> None:
-        """Nothing is ever merged; a no-op kept for the layer protocol."""
 
     # ---------------------------------------------------------------- forward
 
@@ -265,8 +263,8 @@ class BottleneckLinear(AdapterLinear):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         weight = self.base_weight()
-        check_linear_input(x, weight, type(self).__name__)
         if self.row_adapters is not None:
             return self._mixed_forward(x, self.row_adapters)
         if self.active_adapter is None:

@@ -156,13 +156,15 @@ def load_adapter(
     *,
     is_trainable: bool = False,
     backend: str = "auto",
+    autocast_adapter_dtype: bool = True,
 ) -> nn.Module:
     """Load a PEFT adapter directory into ``model`` (a plain transformers/torch model,
     or one that already holds fastpeft adapters) under ``adapter_name``; returns the model.
 
     As ``peft.PeftModel.from_pretrained``: the first adapter becomes active; with
     ``is_trainable=False`` (the default) the adapter is frozen and the model put in
-    eval mode. Everything is checked before any tensor is copied: on any error (missing
+    eval mode; ``autocast_adapter_dtype`` keeps an fp16/bf16 model's adapter in fp32, as
+    PEFT does. Everything is checked before any tensor is copied: on any error (missing
     files, unknown or unsupported ``peft_type``, DoRA, targets that match nothing, keys
     or shapes that do not fit) the model is left exactly as it was.
     """
@@ -170,9 +172,11 @@ def load_adapter(
     data = read_adapter_config(path)
     spec = get_method(data["peft_type"])
     config = spec.config_cls.from_dict(data)
+    # As PEFT's from_pretrained: the saved inference_mode gives way to is_trainable.
+    config.inference_mode = not is_trainable
     tensors = _strip_prefix(read_adapter_weights(path), where)
 
-    undo = _inject(model, config, adapter_name, backend, for_loading=True)
+    undo = _inject(model, config, adapter_name, backend, for_loading=True, autocast_adapter_dtype=autocast_adapter_dtype)
     try:
         targets = adapter_tensors(model, adapter_name)
         _check_tensors(tensors, targets, where)
@@ -235,15 +239,24 @@ def save_adapter(
         name = getattr(getattr(model, "config", None), "_name_or_path", None)
         data["base_model_name_or_path"] = name or None
     data["inference_mode"] = True
+    config_blob = json.dumps(data, indent=2, sort_keys=True).encode()
     os.makedirs(path, exist_ok=True)
-    _atomic_write(path, CONFIG_NAME, lambda f: f.write(json.dumps(data, indent=2, sort_keys=True).encode()))
+    # Weights first, config last: a failure in between leaves the old config with the
+    # old weights' format still readable, never a new config beside stale weights.
     if safe_serialization:
         from safetensors.torch import save
 
         blob = save(tensors, metadata={"format": "pt"})
         _atomic_write(path, SAFETENSORS_NAME, lambda f: f.write(blob))
+        stale = BIN_NAME
     else:
         _atomic_write(path, BIN_NAME, lambda f: torch.save(tensors, f))
+        stale = SAFETENSORS_NAME
+    # The reader prefers safetensors: an older file in the other format would shadow or
+    # contradict this save.
+    if os.path.exists(os.path.join(path, stale)):
+        os.unlink(os.path.join(path, stale))
+    _atomic_write(path, CONFIG_NAME, lambda f: f.write(config_blob))
 
 
 def _atomic_write(directory: str, name: str, write) -> None:

@@ -24,7 +24,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastpeft.layers import AdapterLinear
-from fastpeft.ops import check_linear_input
 from fastpeft.ops_adapters import ia3_linear
 
 __all__ = ["IA3Linear"]
@@ -202,16 +201,14 @@ class IA3Linear(AdapterLinear):
         self._scale_base(name, inverse=False)
         self.merged_adapters.append(name)
 
-    def unmerge(self) -> None:
-        """Undo every merge, newest first (exact up to the weight dtype's rounding)."""
-        while self.merged_adapters:
-            self._scale_base(self.merged_adapters.pop(), inverse=True)
+    def _undo_merge(self, adapter_name: str) -> None:
+        self._scale_base(adapter_name, inverse=True)
 
     # ---------------------------------------------------------------- forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         weight = self.base_weight()
-        check_linear_input(x, weight, type(self).__name__)
         if self.row_adapters is not None:
             if self.merged:
                 raise RuntimeError(

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastpeft.ops import BACKENDS
+from fastpeft.ops import BACKENDS, autocast_dtype, check_linear_input
 
 __all__ = ["AdapterLinear"]
 
@@ -58,7 +58,7 @@ class AdapterLinear(nn.Module):
         self.active_adapter: Optional[str] = None
         self.merged_adapters: List[str] = []
         # One adapter name (or None) per batch row while ``fastpeft.batch_adapters`` is on.
-        self.row_adapters: Optional[List[Optional[str]]] = None
+        self.row_adapters = None
 
     @staticmethod
     def _new_linear_tensors(
@@ -157,7 +157,40 @@ class AdapterLinear(nn.Module):
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
+    def _undo_merge(self, adapter_name: str) -> None:
+        """Take one merged adapter back out of the base weights (layers that merge)."""
+        raise NotImplementedError
+
+    def unmerge(self, adapter_name: Optional[str] = None) -> None:
+        """Undo merges (exact up to the weight dtype's rounding): every one, newest first,
+        or only ``adapter_name``'s (the others stay merged)."""
+        if adapter_name is not None:
+            if adapter_name in self.merged_adapters:
+                self._undo_merge(adapter_name)
+                self.merged_adapters.remove(adapter_name)
+            return
+        while self.merged_adapters:
+            self._undo_merge(self.merged_adapters.pop())
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        """``x`` fits the base; under ``torch.autocast`` its dtype may differ (the ops and
+        ``F.linear`` cast both sides to the autocast dtype, as for ``nn.Linear``)."""
+        amp = autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
+        check_linear_input(x, self.base_weight(), type(self).__name__, check_dtype=amp is None)
+
     # ---------------------------------------------------------------- mixed batches
+
+    @property
+    def row_adapters(self) -> Optional[List[Optional[str]]]:
+        """One adapter name (or None) per batch row while ``fastpeft.batch_adapters`` is on."""
+        return self.__dict__.get("_row_adapters")
+
+    @row_adapters.setter
+    def row_adapters(self, names: Optional[Sequence[Optional[str]]]) -> None:
+        # Anything a layer keeps for one mixed batch (stacked adapters) ends with it: a new
+        # batch sees weights changed in between, even through ``.data``.
+        self.__dict__.pop("_stack_cache", None)
+        self.__dict__["_row_adapters"] = None if names is None else list(names)
 
     @staticmethod
     def _check_rows(x: torch.Tensor, row_adapters: Sequence[Optional[str]]) -> None:

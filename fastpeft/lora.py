@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastpeft.layers import AdapterLinear
-from fastpeft.ops import check_linear_input, lora_linear_unchecked
+from fastpeft.ops import autocast_cast, autocast_dtype, check_linear_input, lora_linear_unchecked
 
 __all__ = ["FastLoRALinear", "POOL_ATTR"]
 
@@ -277,10 +277,8 @@ class FastLoRALinear(AdapterLinear):
         self._apply_delta(name, +1.0)
         self.merged_adapters.append(name)
 
-    def unmerge(self) -> None:
-        """Undo every merge, newest first (exact up to the weight dtype's rounding)."""
-        while self.merged_adapters:
-            self._apply_delta(self.merged_adapters.pop(), -1.0)
+    def _undo_merge(self, adapter_name: str) -> None:
+        self._apply_delta(adapter_name, -1.0)
 
     # ---------------------------------------------------------------- forward
 
@@ -297,7 +295,10 @@ class FastLoRALinear(AdapterLinear):
         return scaled if self.bias is None else self.bias + scaled.to(self.bias.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.base_weight()
+        weight, bias = self.base_weight(), self.bias
+        amp = autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
+        if amp is not None:  # torch.autocast: run in its dtype, as nn.Linear does
+            x, weight, bias = autocast_cast(amp, x, weight, bias)
         check_linear_input(x, weight, type(self).__name__)
         if self.row_adapters is not None:
             if self.training:
@@ -309,30 +310,32 @@ class FastLoRALinear(AdapterLinear):
                 raise RuntimeError(
                     "mixed-adapter batches need unmerged adapters: call fastpeft.unmerge(model) first"
                 )
-            return self._mixed_forward(x, self.row_adapters)
+            return self._mixed_forward(x, self.row_adapters, weight, bias)
         name = self.active_adapter
         if name is None or name in self.merged_adapters or self.merged:
             # The base (with any merged adapters folded in) is a plain linear: cuBLAS.
-            return F.linear(x, weight, self.bias)
+            return F.linear(x, weight, bias)
         x_lora = None
         if self.training:
             dropout = self.lora_dropout[name]
             x_lora = dropout(x) if isinstance(dropout, nn.Dropout) else None
+        lora_A, lora_B = self.lora_A_weights[name], self.lora_B_weights[name]
+        eff_bias = self._effective_bias(name)
+        if amp is not None:
+            eff_bias, lora_A, lora_B = autocast_cast(amp, eff_bias, lora_A, lora_B)
         # x is checked above and the adapter's shapes are the layer's own (add_adapter and
         # checkpoint loading check them): skip the op's second round of checks.
-        return lora_linear_unchecked(
-            x,
-            weight,
-            self._effective_bias(name),
-            self.lora_A_weights[name],
-            self.lora_B_weights[name],
-            self.scalings[name],
-            x_lora,
-            self.backend,
-        )
+        return lora_linear_unchecked(x, weight, eff_bias, lora_A, lora_B, self.scalings[name], x_lora, self.backend)
 
-    def _mixed_forward(self, x: torch.Tensor, row_adapters: Sequence[Optional[str]]) -> torch.Tensor:
+    def _mixed_forward(
+        self,
+        x: torch.Tensor,
+        row_adapters: Sequence[Optional[str]],
+        weight: Optional[torch.Tensor] = None,
+        bias: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """Each batch row (``x``'s dim 0) through its own adapter; ``None``: base only.
+        ``weight``/``bias``: the base as ``forward`` casts it (autocast); default the layer's.
 
         One fused mixed-adapter kernel call (``fastpeft.ops_multi.multi_lora_linear``):
 
@@ -347,7 +350,8 @@ class FastLoRALinear(AdapterLinear):
         from fastpeft.ops_multi import multi_lora_linear, row_slots_for_tokens
 
         self._check_rows(x, row_adapters)
-        weight = self.base_weight()
+        if weight is None:
+            weight, bias = self.base_weight(), self.bias
         slots = getattr(self, POOL_ATTR, None)
         wanted = {n for n in row_adapters if n is not None}
         if slots is not None:
@@ -360,15 +364,15 @@ class FastLoRALinear(AdapterLinear):
             if in_pool:
                 meta = slots.pool.meta_for(row_adapters, x)
                 return multi_lora_linear(
-                    x, weight, self.bias, slots.lora_A, slots.lora_B, slots.ranks, slots.scalings, meta,
+                    x, weight, bias, slots.lora_A, slots.lora_B, slots.ranks, slots.scalings, meta,
                     backend=self.backend, check=False,
                 )
         stacks = self._batch_stacks(tuple(row_adapters), x.device)
         if stacks is None:
-            return F.linear(x, weight, self.bias)
+            return F.linear(x, weight, bias)
         lora_A, lora_B, ranks, scalings, batch_slot, bias_table = stacks
         out = multi_lora_linear(
-            x, weight, self.bias, lora_A, lora_B, ranks, scalings, row_slots_for_tokens(batch_slot, x),
+            x, weight, bias, lora_A, lora_B, ranks, scalings, row_slots_for_tokens(batch_slot, x),
             backend=self.backend, check=False,
         )
         if bias_table is not None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -230,7 +231,7 @@ class ModulesToSaveWrapper(nn.Module):
     def merge(self, adapter_name: Optional[str] = None) -> None:
         return None
 
-    def unmerge(self) -> None:
+    def unmerge(self, adapter_name: Optional[str] = None) -> None:
         return None
 
     def to_base_module(self) -> nn.Module:
@@ -251,9 +252,16 @@ class ModulesToSaveWrapper(nn.Module):
                 raise
             return getattr(self.active_module(), name)
 
-    def forward(self, x, *args, **kwargs):
+    def forward(self, *args, **kwargs):
+        # Any signature: HF calls some modules (attention, say) with keywords only.
         if self.row_adapters is None:
-            return self.active_module()(x, *args, **kwargs)
+            return self.active_module()(*args, **kwargs)
+        if not args:
+            raise ValueError(
+                "batch_adapters: a modules_to_save module runs per row only when its input is passed "
+                "positionally (as PEFT's adapter_names=); this one got keywords only"
+            )
+        x, args = args[0], args[1:]
         rows = self.row_adapters
         if not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] != len(rows):
             raise ValueError(
@@ -291,7 +299,14 @@ class _Undo:
             self.steps.pop()()
 
 
-def _inject(model: nn.Module, config: AdapterConfig, adapter_name: str, backend: str, for_loading: bool) -> _Undo:
+def _inject(
+    model: nn.Module,
+    config: AdapterConfig,
+    adapter_name: str,
+    backend: str,
+    for_loading: bool,
+    autocast_adapter_dtype: bool = True,
+) -> _Undo:
     """Inject one adapter; returns the undo of everything done. All checks come first."""
     spec = get_method(config.peft_type)
     if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE or "." in adapter_name:
@@ -371,6 +386,9 @@ def _inject(model: nn.Module, config: AdapterConfig, adapter_name: str, backend:
         module.train(modules[name].training)
 
     undo = _Undo()
+    # Runs last on undo (steps run newest first): the layers' active adapter follows the
+    # model's again once every other step (deleted adapters included) is reversed.
+    undo.add(lambda: _sync_active(model))
     flags = [(p, p.requires_grad) for p in model.parameters()]
     undo.add(lambda: [p.requires_grad_(f) for p, f in flags])
     try:
@@ -389,8 +407,9 @@ def _inject(model: nn.Module, config: AdapterConfig, adapter_name: str, backend:
             model.__dict__["fastpeft_active"] = adapter_name
             undo.add(lambda: model.__dict__.__setitem__("fastpeft_active", active))
         _sync_active(model)
-        undo.add(lambda: _sync_active(model))
-        _mark_trainable(model, adapter_name)
+        if autocast_adapter_dtype:
+            _upcast_adapter(model, adapter_name)
+        _mark_trainable(model)
     except BaseException:
         undo()
         raise
@@ -402,18 +421,47 @@ def _prefixes(name: str) -> List[str]:
     return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
-def _mark_trainable(model: nn.Module, adapter_name: str) -> None:
-    """Freeze the base; make this adapter's tensors trainable; leave other adapters as they are."""
-    own = {id(t) for t in adapter_tensors(model, adapter_name).values()}
-    others = set()
+def _upcast_adapter(model: nn.Module, adapter_name: str) -> None:
+    """As PEFT's ``autocast_adapter_dtype=True``: an adapter's own fp16/bf16 tensors are
+    kept in fp32 (stabler training, checkpoints loaded without rounding); the base keeps
+    its dtype and the ops cast at their boundary."""
+    for _, layer in _adapter_layers(model):
+        if isinstance(layer, ModulesToSaveWrapper) or adapter_name not in layer.adapter_names:
+            continue
+        for t in layer.adapter_parameters(adapter_name):
+            if t.dtype in (torch.float16, torch.bfloat16):
+                t.data = t.data.float()
+
+
+def _own_parameters(model: nn.Module, adapter_name: str) -> Dict[int, nn.Parameter]:
+    return {id(t): t for t in adapter_tensors(model, adapter_name).values() if isinstance(t, nn.Parameter)}
+
+
+def _mark_trainable(model: nn.Module) -> None:
+    """After an injection, as PEFT: the base is frozen and, among the adapters, only the
+    active one trains (unless its config says ``inference_mode``)."""
+    adapters: Dict[int, nn.Parameter] = {}
+    for name in _configs(model):
+        adapters.update(_own_parameters(model, name))
+    for p in model.parameters():
+        if id(p) not in adapters:
+            p.requires_grad_(False)
+    active = model.__dict__.get("fastpeft_active")
+    if active is not None:
+        _train_only(model, active, inference_mode=bool(getattr(_configs(model)[active], "inference_mode", False)))
+
+
+def _train_only(model: nn.Module, adapter_name: str, inference_mode: bool) -> None:
+    """``adapter_name``'s tensors train (frozen with ``inference_mode``), every other
+    adapter's are frozen; tensors shared with it (a trained base bias) follow it."""
+    own = _own_parameters(model, adapter_name)
     for name in _configs(model):
         if name != adapter_name:
-            others |= {id(t) for t in adapter_tensors(model, name).values()}
-    for p in model.parameters():
-        if id(p) in own:
-            p.requires_grad_(True)
-        elif id(p) not in others:
-            p.requires_grad_(False)
+            for key, t in _own_parameters(model, name).items():
+                if key not in own:
+                    t.requires_grad_(False)
+    for t in own.values():
+        t.requires_grad_(not inference_mode)
 
 
 def _sync_active(model: nn.Module) -> None:
@@ -422,7 +470,14 @@ def _sync_active(model: nn.Module) -> None:
         layer.set_adapter(active if active in layer.adapter_names else None)
 
 
-def inject(model: nn.Module, config: Any, adapter_name: str = "default", *, backend: str = "auto") -> nn.Module:
+def inject(
+    model: nn.Module,
+    config: Any,
+    adapter_name: str = "default",
+    *,
+    backend: str = "auto",
+    autocast_adapter_dtype: bool = True,
+) -> nn.Module:
     """Add an adapter to ``model`` in place and return the model.
 
     ``config``: a fastpeft config (``fp.LoraConfig``), a ``peft`` config, or its dict.
@@ -431,8 +486,11 @@ def inject(model: nn.Module, config: Any, adapter_name: str = "default", *, back
     (``modules_to_save`` copies and, per ``bias``, biases stay trainable). The first
     adapter becomes the active one; later ones are added inactive (``set_adapter``).
     All or nothing: on any error the model is left exactly as it was.
+    ``autocast_adapter_dtype`` (PEFT's default, True): on an fp16/bf16 model the adapter's
+    own tensors are kept in fp32.
     """
-    _inject(model, _with_default_targets(model, as_config(config)), adapter_name, backend, for_loading=False)
+    config = _with_default_targets(model, as_config(config))
+    _inject(model, config, adapter_name, backend, for_loading=False, autocast_adapter_dtype=autocast_adapter_dtype)
     return model
 
 
@@ -443,7 +501,10 @@ def _with_default_targets(model: nn.Module, config: AdapterConfig) -> AdapterCon
         return config
     spec = get_method(config.peft_type)
     defaults = spec.default_targets(model_type_of(model)) if spec.default_targets is not None else None
-    return dataclasses.replace(config, **defaults) if defaults else config
+    if not defaults:
+        return config
+    # Fill only what the user left unset (a given feedforward_modules stays, as in PEFT).
+    return dataclasses.replace(config, **{k: v for k, v in defaults.items() if getattr(config, k, None) is None})
 
 
 # --------------------------------------------------------------------- switching
@@ -452,20 +513,18 @@ def _with_default_targets(model: nn.Module, config: AdapterConfig) -> AdapterCon
 def set_adapter(model: nn.Module, adapter_name: Optional[str], inference_mode: bool = False) -> None:
     """Make ``adapter_name`` the active adapter everywhere; ``None``: run the base model.
 
-    As PEFT's ``set_adapter``: the active adapter's tensors become trainable (frozen with
-    ``inference_mode=True``) and every other adapter's are frozen; ``None`` leaves the
-    flags as they are.
+    As PEFT's ``set_adapter``: a merged model is unmerged first (with a warning: the
+    merged weights hold another adapter); the active adapter's tensors become trainable
+    (frozen with ``inference_mode=True``) and every other adapter's are frozen; ``None``
+    leaves the flags as they are.
     """
     if adapter_name is not None:
         _require_adapter(model, adapter_name)
-        own = {id(t): t for t in adapter_tensors(model, adapter_name).values() if isinstance(t, nn.Parameter)}
-        for name in _configs(model):
-            if name != adapter_name:
-                for t in adapter_tensors(model, name).values():
-                    if isinstance(t, nn.Parameter) and id(t) not in own:
-                        t.requires_grad_(False)
-        for t in own.values():
-            t.requires_grad_(not inference_mode)
+    if any(getattr(layer, "merged", False) for _, layer in _adapter_layers(model)):
+        warnings.warn("switching adapters on a merged model: unmerging it first", stacklevel=2)
+        unmerge(model)
+    if adapter_name is not None:
+        _train_only(model, adapter_name, inference_mode)
     model.__dict__["fastpeft_active"] = adapter_name
     _sync_active(model)
 
@@ -490,7 +549,7 @@ def merge(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Module:
                 done.append(layer)
     except BaseException:
         for layer in done:
-            layer.unmerge()
+            layer.unmerge(name)  # only this adapter: earlier merges stay
         raise
     return model
 
@@ -535,6 +594,11 @@ def adapter_names(model: nn.Module) -> List[str]:
 # --------------------------------------------------------------------- mixed batches
 
 
+def _attached_pools(model: nn.Module) -> List[Any]:
+    """The ``AdapterPool`` of every layer a pool serves (serving), one entry per layer."""
+    return [slots.pool for slots in (getattr(m, POOL_ATTR, None) for m in model.modules()) if slots is not None]
+
+
 def _layer_and_pool_adapters(model: nn.Module) -> set:
     """Adapter names the model's layers hold (injected or built by hand) and those
     loaded in an ``AdapterPool`` attached to them (serving)."""
@@ -542,9 +606,8 @@ def _layer_and_pool_adapters(model: nn.Module) -> set:
     for module in model.modules():
         if module is not model and hasattr(module, "row_adapters"):
             names.update(getattr(module, "adapter_names", ()))
-        slots = getattr(module, POOL_ATTR, None)
-        if slots is not None:
-            names.update(slots.pool.adapters)
+    for pool in _attached_pools(model):
+        names.update(pool.adapters)
     return names
 
 
@@ -584,6 +647,8 @@ def batch_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator
         )
     if any(getattr(m, "merged", False) for m in layers):
         raise RuntimeError("batch_adapters needs unmerged adapters: call fastpeft.unmerge(model) first")
+    for pool in {id(p): p for p in _attached_pools(model)}.values():
+        pool.touch(rows)  # their LRU order follows use, whoever runs the batch
     previous = [(m, m.row_adapters) for m in layers]
     try:
         for m in layers:

@@ -18,7 +18,17 @@ from fastpeft.kernels.reference import lora_linear_ref
 Backend = Literal["auto", "triton", "torch"]
 BACKENDS = ("auto", "triton", "torch")
 
-__all__ = ["Backend", "BACKENDS", "resolve_backend", "lora_linear", "lora_linear_unchecked", "check_linear_input"]
+__all__ = [
+    "Backend",
+    "BACKENDS",
+    "resolve_backend",
+    "lora_linear",
+    "lora_linear_unchecked",
+    "check_linear_input",
+    "check_bias",
+    "autocast_dtype",
+    "autocast_cast",
+]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -42,7 +52,36 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def check_linear_input(x: torch.Tensor, weight: torch.Tensor, what: str = "layer") -> None:
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype ``torch.autocast`` runs linear layers in on ``device``; None when off."""
+    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def autocast_cast(dtype: Optional[torch.dtype], *tensors: Optional[torch.Tensor]) -> tuple:
+    """``tensors`` in ``dtype`` (floating ones; None and others as they are), as autocast
+    casts ``nn.Linear``'s operands; everything unchanged when ``dtype`` is None."""
+    if dtype is None:
+        return tensors
+    return tuple(
+        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != dtype else t for t in tensors
+    )
+
+
+def check_bias(bias: Optional[torch.Tensor], weight: torch.Tensor, x: torch.Tensor, what: str) -> None:
+    """A bias the kernels can read: ``(N,)``, floating, on ``x``'s device."""
+    if bias is None:
+        return
+    N = weight.shape[0]
+    if not isinstance(bias, torch.Tensor) or bias.shape != (N,) or not bias.is_floating_point():
+        got = f"{tuple(bias.shape)} {bias.dtype}" if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"{what}: bias must be a floating tensor of shape ({N},), got {got}")
+    if bias.device != x.device:
+        raise RuntimeError(f"{what}: bias is on {bias.device} but the input is on {x.device}; move one of them")
+
+
+def check_linear_input(x: torch.Tensor, weight: torch.Tensor, what: str = "layer", check_dtype: bool = True) -> None:
     """Raise a clear error when ``x`` does not fit a linear layer with ``weight`` (N, K)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{what} expects a torch.Tensor input, got {type(x).__name__}")
@@ -51,7 +90,7 @@ def check_linear_input(x: torch.Tensor, weight: torch.Tensor, what: str = "layer
             f"{what} expects input with last dimension {weight.shape[1]} (in_features), "
             f"got input of shape {tuple(x.shape)}"
         )
-    if x.dtype != weight.dtype:
+    if check_dtype and x.dtype != weight.dtype:
         raise TypeError(
             f"{what} has dtype {weight.dtype} but the input is {x.dtype}; cast the input "
             f"(x.to({weight.dtype})) or the layer (layer.to({x.dtype}))"
@@ -184,9 +223,15 @@ def lora_linear(
 
     ``x_l`` is ``x_lora`` when given (the dropped-out input during training), else ``x``.
     Shapes: ``x (..., K)``, ``weight (N, K)``, ``bias (N,)``, ``lora_A (r, K)``,
-    ``lora_B (N, r)``. ``backend`` is ``"auto"``, ``"triton"`` or ``"torch"``.
+    ``lora_B (N, r)``. ``backend`` is ``"auto"``, ``"triton"`` or ``"torch"``. Under
+    ``torch.autocast`` it runs in the autocast dtype, as ``F.linear`` does.
     """
+    if isinstance(x, torch.Tensor):
+        x, weight, bias, lora_A, lora_B, x_lora = autocast_cast(
+            autocast_dtype(x.device), x, weight, bias, lora_A, lora_B, x_lora
+        )
     check_linear_input(x, weight, "lora_linear")
+    check_bias(bias, weight, x, "lora_linear")
     r = lora_A.shape[0]
     if lora_A.dim() != 2 or lora_A.shape[1] != weight.shape[1]:
         raise ValueError(f"lora_A must have shape (r, {weight.shape[1]}), got {tuple(lora_A.shape)}")

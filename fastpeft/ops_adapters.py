@@ -22,7 +22,7 @@ from fastpeft.kernels.reference import (
     bottleneck_linear_ref,
     ia3_linear_ref,
 )
-from fastpeft.ops import check_linear_input, resolve_backend
+from fastpeft.ops import autocast_cast, autocast_dtype, check_linear_input, resolve_backend
 
 __all__ = [
     "ACTIVATIONS",
@@ -151,6 +151,8 @@ def ia3_linear(
     shape; its gradient comes back in the shape given. ``backend``: ``"auto"``,
     ``"triton"`` or ``"torch"``.
     """
+    if isinstance(x, torch.Tensor):
+        x, weight, bias, ia3_l = autocast_cast(autocast_dtype(x.device), x, weight, bias, ia3_l)
     check_linear_input(x, weight, "ia3_linear")
     N, K = weight.shape
     want = K if scale_input else N
@@ -341,6 +343,10 @@ def bottleneck_linear(
     :func:`bottleneck_down_eff` of these very weights (a cache the caller keeps valid).
     ``backend``: ``"auto"``, ``"triton"`` or ``"torch"``.
     """
+    amp = autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
+    if amp is not None:
+        x, weight, bias, down_w, down_b, up_w, up_b = autocast_cast(amp, x, weight, bias, down_w, down_b, up_w, up_b)
+        w_eff = b_eff = None  # a caller's cache holds the weights' own dtype
     check_linear_input(x, weight, "bottleneck_linear")
     activation = check_activation(activation)
     N, K = weight.shape

@@ -152,8 +152,9 @@ def multi_lora_linear(
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
         if not t.dtype.is_floating_point or t.device != x.device:
             raise ValueError(f"{name} must be a floating tensor on {x.device}, got {t.dtype} on {t.device}")
-    ranks = torch.as_tensor(ranks, device=x.device).to(torch.int32)
-    scalings = torch.as_tensor(scalings, device=x.device).to(torch.float32)
+    # The kernels read one entry per slot with unit stride.
+    ranks = torch.as_tensor(ranks, device=x.device).to(torch.int32).contiguous()
+    scalings = torch.as_tensor(scalings, device=x.device).to(torch.float32).contiguous()
     if ranks.shape != (S,) or scalings.shape != (S,):
         raise ValueError(
             f"ranks and scalings must have one entry per slot ({S},), got {tuple(ranks.shape)} and "

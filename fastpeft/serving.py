@@ -501,6 +501,9 @@ def _pairs_from_state_dict(tensors: Mapping[str, Any], where: str) -> Dict[str, 
                 kind = "DoRA magnitude (unsupported by the pool)"
             elif "lora_embedding" in key:
                 kind = "LoRA on an embedding (unsupported by the pool)"
+            elif ".lora_" not in key:
+                kind = ("a trained base tensor: the pool serves LoRA A/B only, not modules_to_save or "
+                        "bias='all'/'lora_only' biases; load such an adapter with fastpeft.load_adapter")
             raise AdapterError(
                 f"{where}: tensor {key!r} is not a LoRA A/B weight ({kind}); pass only the adapter's "
                 "tensors (what PEFT saves: peft.get_peft_model_state_dict), not a whole model's state dict"

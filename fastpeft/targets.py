@@ -110,11 +110,18 @@ def is_target(
 
 def _all_linear_names(model: nn.Module, task_type: Optional[str], skip_types: Tuple[type, ...]) -> List[str]:
     kinds = linear_types()
-    names = {
-        name
-        for name, module in model.named_modules()
-        if name and (isinstance(module, kinds) or isinstance(module, skip_types))
-    }
+
+    def linear_like(module: nn.Module) -> bool:
+        # An adapter layer counts (it wraps a linear); a modules_to_save wrapper counts
+        # only around a linear (not around an embedding or a whole block).
+        if isinstance(module, kinds):
+            return True
+        if isinstance(module, skip_types):
+            inner = getattr(module, "original_module", None)
+            return inner is None or isinstance(inner, kinds)
+        return False
+
+    names = {name for name, module in model.named_modules() if name and linear_like(module)}
     head_names = set()
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if callable(get_out) else None

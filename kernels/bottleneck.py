@@ -46,6 +46,7 @@ from .lora import (
     _m_bucket,
     _pick_config,
     interpreter_active,
+    on_device,
     rows_view,
 )
 
@@ -295,9 +296,10 @@ def bottleneck_linear_fwd(
             num_stages=cfg.num_stages,
         )
 
-    if config is None:
-        key = ("bottleneck", x.device.index, x.dtype, N, K, D, act, bias is None, up_b is None, cached,
-               _m_bucket(M))
-        config = _pick_config(key, M, run, _candidates(M))
-    run(config)
+    with on_device(x):
+        if config is None:
+            key = ("bottleneck", x.device.index, x.dtype, up_w.dtype, N, K, D, act, bias is None, up_b is None,
+                   cached, _m_bucket(M))
+            config = _pick_config(key, M, run, _candidates(M))
+        run(config)
     return y

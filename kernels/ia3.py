@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .tiles import grouped_tile
-from .lora import LoraKernelConfig, _gpu_candidates, _input_precision, _m_bucket, _pick_config, rows_view
+from .lora import LoraKernelConfig, _gpu_candidates, _input_precision, _m_bucket, _pick_config, on_device, rows_view
 
 __all__ = ["ia3_linear_fwd", "LIBRARY_GEMM"]
 
@@ -167,10 +167,11 @@ def ia3_linear_fwd(
             num_stages=cfg.num_stages,
         )
 
-    if config is None:
-        key = ("ia3", x.device.index, x.dtype, N, K, scale_input, bias is None, _m_bucket(M))
-        config = _pick_config(key, M, run, _candidates(M))
-    run(config)
+    with on_device(x):
+        if config is None:
+            key = ("ia3", x.device.index, x.dtype, ia3_l.dtype, N, K, scale_input, bias is None, _m_bucket(M))
+            config = _pick_config(key, M, run, _candidates(M))
+        run(config)
     return y
 
 

@@ -23,6 +23,7 @@ in place: row ``m`` lives at ``(m // M_INNER) * stride_xm0 + (m % M_INNER) * str
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -31,12 +32,27 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources
 from triton.runtime.jit import JITFunction
 
 from . import lora_tma
 from .tiles import grouped_tile, lora_expand_from_memory, lora_expand_resident
 
-__all__ = ["LoraKernelConfig", "lora_linear_fwd", "interpreter_active", "rows_view"]
+__all__ = ["LoraKernelConfig", "lora_linear_fwd", "interpreter_active", "on_device", "rows_view"]
+
+
+def on_device(t: torch.Tensor):
+    """Launch on ``t``'s GPU: Triton launches on the *current* CUDA device, which need not
+    be the tensors' one (a model spread over GPUs with ``device_map``)."""
+    if t.is_cuda and t.device.index is not None and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def capturing() -> bool:
+    """True inside a CUDA-graph capture, where timing (it synchronizes) is forbidden."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def interpreter_active() -> bool:
@@ -108,7 +124,8 @@ def _lora_linear_fwd_kernel(
     row_off = (offs_m64 // M_INNER) * stride_xm0 + (offs_m64 % M_INNER) * stride_xm1
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(K, k_start + K_PER_SPLIT)
-    x_ptrs = x_ptr + row_off[:, None] + (k_start + offs_k)[None, :] * stride_xk
+    # int64 too: a transposed x has stride_xk = M, and K * M can pass 2^31.
+    x_ptrs = x_ptr + row_off[:, None] + (k_start + offs_k).to(tl.int64)[None, :] * stride_xk
     w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + (k_start + offs_k)[:, None] * stride_wk
     if SHRINK_IN_LOOP:
         a_ptrs = a_ptr + offs_r[None, :] * stride_ar + (k_start + offs_k)[:, None] * stride_ak
@@ -130,12 +147,14 @@ def _lora_linear_fwd_kernel(
     if HAS_LORA:
         if SHRINK_IN_LOOP:
             acc = lora_expand_resident(
-                acc, xa, b_ptr, offs_n, mask_n, R, stride_bn, stride_br, scaling, BLOCK_R, INPUT_PRECISION
+                acc, xa, b_ptr, offs_n, mask_n, R, stride_bn, stride_br, scaling, x_ptr.dtype.element_ty,
+                BLOCK_R, INPUT_PRECISION,
             )
         elif pid_k == 0:
             acc = lora_expand_from_memory(
                 acc, xa_ptr, b_ptr, offs_m64, offs_n, mask_m, mask_n, R,
-                stride_xam, stride_xar, stride_bn, stride_br, scaling, BLOCK_R, INPUT_PRECISION,
+                stride_xam, stride_xar, stride_bn, stride_br, scaling, x_ptr.dtype.element_ty,
+                BLOCK_R, INPUT_PRECISION,
             )
 
     y_ptrs = y_ptr + pid_k * stride_ps + offs_m64[:, None] * stride_ym + offs_n[None, :] * stride_yn
@@ -430,10 +449,14 @@ def _pick_config(
             candidates = _gpu_candidates(m)
         elif callable(candidates):
             candidates = candidates()
+        if capturing():
+            # Timing syncs, which a CUDA-graph capture forbids: take the first (modest)
+            # candidate for this capture without caching it; an eager call tunes later.
+            return candidates[0]
         for cand in candidates:
             try:
                 t = triton.testing.do_bench(lambda: run(cand), warmup=5, rep=20)
-            except Exception:  # a candidate that does not fit in shared memory on this card
+            except (OutOfResources, CompilationError):  # does not fit / compile on this card
                 continue
             if best is None or t < best[0]:
                 best = (t, cand)
@@ -448,14 +471,16 @@ _TMA_MIN_M = 256
 _HAS_TMA: Dict[int, bool] = {}
 
 
-def _tma_ok(x, xv, rows, weight, lora_A) -> bool:
-    """Hopper (or newer) CUDA device and inputs TMA descriptors can address."""
+def _tma_ok(x, xv, rows, weight, lora_A, y2) -> bool:
+    """Hopper (or newer) CUDA device and inputs (and output) TMA descriptors can address."""
     if interpreter_active() or not x.is_cuda:
         return False
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     if index not in _HAS_TMA:
         _HAS_TMA[index] = torch.cuda.get_device_capability(index)[0] >= 9
     if not _HAS_TMA[index]:
+        return False
+    if y2.data_ptr() % 16:
         return False
     x2 = _as_2d(xv, rows, weight.shape[1])
     # The in-loop shrink reads A through a descriptor; the precomputed variant does not.
@@ -504,18 +529,23 @@ def lora_linear_fwd(
     if M == 0 or N == 0:
         return y
     rows = (M, m_inner, s_m0, s_m1, s_k)
-    if lora_A is not None and xa is None and lora_A.shape[0] > MAX_IN_LOOP_RANK:
-        xa = torch.nn.functional.linear(xv.reshape(M, K), lora_A.to(x.dtype))
+    if bias is not None:
+        bias = bias.contiguous()  # the kernels read it with unit stride
     y2 = y.view(M, N)
+    with on_device(x):
+        if lora_A is not None and xa is None and lora_A.shape[0] > MAX_IN_LOOP_RANK:
+            xa = torch.nn.functional.linear(xv.reshape(M, K), lora_A.to(x.dtype))
 
-    def run(cfg: LoraKernelConfig) -> None:
-        _launch(cfg, xv, rows, weight, bias, lora_A, lora_B, xa, scaling, y2)
+        def run(cfg: LoraKernelConfig) -> None:
+            _launch(cfg, xv, rows, weight, bias, lora_A, lora_B, xa, scaling, y2)
 
-    if config is None:
-        r = 0 if lora_A is None else lora_A.shape[0]
-        in_loop = lora_A is not None and xa is None
-        tma_ok = M > _TMA_MIN_M and _tma_ok(x, xv, rows, weight, lora_A)
-        key = (x.device.index, x.dtype, N, K, r, xa is None, bias is None, tma_ok, _m_bucket(M))
-        config = _pick_config(key, M, run, lambda: _lora_candidates(M, K, in_loop, tma_ok))
-    run(config)
+        if config is None:
+            r = 0 if lora_A is None else lora_A.shape[0]
+            in_loop = lora_A is not None and xa is None
+            tma_ok = M > _TMA_MIN_M and _tma_ok(x, xv, rows, weight, lora_A, y2)
+            # The adapters' dtype changes the kernel's shared memory: part of the key.
+            a_dtype = None if lora_A is None else (lora_A.dtype, lora_B.dtype)
+            key = (x.device.index, x.dtype, a_dtype, N, K, r, xa is None, bias is None, tma_ok, _m_bucket(M))
+            config = _pick_config(key, M, run, lambda: _lora_candidates(M, K, in_loop, tma_ok))
+        run(config)
     return y

@@ -92,12 +92,12 @@ def _lora_linear_tma_kernel(
         if HAS_LORA:
             if SHRINK_IN_LOOP:
                 acc = lora_expand_resident(
-                    acc, xa, b_ptr, offs_n, mask_n, R, stride_bn, stride_br, scaling, BLOCK_R, INPUT_PRECISION
+                    acc, xa, b_ptr, offs_n, mask_n, R, stride_bn, stride_br, scaling, dtype, BLOCK_R, INPUT_PRECISION
                 )
             else:
                 acc = lora_expand_from_memory(
                     acc, xa_ptr, b_ptr, offs_m.to(tl.int64), offs_n, mask_m, mask_n, R,
-                    stride_xam, stride_xar, stride_bn, stride_br, scaling, BLOCK_R, INPUT_PRECISION,
+                    stride_xam, stride_xar, stride_bn, stride_br, scaling, dtype, BLOCK_R, INPUT_PRECISION,
                 )
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)

@@ -53,7 +53,9 @@ from fastpeft.kernels.lora import (
     _input_precision,
     _m_bucket,
     _pick_config,
+    capturing,
     interpreter_active,
+    on_device,
     rows_view,
 )
 
@@ -432,10 +434,13 @@ def multi_lora_linear_fwd(
     M = math.prod(lead)
     if M == 0 or N == 0:
         return out if out is not None else torch.empty((*lead, N), device=x.device, dtype=x.dtype)
+    if bias is not None:
+        bias = bias.contiguous()  # the kernels read it with unit stride
     args = (x, weight, bias, lora_A, lora_B, ranks, scalings, meta)
-    if (launch.fuse_base is None or launch.gather is None) and not interpreter_active() and x.is_cuda:
-        launch = _tuned_launch(launch, args, config, out)
-    return _forward(*args, launch=launch, config=config, out=out)
+    with on_device(x):
+        if (launch.fuse_base is None or launch.gather is None) and not interpreter_active() and x.is_cuda:
+            launch = _tuned_launch(launch, args, config, out)
+        return _forward(*args, launch=launch, config=config, out=out)
 
 
 # (fuse_base, gather) chosen per shape and M bucket by timing every open combination.
@@ -446,11 +451,13 @@ def _tuned_launch(launch: "MultiLoraLaunch", args: tuple, config, out) -> "Multi
     """Fill the open choices of ``launch`` (base GEMM fused or left to cuBLAS; B gathered
     per row or walked per segment) with the fastest end-to-end combination on this GPU,
     timed once per shape and M bucket: the split runs only where it measures faster."""
-    x, weight, bias, lora_A = args[0], args[1], args[2], args[3]
+    x, weight, bias, lora_A, lora_B = args[:5]
     M = math.prod(x.shape[:-1])
-    key = (x.device.index, x.dtype, weight.shape, lora_A.shape, bias is None, launch.fuse_base,
+    key = (x.device.index, x.dtype, lora_A.dtype, lora_B.dtype, weight.shape, lora_A.shape, bias is None, launch.fuse_base,
            launch.gather, _m_bucket(M))
     choice = _LAUNCH_CHOICE.get(key)
+    if choice is None and capturing():
+        return launch  # no timing inside a CUDA-graph capture: the by-M defaults, uncached
     if choice is None:
         fuses = [launch.fuse_base] if launch.fuse_base is not None else [True, False]
         gathers = [launch.gather] if launch.gather is not None else [True, False]
@@ -556,7 +563,8 @@ def _forward(
     if config is None:
         # Timing candidates re-run the expand on the same inputs; without the fused base
         # that would add the LoRA terms twice into y, so time on a scratch copy.
-        key = ("multi_lora", x.device.index, x.dtype, N, K, fuse, gather, bias is None, split_k, _m_bucket(M))
+        key = ("multi_lora", x.device.index, x.dtype, lora_A.dtype, lora_B.dtype, N, K, fuse, gather, bias is None,
+               split_k, _m_bucket(M))
         if fuse or interpreter_active() or key in _lora._TUNED:
             config = _pick_config(key, M, run)
         else:

@@ -25,29 +25,30 @@ def grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def lora_expand_resident(
-    acc, xa, b_ptr, offs_n, mask_n, R, stride_bn, stride_br, scaling,
+    acc, xa, b_ptr, offs_n, mask_n, R, stride_bn, stride_br, scaling, dtype,
     BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """``acc += (s * xa) B^T`` with ``xa`` (``(BLOCK_M, BLOCK_R)``, fp32) in registers.
 
-    ``s * xa`` is rounded to ``B``'s dtype (the input dtype) before the dot, as the
-    unfused low-precision LoRA branch rounds its intermediate; ranks ``>= R`` read zeros.
+    ``s * xa`` and ``B`` are rounded to ``dtype`` (the input dtype) before the dot, as the
+    unfused low-precision LoRA branch rounds its intermediate, and so that the dot runs
+    on tensor cores even for fp32 adapters on a 16-bit base; ranks ``>= R`` read zeros.
     """
     offs_r = tl.arange(0, BLOCK_R)
     bt_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
     bt_tile = tl.load(bt_ptrs, mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0)
-    xa_lp = (xa * scaling).to(bt_tile.dtype)
-    return tl.dot(xa_lp, bt_tile, acc, input_precision=INPUT_PRECISION)
+    xa_lp = (xa * scaling).to(dtype)
+    return tl.dot(xa_lp, bt_tile.to(dtype), acc, input_precision=INPUT_PRECISION)
 
 
 @triton.jit
 def lora_expand_from_memory(
     acc, xa_ptr, b_ptr, offs_m64, offs_n, mask_m, mask_n, R,
-    stride_xam, stride_xar, stride_bn, stride_br, scaling,
+    stride_xam, stride_xar, stride_bn, stride_br, scaling, dtype,
     BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """``acc += (s * xa) B^T`` with ``xa`` (``(M, R)``) read from memory in ``BLOCK_R``
-    rank chunks (any rank); ``s * xa`` rounded to ``B``'s dtype before each dot."""
+    rank chunks (any rank); ``s * xa`` and ``B`` rounded to ``dtype`` before each dot."""
     offs_r = tl.arange(0, BLOCK_R)
     for r0 in range(0, R, BLOCK_R):
         mask_r = (r0 + offs_r) < R
@@ -55,6 +56,6 @@ def lora_expand_from_memory(
         xa_tile = tl.load(xa_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         bt_ptrs = b_ptr + offs_n[None, :] * stride_bn + (r0 + offs_r)[:, None] * stride_br
         bt_tile = tl.load(bt_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        xa_lp = (xa_tile.to(tl.float32) * scaling).to(bt_tile.dtype)
-        acc = tl.dot(xa_lp, bt_tile, acc, input_precision=INPUT_PRECISION)
+        xa_lp = (xa_tile.to(tl.float32) * scaling).to(dtype)
+        acc = tl.dot(xa_lp, bt_tile.to(dtype), acc, input_precision=INPUT_PRECISION)
     return acc

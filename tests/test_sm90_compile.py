@@ -33,12 +33,20 @@ def _cfg_id(cfg) -> str:
     return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}"
 
 
-def _spec(cfg, dtype: str, block_r: int, in_loop: bool) -> Dict[str, Any]:
+def _spec(
+    cfg, dtype: str, block_r: int, in_loop: bool, adapter_dtype: str = "", precision: str = ""
+) -> Dict[str, Any]:
+    ptrs = {p: dtype for p in PTRS}
+    if adapter_dtype:  # adapters kept in another dtype than x (e.g. fp32 adapters, bf16 base)
+        ptrs.update(a_ptr=adapter_dtype, b_ptr=adapter_dtype)
+    if cfg.split_k > 1:  # split-K programs write fp32 partial sums
+        ptrs["y_ptr"] = "fp32"
+    tag = f"-{adapter_dtype}" if adapter_dtype else ""
     return {
-        "id": f"{dtype}-{_cfg_id(cfg)}-k{cfg.split_k}-r{block_r}-{'loop' if in_loop else 'epi'}",
+        "id": f"{dtype}{tag}-{_cfg_id(cfg)}-k{cfg.split_k}-r{block_r}-{'loop' if in_loop else 'epi'}{precision}",
         "module": "fastpeft.kernels.lora",
         "kernel": "_lora_linear_fwd_kernel",
-        "ptr_dtypes": {p: dtype for p in PTRS},
+        "ptr_dtypes": ptrs,
         "constexprs": dict(
             HAS_BIAS=True,
             HAS_LORA=block_r > 0,
@@ -49,7 +57,7 @@ def _spec(cfg, dtype: str, block_r: int, in_loop: bool) -> Dict[str, Any]:
             BLOCK_K=cfg.block_k,
             BLOCK_R=max(block_r, 16),
             GROUP_M=cfg.group_m,
-            INPUT_PRECISION=PRECISION[dtype],
+            INPUT_PRECISION=precision or PRECISION[dtype],
         ),
         "unit_args": UNIT_STRIDES,
         "float_args": ["scaling"],
@@ -80,7 +88,7 @@ def _tma_spec(cfg, block_r: int, pre: bool) -> Dict[str, Any]:
         },
         "ptr_dtypes": {"bias_ptr": "bf16", "b_ptr": "bf16", "xa_ptr": "bf16"},
         "constexprs": dict(
-            HAS_BIAS=False,
+            HAS_BIAS=True,
             HAS_LORA=block_r > 0,
             SHRINK_IN_LOOP=block_r > 0 and not pre,
             BLOCK_M=bm,
@@ -102,6 +110,8 @@ def _all_specs() -> List[Dict[str, Any]]:
     specs += [_spec(c, dt, 64, True) for c in CANDIDATES for dt in ("fp16", "fp32")]
     specs += [_spec(c, "bf16", r, loop) for c in SPLIT_K for r, loop in ((16, True), (32, False))]
     specs += [_tma_spec(c, r, pre) for c in TMA for r, pre in TMA_VARIANTS]
+    specs += [_spec(c, "bf16", 16, True, adapter_dtype="fp32") for c in CANDIDATES]
+    specs += [_spec(c, "fp32", 16, True, precision="tf32") for c in CANDIDATES]
     specs.append(
         {
             "id": "splitk-reduce",
@@ -170,3 +180,19 @@ def test_tma_kernel_compiles_for_hopper(reports, cfg, block_r, pre):
     # launch runs out of shared memory. Everything else must fit.
     if block_r <= 16 or pre or cfg.block_n <= 128:
         assert rep["shared"] <= HOPPER_MAX_SHARED, f"{cfg} needs {rep['shared']} B of shared memory"
+
+
+@pytest.mark.parametrize("variant", ["fp32-adapters", "tf32"])
+def test_mixed_adapter_dtype_and_tf32_compile_for_hopper(reports, variant):
+    """fp32 adapters on a bf16 base, and fp32 with tf32 allowed: every config compiles;
+    those that fit are pipelined (the tuner skips the ones that do not fit)."""
+    fitting = 0
+    for cfg in CANDIDATES:
+        spec = _spec(cfg, "bf16", 16, True, adapter_dtype="fp32") if variant == "fp32-adapters" else (
+            _spec(cfg, "fp32", 16, True, precision="tf32"))
+        rep = reports[spec["id"]]
+        assert "error" not in rep, rep.get("error")
+        if rep["shared"] <= HOPPER_MAX_SHARED:
+            fitting += 1
+            assert rep["pipelined"], f"{variant} {cfg}: not pipelined"
+    assert fitting >= 4, f"only {fitting} configs fit for {variant}"
