@@ -187,7 +187,8 @@ def _mlora_shrink_kernel(
         for k0 in range(k_begin, k_end, BLOCK_K):
             kk = k0 + offs_k
             mask_k = kk < k_end
-            x_tile = tl.load(x_ptr + row_off[:, None] + kk[None, :] * stride_xk,
+            # int64: a transposed x has stride_xk = M, and K * M can pass 2^31.
+            x_tile = tl.load(x_ptr + row_off[:, None] + kk.to(tl.int64)[None, :] * stride_xk,
                              mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             a_tile = tl.load(a_base + (r0 + offs_r)[None, :] * stride_ar + kk[:, None] * stride_ak,
                              mask=mask_k[:, None] & mask_r[None, :], other=0.0)
