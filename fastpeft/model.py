@@ -374,6 +374,13 @@ def _inject(
                 save_existing.append(module)
             elif isinstance(module, adapted_types):
                 raise ValueError(f"modules_to_save names {name!r}, which is already adapted ({type(module).__name__})")
+            elif name in new_modules or any(
+                isinstance(m, adapted_types) or f"{name}.{sub}" in new_modules for sub, m in module.named_modules() if sub
+            ):
+                raise ValueError(
+                    f"modules_to_save names {name!r}, which holds adapter layers (or targets of this adapter): "
+                    "a module is either trained in full or adapted; narrow modules_to_save or target_modules"
+                )
             else:
                 wrapper = ModulesToSaveWrapper(module)
                 wrapper.add_adapter(adapter_name)

@@ -180,3 +180,13 @@ def test_adapters_stay_fp32_on_a_half_precision_model_as_in_peft(tmp_path, dtype
     assert rel_err(logits(ours, ids), logits(theirs, ids)) < tol
     kept = fp.inject(_llama().to(dtype), fp.LoraConfig(r=2, target_modules=["q_proj"]), autocast_adapter_dtype=False)
     assert all(p.dtype == dtype for n, p in kept.named_parameters() if "lora_" in n)
+
+
+def test_modules_to_save_around_adapter_layers_is_refused_and_changes_nothing():
+    model = fp.inject(_llama(), fp.LoraConfig(r=2, target_modules=["q_proj"]), "a")
+    from tiny_models import snapshot, assert_same_snapshot
+
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="holds adapter layers"):
+        fp.inject(model, fp.LoraConfig(r=2, target_modules=["down_proj"], modules_to_save=["self_attn"]), "b")
+    assert_same_snapshot(before, snapshot(model))
