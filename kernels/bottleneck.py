@@ -47,6 +47,7 @@ from .lora import (
     _pick_config,
     interpreter_active,
     on_device,
+    output_for,
     rows_view,
 )
 
@@ -234,13 +235,7 @@ def bottleneck_linear_fwd(
     """
     N, K = weight.shape
     D = down_w.shape[0]
-    lead = x.shape[:-1]
-    if out is None:
-        y = torch.empty((*lead, N), device=x.device, dtype=x.dtype)
-    else:
-        if out.shape != (*lead, N) or out.dtype != x.dtype or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {(*lead, N)}")
-        y = out
+    y = output_for(x, N, out)
     xv, M, m_inner, s_m0, s_m1, s_k = rows_view(x)
     if M == 0 or N == 0:
         return y

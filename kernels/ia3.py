@@ -25,7 +25,16 @@ import triton
 import triton.language as tl
 
 from .tiles import grouped_tile
-from .lora import LoraKernelConfig, _gpu_candidates, _input_precision, _m_bucket, _pick_config, on_device, rows_view
+from .lora import (
+    LoraKernelConfig,
+    _gpu_candidates,
+    _input_precision,
+    _m_bucket,
+    _pick_config,
+    on_device,
+    output_for,
+    rows_view,
+)
 
 __all__ = ["ia3_linear_fwd", "LIBRARY_GEMM"]
 
@@ -132,13 +141,7 @@ def ia3_linear_fwd(
     # PEFT stores l as (N, 1) or (1, K): read it as a 1-D view (no copy for either).
     ia3_l = ia3_l.reshape(-1)
     bias = None if bias is None else bias.contiguous()  # read with unit stride
-    lead = x.shape[:-1]
-    if out is None:
-        y = torch.empty((*lead, N), device=x.device, dtype=x.dtype)
-    else:
-        if out.shape != (*lead, N) or out.dtype != x.dtype or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {(*lead, N)}")
-        y = out
+    y = output_for(x, N, out)
     xv, M, m_inner, s_m0, s_m1, s_k = rows_view(x)
     if M == 0 or N == 0:
         return y

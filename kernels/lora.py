@@ -39,7 +39,7 @@ from triton.runtime.jit import JITFunction
 from . import lora_tma
 from .tiles import grouped_tile, lora_expand_from_memory, lora_expand_resident
 
-__all__ = ["LoraKernelConfig", "lora_linear_fwd", "interpreter_active", "on_device", "rows_view"]
+__all__ = ["LoraKernelConfig", "lora_linear_fwd", "interpreter_active", "on_device", "output_for", "rows_view"]
 
 
 def on_device(t: torch.Tensor):
@@ -320,6 +320,17 @@ def rows_view(x: torch.Tensor) -> Tuple[torch.Tensor, int, int, int, int, int]:
     return x2, M, max(M, 1), 0, x2.stride(0), x2.stride(1)
 
 
+def output_for(x: torch.Tensor, N: int, out: Optional[torch.Tensor]) -> torch.Tensor:
+    """The output of a launcher: ``out`` once checked (contiguous, ``x``'s dtype, shape
+    ``(..., N)`` over ``x``'s leading dims), or a new such tensor."""
+    shape = (*x.shape[:-1], N)
+    if out is None:
+        return torch.empty(shape, device=x.device, dtype=x.dtype)
+    if out.shape != shape or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {shape}")
+    return out
+
+
 def _input_precision(dtype: torch.dtype) -> str:
     """fp32 follows PyTorch's own matmul setting, as a drop-in for nn.Linear must."""
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
@@ -518,13 +529,7 @@ def lora_linear_fwd(
     Callers validate shapes and dtypes (the op layer does); this function trusts them.
     """
     N, K = weight.shape
-    lead = x.shape[:-1]
-    if out is None:
-        y = torch.empty((*lead, N), device=x.device, dtype=x.dtype)
-    else:
-        if out.shape != (*lead, N) or out.dtype != x.dtype or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {(*lead, N)}")
-        y = out
+    y = output_for(x, N, out)
     xv, M, m_inner, s_m0, s_m1, s_k = rows_view(x)
     if M == 0 or N == 0:
         return y
