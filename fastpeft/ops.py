@@ -148,8 +148,9 @@ def _(x, weight, bias, lora_A, lora_B, scaling, x_lora, use_triton):
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, lora_A, lora_B, scaling, x_lora, _ = inputs
+    x, weight, bias, lora_A, lora_B, scaling, x_lora, use_triton = inputs
     ctx.scaling = scaling
+    ctx.use_triton = use_triton
     ctx.has_x_lora = x_lora is not None
     ctx.has_bias = bias is not None
     ctx.save_for_backward(x, weight, lora_A, lora_B, x_lora)
@@ -165,6 +166,11 @@ def _backward(ctx, grad_y: torch.Tensor):
     * ``dx_l = g_a A``               (M, K), added to ``dx`` when ``x_l`` is ``x``
     * ``dx = g W``                   (M, K), the base path
     * ``db = sum_m g``, ``dW = g^T x`` only when the user unfroze them.
+
+    On the Triton backend, without dropout, ``dx = g W + s * (g B) A`` is the forward's
+    own form (input ``g``, base ``W^T``, down ``B^T``, up ``A^T``): one fused launch of
+    the forward kernel over transposed *views*, instead of a base GEMM plus two skinny
+    ones and a sum.
     """
     x, weight, lora_A, lora_B, x_lora = ctx.saved_tensors
     s = ctx.scaling
@@ -178,8 +184,12 @@ def _backward(ctx, grad_y: torch.Tensor):
         d_bm = ((g_l.t() @ (x_l @ lora_A.t())) * s).to(lora_B.dtype)
     if need[3]:
         d_a = (g_a.t() @ x_l).to(lora_A.dtype)
-    d_lora_in = (g_a @ lora_A) if (need[0] or need[6]) else None
-    if need[0]:
+    fused_dx = need[0] and ctx.use_triton and not ctx.has_x_lora
+    d_lora_in = (g_a @ lora_A) if ((need[0] and not fused_dx) or need[6]) else None
+    if fused_dx:
+        # Through the custom op itself, so that torch.compile can trace the backward too.
+        d_x = _lora_linear_op(grad_y, weight.t(), None, lora_B.t(), lora_A.t(), s, None, True).reshape(x.shape)
+    elif need[0]:
         d_x = g @ weight
         if not ctx.has_x_lora:
             d_x = d_x + d_lora_in.to(d_x.dtype)

@@ -105,12 +105,25 @@ def _tma_spec(cfg, block_r: int, pre: bool) -> Dict[str, Any]:
     }
 
 
+# The input gradient runs the forward kernel on transposed views (W^T, B^T, A^T): other
+# strides are the unit ones.
+BACKWARD_UNIT_STRIDES = ["stride_xk", "stride_wn", "stride_ar", "stride_bn", "stride_yn"]
+
+
+def _backward_spec(cfg) -> Dict[str, Any]:
+    spec = _spec(cfg, "bf16", 16, True)
+    spec["id"] = "backward-" + spec["id"]
+    spec["unit_args"] = BACKWARD_UNIT_STRIDES
+    return spec
+
+
 def _all_specs() -> List[Dict[str, Any]]:
     specs = [_spec(c, "bf16", r, loop) for c in CANDIDATES for r, loop in LORA_VARIANTS]
     specs += [_spec(c, dt, 64, True) for c in CANDIDATES for dt in ("fp16", "fp32")]
     specs += [_spec(c, "bf16", r, loop) for c in SPLIT_K for r, loop in ((16, True), (32, False))]
     specs += [_tma_spec(c, r, pre) for c in TMA for r, pre in TMA_VARIANTS]
     specs += [_spec(c, "bf16", 16, True, adapter_dtype="fp32") for c in CANDIDATES]
+    specs += [_backward_spec(c) for c in CANDIDATES]
     specs += [_spec(c, "fp32", 16, True, precision="tf32") for c in CANDIDATES]
     specs.append(
         {
@@ -196,3 +209,10 @@ def test_mixed_adapter_dtype_and_tf32_compile_for_hopper(reports, variant):
             fitting += 1
             assert rep["pipelined"], f"{variant} {cfg}: not pipelined"
     assert fitting >= 4, f"only {fitting} configs fit for {variant}"
+
+
+@pytest.mark.parametrize("cfg", CANDIDATES, ids=_cfg_id)
+def test_input_gradient_layout_compiles_for_hopper(reports, cfg):
+    rep = reports[_backward_spec(cfg)["id"]]
+    assert "error" not in rep, rep.get("error")
+    assert rep["shared"] <= HOPPER_MAX_SHARED and rep["pipelined"], rep
