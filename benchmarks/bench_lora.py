@@ -12,6 +12,9 @@ Variants (bf16, ``W: (N, K)``, ``y = x W^T + s * (x A^T) B^T``):
 * ``compile``   ``torch.compile`` of ``unfused``;
 * ``fastpeft``  ``fastpeft.ops.lora_linear`` (the fused Triton kernel, eager launch path).
 
+Rows with ``pass = fwd+bwd`` time a training step's forward and backward (gradients of
+``x`` and the adapter; the base frozen) against the base's forward and ``dx``.
+
 At M <= 256 each variant is also timed replayed from a CUDA graph (``*_graph``): at
 decode the Python launch path can cost more than the kernel. Every variant is checked
 against an fp32 reference before it is timed. Without a GPU the script says so and runs
@@ -90,6 +93,42 @@ def _variants(x, W, A, B, s: float, r: int, with_compile: bool = True) -> Dict[s
     return fns
 
 
+def _train_variants(x, W, A, B, s: float, r: int, g) -> Dict[str, Callable[[], torch.Tensor]]:
+    """Forward plus backward of each variant, as a training step needs it: the gradients
+    of ``x`` and of the adapter (the base is frozen). Each returns ``dx`` (checked)."""
+    x = x.detach().requires_grad_()
+    A_, B_ = A.detach().requires_grad_(), B.detach().requires_grad_()
+
+    def grads(y: torch.Tensor, wrt) -> torch.Tensor:
+        return torch.autograd.grad(y, wrt, g)[0]
+
+    fns: Dict[str, Callable[[], torch.Tensor]] = {
+        "base": lambda: grads(F.linear(x, W), [x]),
+        "unfused": lambda: grads(F.linear(x, W) + s * F.linear(F.linear(x, A_), B_), [x, A_, B_]),
+        "fastpeft": lambda: grads(lora_linear(x, W, None, A_, B_, s, backend="triton"), [x, A_, B_]),
+    }
+    peft_layer = _peft_layer(W, A, B, r)
+    if peft_layer is not None:
+        peft_layer.base_layer.weight.requires_grad_(False)
+        lora_params = [peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight]
+        fns["peft"] = lambda: grads(peft_layer(x), [x, *lora_params])
+    return fns
+
+
+def _time_train_point(K: int, N: int, M: int, r: int, dev: str = "cuda", dt: torch.dtype = torch.bfloat16):
+    """One training-step point (forward + backward), checked on ``dx`` then timed."""
+    x = torch.randn(M, K, device=dev, dtype=dt)
+    W = torch.randn(N, K, device=dev, dtype=dt) / math.sqrt(K)
+    A = torch.randn(r, K, device=dev, dtype=dt) / math.sqrt(K)
+    B = torch.randn(N, r, device=dev, dtype=dt) / math.sqrt(r)
+    g = torch.randn(M, N, device=dev, dtype=dt)
+    s = ALPHA / r
+    ref_dx = g.float() @ W.float() + s * ((g.float() @ B.float()) @ A.float())
+    row: Dict[str, Any] = {"pass": "fwd+bwd", "K": K, "N": N, "M": M, "r": r}
+    common.measure_variants(row, _train_variants(x, W, A, B, s, r, g), lambda name: ref_dx, BF16_TOL, False)
+    return row
+
+
 def _time_point(
     K: int, N: int, M: int, r: int, dev: str = "cuda", dt: torch.dtype = torch.bfloat16, with_compile: bool = True
 ) -> Dict[str, Any]:
@@ -100,7 +139,7 @@ def _time_point(
     B = torch.randn(N, r, device=dev, dtype=dt) / math.sqrt(r)
     s = ALPHA / r
     ref = lora_linear_ref(x.float(), W.float(), None, A.float(), B.float(), s)
-    row: Dict[str, Any] = {"K": K, "N": N, "M": M, "r": r}
+    row: Dict[str, Any] = {"pass": "fwd", "K": K, "N": N, "M": M, "r": r}
     with torch.no_grad():
         common.measure_variants(
             row, _variants(x, W, A, B, s, r, with_compile), lambda name: ref, BF16_TOL, M <= GRAPH_MAX_M
@@ -142,6 +181,14 @@ def run_gpu(quick: bool, json_path: Optional[str], info: Dict[str, Any]) -> List
                     flush=True,
                 )
                 torch.cuda.empty_cache()
+    # Training steps: forward + backward at prefill sizes (--quick: one shape, one M).
+    for K, N in shapes[:1] if quick else shapes:
+        for M in [4096] if quick else [1024, 4096]:
+            row = _time_train_point(K, N, M, 16)
+            rows.append(row)
+            common.write_partial(json_path, info, quick, rows)
+            print(f"fwd+bwd K={K} N={N} M={M}: fastpeft {row.get('fastpeft_x') or float('nan'):.3f}x", flush=True)
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -176,10 +223,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         run_cpu=run_cpu,
         cpu_columns=["K", "N", "M", "r", "dtype", "rel_err", "tol"],
         run_gpu=lambda info: run_gpu(args.quick, args.json, info),
-        gpu_columns=["K", "N", "M", "r", "base_ms", "unfused_x", "peft_x", "compile_x", "fastpeft_x",
+        gpu_columns=["pass", "K", "N", "M", "r", "base_ms", "unfused_x", "peft_x", "compile_x", "fastpeft_x",
                      "base_graph_ms", "unfused_graph_x", "peft_graph_x", "fastpeft_graph_x", "target"],
-        key_columns=["K", "N", "M", "r"],
-        title="ratios to cuBLAS base F.linear(x, W), same run (bf16); *_graph: CUDA-graph replay",
+        key_columns=["pass", "K", "N", "M", "r"],
+        title="ratios to cuBLAS base F.linear(x, W), same run (bf16); *_graph: CUDA-graph replay; "
+              "fwd+bwd rows: to the base's own forward + dx backward",
     )
 
 

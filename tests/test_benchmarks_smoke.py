@@ -97,3 +97,11 @@ def test_bench_multi_point_checks_every_variant(stub_timers):
     assert "fastpeft" in checked and "peft_loop" in checked and "gather_bmm" in checked, row
     assert all(row[f"{name}_err"] < 1e-5 for name in checked), row
     assert not [k for k in row if k.endswith("_error") and "graph" not in k], row
+
+
+def test_bench_lora_training_point_checks_every_variant(bench_lora):
+    row = bench_lora._time_train_point(40, 24, 9, 4, dev="cpu", dt=torch.float32)
+    assert row["pass"] == "fwd+bwd"
+    for name in ("unfused", "peft", "fastpeft"):
+        assert row[f"{name}_err"] < 1e-5, row
+        assert row[f"{name}_x"] == 1.0
