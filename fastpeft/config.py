@@ -12,7 +12,7 @@ import dataclasses
 import enum
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Optional, Union
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Union
 
 __all__ = ["AdapterConfig", "LoraConfig", "config_to_plain", "LORA_INIT_CHOICES"]
 
@@ -197,8 +197,8 @@ class LoraConfig(AdapterConfig):
         dot, or the whole path) wins, exactly as PEFT's ``get_pattern_key``.
         """
         return (
-            self.rank_pattern.get(_pattern_key(self.rank_pattern, module_name), self.r),
-            self.alpha_pattern.get(_pattern_key(self.alpha_pattern, module_name), self.lora_alpha),
+            self.rank_pattern.get(pattern_key(self.rank_pattern, module_name), self.r),
+            self.alpha_pattern.get(pattern_key(self.alpha_pattern, module_name), self.lora_alpha),
         )
 
     def unsupported(self) -> List[str]:
@@ -216,7 +216,9 @@ class LoraConfig(AdapterConfig):
         return problems
 
 
-def _pattern_key(patterns: Dict[str, Any], module_name: str) -> Optional[str]:
+def pattern_key(patterns: Mapping[str, Any], module_name: str) -> Optional[str]:
+    """PEFT's ``get_pattern_key``: the first key whose regex matches the end of the
+    module path (after a dot, or the whole path); None when none does."""
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", module_name):
             return key

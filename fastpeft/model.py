@@ -447,24 +447,32 @@ def _own_parameters(model: nn.Module, adapter_name: str) -> Dict[int, nn.Paramet
 def _mark_trainable(model: nn.Module) -> None:
     """After an injection, as PEFT: the base is frozen and, among the adapters, only the
     active one trains (unless its config says ``inference_mode``)."""
-    adapters: Dict[int, nn.Parameter] = {}
-    for name in _configs(model):
-        adapters.update(_own_parameters(model, name))
+    per_adapter = {name: _own_parameters(model, name) for name in _configs(model)}
+    adapters = {key for params in per_adapter.values() for key in params}
     for p in model.parameters():
         if id(p) not in adapters:
             p.requires_grad_(False)
     active = model.__dict__.get("fastpeft_active")
     if active is not None:
-        _train_only(model, active, inference_mode=bool(getattr(_configs(model)[active], "inference_mode", False)))
+        inference_mode = bool(getattr(_configs(model)[active], "inference_mode", False))
+        _train_only(model, active, inference_mode, per_adapter)
 
 
-def _train_only(model: nn.Module, adapter_name: str, inference_mode: bool) -> None:
+def _train_only(
+    model: nn.Module,
+    adapter_name: str,
+    inference_mode: bool,
+    per_adapter: Optional[Dict[str, Dict[int, nn.Parameter]]] = None,
+) -> None:
     """``adapter_name``'s tensors train (frozen with ``inference_mode``), every other
-    adapter's are frozen; tensors shared with it (a trained base bias) follow it."""
-    own = _own_parameters(model, adapter_name)
-    for name in _configs(model):
+    adapter's are frozen; tensors shared with it (a trained base bias) follow it.
+    ``per_adapter``: each adapter's parameters when the caller already gathered them."""
+    if per_adapter is None:
+        per_adapter = {name: _own_parameters(model, name) for name in _configs(model)}
+    own = per_adapter[adapter_name]
+    for name, params in per_adapter.items():
         if name != adapter_name:
-            for key, t in _own_parameters(model, name).items():
+            for key, t in params.items():
                 if key not in own:
                     t.requires_grad_(False)
     for t in own.values():

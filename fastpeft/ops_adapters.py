@@ -22,7 +22,7 @@ from fastpeft.kernels.reference import (
     bottleneck_linear_ref,
     ia3_linear_ref,
 )
-from fastpeft.ops import autocast_cast, autocast_dtype, check_linear_input, resolve_backend
+from fastpeft.ops import autocast_cast, autocast_dtype, check_bias, check_linear_input, resolve_backend
 
 __all__ = [
     "ACTIVATIONS",
@@ -167,8 +167,7 @@ def ia3_linear(
         raise TypeError(f"ia3_l must be a floating-point tensor, got {ia3_l.dtype}")
     if ia3_l.device != x.device:
         raise RuntimeError(f"ia3_l is on {ia3_l.device} but the input is on {x.device}; move one of them")
-    if bias is not None and bias.shape != (N,):
-        raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+    check_bias(bias, weight, x, "ia3_linear")
     use_triton = resolve_backend(backend, x.device) == "triton"
     return _ia3_linear_op(x, weight, bias, ia3_l.reshape(-1), bool(scale_input), use_triton)
 
@@ -355,7 +354,8 @@ def bottleneck_linear(
     D = down_w.shape[0]
     if up_w.shape != (N, D):
         raise ValueError(f"up_w must have shape ({N}, {D}), got {tuple(up_w.shape)}")
-    for name, t, n in (("bias", bias, N), ("down_b", down_b, D), ("up_b", up_b, N)):
+    check_bias(bias, weight, x, "bottleneck_linear")
+    for name, t, n in (("down_b", down_b, D), ("up_b", up_b, N)):
         if t is not None and t.shape != (n,):
             raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
     for name, t in (("down_w", down_w), ("up_w", up_w), ("down_b", down_b), ("up_b", up_b)):

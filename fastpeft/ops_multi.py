@@ -16,7 +16,7 @@ import torch
 from fastpeft.kernels import multi_lora as _kernels
 from fastpeft.kernels.multi_lora import MultiLoraMeta
 from fastpeft.kernels.reference import multi_lora_linear_ref
-from fastpeft.ops import check_linear_input, resolve_backend
+from fastpeft.ops import check_bias, check_linear_input, resolve_backend
 
 __all__ = ["MultiLoraMeta", "multi_lora_linear", "build_meta", "row_slots_for_tokens"]
 
@@ -139,7 +139,8 @@ def multi_lora_linear(
     """
     check_linear_input(x, weight, "multi_lora_linear")
     N, K = weight.shape
-    if bias is not None and (bias.shape != (N,) or bias.dtype != x.dtype):
+    check_bias(bias, weight, x, "multi_lora_linear")
+    if bias is not None and bias.dtype != x.dtype:
         raise ValueError(f"bias must be a {x.dtype} tensor of shape ({N},), got {bias.dtype} {tuple(bias.shape)}")
     if lora_A.dim() != 3 or lora_A.shape[2] != K:
         raise ValueError(f"lora_A must be a slot stack of shape (S, max_rank, {K}), got {tuple(lora_A.shape)}")

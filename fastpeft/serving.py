@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import json
-import math
 import os
 import re
 from collections import OrderedDict
@@ -39,7 +37,9 @@ import torch
 import torch.nn as nn
 
 from fastpeft.kernels.multi_lora import MultiLoraMeta
-from fastpeft.lora import POOL_ATTR, FastLoRALinear
+from fastpeft.checkpoint import read_adapter_config, read_adapter_weights
+from fastpeft.config import pattern_key
+from fastpeft.lora import POOL_ATTR, FastLoRALinear, lora_scaling
 from fastpeft.model import batch_adapters
 from fastpeft.ops_multi import build_meta, row_slots_for_tokens
 
@@ -423,7 +423,7 @@ class AdapterPool:
             alpha = lora_alpha
         else:
             raise AdapterError(f"{where}: give config=, lora_alpha= or scaling= for in-memory weights")
-        return float(alpha) / (math.sqrt(r) if rslora else r)
+        return lora_scaling(r, float(alpha), rslora)
 
     # ---------------------------------------------------------------- batches
 
@@ -531,58 +531,19 @@ def _config_dict(config: Any) -> Dict[str, Any]:
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str) -> Optional[Any]:
-    """PEFT's pattern rule: the first key whose regex matches the end of the module path."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return None
+    """PEFT's pattern rule (``fastpeft.config``'s): the value of the first key whose
+    regex matches the end of the module path; None when none does."""
+    key = pattern_key(patterns, module)
+    return None if key is None else patterns[key]
 
 
 def read_peft_dir(path: Union[str, os.PathLike]) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
-    """``(config dict, tensors)`` of a PEFT-format adapter directory (CPU tensors).
-
-    Uses ``fastpeft.checkpoint``'s readers (which check the files); without them, reads
-    ``adapter_config.json`` and ``adapter_model.safetensors`` (or ``.bin``) directly.
-    """
-    try:  # the PEFT-interop layer's readers (fastpeft.checkpoint), when present
-        from fastpeft import checkpoint as _ckpt
-
-        read_config = getattr(_ckpt, "read_adapter_config", None)
-        read_weights = getattr(_ckpt, "read_adapter_weights", None)
-    except ImportError:
-        read_config = read_weights = None
-    if read_config is not None and read_weights is not None:
-        try:
-            return dict(read_config(path)), dict(read_weights(path))
-        except (ValueError, OSError) as e:  # AdapterCheckpointError is a ValueError
-            raise AdapterError(f"cannot read adapter directory {os.fspath(path)!r}: {e}") from e
-    p = os.fspath(path)
-    if not os.path.isdir(p):
-        raise AdapterError(f"adapter directory {p!r} does not exist")
-    cfg_path = os.path.join(p, "adapter_config.json")
-    if not os.path.isfile(cfg_path):
-        raise AdapterError(f"{p!r} is not a PEFT adapter directory: no adapter_config.json")
+    """``(config dict, tensors)`` of a PEFT-format adapter directory (CPU tensors), read
+    and checked by ``fastpeft.checkpoint``; any problem is an ``AdapterError``."""
     try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise AdapterError(f"cannot read {cfg_path!r}: {e}") from e
-    st = os.path.join(p, "adapter_model.safetensors")
-    bn = os.path.join(p, "adapter_model.bin")
-    try:
-        if os.path.isfile(st):
-            from safetensors.torch import load_file
-
-            tensors = load_file(st, device="cpu")
-        elif os.path.isfile(bn):
-            tensors = torch.load(bn, map_location="cpu", weights_only=True)
-        else:
-            raise AdapterError(f"{p!r} holds no adapter_model.safetensors or adapter_model.bin")
-    except AdapterError:
-        raise
-    except Exception as e:  # corrupt file: safetensors / pickle errors of many types
-        raise AdapterError(f"cannot read the weights in {p!r}: {e}") from e
-    return cfg, tensors
+        return dict(read_adapter_config(path)), dict(read_adapter_weights(path))
+    except (ValueError, OSError) as e:  # the checkpoint readers' errors are ValueErrors
+        raise AdapterError(f"cannot read adapter directory {os.fspath(path)!r}: {e}") from e
 
 
 # --------------------------------------------------------------------------- generation
