@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastpeft.layers import AdapterLinear
+from fastpeft.layers import AdapterLinear, TensorStamp
 from fastpeft.ops import resolve_backend
 from fastpeft.ops_adapters import bottleneck_down_eff, bottleneck_linear, check_activation
 
@@ -231,28 +231,24 @@ class BottleneckLinear(AdapterLinear):
     # ---------------------------------------------------------------- forward
 
     def _down_eff(self, name: str, adapter: BottleneckAdapter):
-        """``(W_eff, b_eff)`` of an adapter, recomputed only when a tensor it depends on changed.
-
-        The key holds each source tensor's version counter and storage, so in-place
-        updates (optimizer steps, ``copy_``) and ``.data`` swaps both invalidate it.
-        """
+        """``(W_eff, b_eff)`` of an adapter, recomputed only when a tensor it depends on
+        changed (in-place updates, ``.data`` swaps, moves: see ``TensorStamp``)."""
         down = adapter.down
         tensors = (self.weight, self.bias, down.weight, down.bias)
-        key = tuple(
-            None if t is None else (t._version, t.data_ptr(), t.dtype, t.device) for t in tensors
-        )
         hit = self._eff_cache.get(name)
-        if hit is not None and hit[0] == key:
+        if hit is not None and hit[0].matches(tensors):
             return hit[1], hit[2]
         w_eff, b_eff = bottleneck_down_eff(self.base_weight(), self.bias, down.weight, down.bias)
-        self._eff_cache[name] = (key, w_eff, b_eff)
+        self._eff_cache[name] = (TensorStamp(tensors), w_eff, b_eff)
         return w_eff, b_eff
 
     def _adapter_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
         adapter: BottleneckAdapter = self.adapters[name]
         weight = self.base_weight()
         if not adapter.fusable:
-            return adapter(F.linear(x, weight, self.bias))
+            h = F.linear(x, weight, self.bias)
+            # The adapter runs in its own dtype (fp32 on a half model: autocast_adapter_dtype).
+            return adapter(h.to(adapter.down.weight.dtype)).to(h.dtype)
         w_eff = b_eff = None
         if resolve_backend(self.backend, x.device) == "triton" and not torch.compiler.is_compiling():
             w_eff, b_eff = self._down_eff(name, adapter)

@@ -19,9 +19,16 @@ __all__ = ["AdapterConfig", "LoraConfig", "config_to_plain", "LORA_INIT_CHOICES"
 TargetSpec = Optional[Union[List[str], str]]
 
 # Values of PEFT's ``init_lora_weights`` that fastpeft can initialise itself. Other PEFT
-# values (e.g. "pissa", "olora", "loftq", "eva") only matter when a new adapter is made;
-# a saved adapter with them still loads (its weights replace the initial ones).
+# values that touch only the adapter ("eva", "orthogonal", "mica") matter only when a new
+# adapter is made: a saved adapter with them loads (its weights replace the initial
+# ones). Those that rewrite the base weights are refused (BASE_REWRITING_INITS).
 LORA_INIT_CHOICES = (True, False, "gaussian")
+
+# PEFT inits that also rewrite the base weights (W <- W - s B0 A0, from an SVD, QR or
+# quantisation of W), and do so again whenever PEFT loads such an adapter: its outputs
+# hold only on the rewritten base, which fastpeft does not make. PEFT converts them to
+# plain LoRA adapters (save_pretrained(path_initial_model_for_weight_conversion=...)).
+BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 
 
 def _plain(value: Any) -> Any:
@@ -186,6 +193,11 @@ class LoraConfig(AdapterConfig):
             raise ValueError(
                 f"lora_bias=True needs init_lora_weights True or False (as PEFT), got {self.init_lora_weights!r}"
             )
+        for key, value in [("lora_alpha", self.lora_alpha)] + [
+            (f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items()
+        ]:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{key} must be a number, got {value!r}")
         for key, value in self.rank_pattern.items():
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
@@ -206,6 +218,14 @@ class LoraConfig(AdapterConfig):
         problems = []
         if self.use_dora:
             problems.append("DoRA (use_dora=True) is not supported yet; use plain LoRA")
+        init = self.init_lora_weights
+        if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
+            problems.append(
+                f"init_lora_weights={init!r} rewrites the base weights (PEFT subtracts the initial adapter "
+                "from W whenever it creates or loads this adapter), which fastpeft does not do; convert it "
+                "to a plain LoRA adapter with PEFT first: peft_model.save_pretrained(out_dir, "
+                "path_initial_model_for_weight_conversion=<the saved initial adapter>)"
+            )
         for key in ("target_parameters", "layer_replication", "trainable_token_indices", "megatron_config"):
             if self.extra.get(key):
                 problems.append(f"{key}={self.extra[key]!r} is not supported")

@@ -19,7 +19,51 @@ import torch.nn.functional as F
 
 from fastpeft.ops import BACKENDS, autocast_dtype, check_linear_input
 
-__all__ = ["AdapterLinear"]
+__all__ = ["AdapterLinear", "TensorStamp"]
+
+
+def _frozen_parameter(t: torch.Tensor) -> nn.Parameter:
+    """A frozen Parameter holding ``t``: ``t`` itself when it is an already frozen
+    Parameter (so a tied weight, lm_head and embed_tokens, stays one parameter, counted
+    once; ``fastpeft.inject`` freezes the base first), else a new Parameter sharing its
+    storage (the source module's own flag is never changed)."""
+    if isinstance(t, nn.Parameter) and not t.requires_grad:
+        return t
+    return nn.Parameter(t.detach(), requires_grad=False)
+
+
+class TensorStamp:
+    """A record of some tensors that tells, later, whether any of them changed.
+
+    A layer keeps a value derived from its tensors (a stacked adapter table, a folded
+    weight) for the next forward; it is reused while ``stamp.matches(tensors)``. A change
+    is seen when a tensor was updated in place (its version counter moved: optimizer
+    steps, ``copy_``), replaced (``.data =``, ``load_state_dict(assign=True)``: its storage
+    differs), or moved or cast. The stamp holds each tensor's old storage alive, so a
+    replacement can never reuse the old address and look unchanged. Not seen: in-place
+    edits through ``.data`` (``p.data.zero_()``: that alias counts versions of its own;
+    edit under ``torch.no_grad()`` instead, as optimizers and ``load_state_dict`` do), and
+    in-place edits of tensors made under ``torch.inference_mode``, which have no version
+    counter (replacing them is seen).
+    """
+
+    __slots__ = ("_held", "_keys")
+
+    def __init__(self, tensors: Sequence[Optional[torch.Tensor]]) -> None:
+        self._held = [None if t is None else t.detach() for t in tensors]
+        self._keys = [self._key(t) for t in tensors]
+
+    @staticmethod
+    def _key(t: Optional[torch.Tensor]) -> Any:
+        if t is None:
+            return None
+        version = None if t.is_inference() else t._version
+        return (version, t.data_ptr(), t.dtype, t.device, tuple(t.shape), tuple(t.stride()))
+
+    def matches(self, tensors: Sequence[Optional[torch.Tensor]]) -> bool:
+        return len(tensors) == len(self._keys) and all(
+            self._key(t) == key for t, key in zip(tensors, self._keys)
+        )
 
 
 class AdapterLinear(nn.Module):
@@ -53,8 +97,8 @@ class AdapterLinear(nn.Module):
         else:
             self.out_features, self.in_features = weight.shape
         self.backend = backend
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.weight = _frozen_parameter(weight)
+        self.bias = None if bias is None else _frozen_parameter(bias)
         self.active_adapter: Optional[str] = None
         self.merged_adapters: List[str] = []
         # One adapter name (or None) per batch row while ``fastpeft.batch_adapters`` is on.
@@ -80,7 +124,7 @@ class AdapterLinear(nn.Module):
         """``(weight, bias)`` data of an ``nn.Linear`` (a clear error for anything else)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        return linear.weight.data, None if linear.bias is None else linear.bias.data
+        return linear.weight, linear.bias
 
     @staticmethod
     def _conv1d_parts(conv: nn.Module) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -91,8 +135,7 @@ class AdapterLinear(nn.Module):
                 f"from_conv1d expects a transformers Conv1D (weight (in, out), attribute nf), "
                 f"got {type(conv).__name__}"
             )
-        bias = getattr(conv, "bias", None)
-        return weight.data, None if bias is None else bias.data
+        return weight, getattr(conv, "bias", None)
 
     def base_weight(self) -> torch.Tensor:
         """The base weight as ``(out_features, in_features)``: a transposed view for Conv1D."""
@@ -106,11 +149,8 @@ class AdapterLinear(nn.Module):
                 base = self.base_cls(self.out_features, self.in_features)  # Conv1D(nf, nx)
             else:
                 base = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        base.weight = nn.Parameter(self.weight.data, requires_grad=self.weight.requires_grad)
-        if self.bias is None:
-            base.bias = None
-        else:
-            base.bias = nn.Parameter(self.bias.data, requires_grad=self.bias.requires_grad)
+        base.weight = self.weight
+        base.bias = self.bias
         return base
 
     # ---------------------------------------------------------------- adapters

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastpeft.layers import AdapterLinear
+from fastpeft.layers import AdapterLinear, TensorStamp
 from fastpeft.ops import autocast_cast, autocast_dtype, check_linear_input, lora_linear_unchecked
 
 __all__ = ["FastLoRALinear", "POOL_ATTR"]
@@ -37,6 +37,8 @@ def _check_rank(r: int) -> int:
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
     """``alpha / r``, or ``alpha / sqrt(r)`` with rank-stabilised LoRA (rsLoRA)."""
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
+        raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
@@ -180,6 +182,7 @@ class FastLoRALinear(AdapterLinear):
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
         if init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        scaling = lora_scaling(r, lora_alpha, use_rslora)  # checks lora_alpha before anything is added
         factory = {"device": self.weight.device, "dtype": self.weight.dtype}
         A = torch.empty(r, self.in_features, **factory)
         B = torch.empty(self.out_features, r, **factory)
@@ -202,7 +205,7 @@ class FastLoRALinear(AdapterLinear):
             self.lora_B_biases[adapter_name] = nn.Parameter(lb)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
-        self.scalings[adapter_name] = lora_scaling(r, lora_alpha, use_rslora)
+        self.scalings[adapter_name] = scaling
         if self.active_adapter is None:
             self.active_adapter = adapter_name
 
@@ -291,7 +294,8 @@ class FastLoRALinear(AdapterLinear):
         lb = self.lora_B_biases[adapter_name] if adapter_name in self.lora_B_biases else None
         if lb is None:
             return self.bias
-        scaled = lb * self.scalings[adapter_name]
+        # An fp32 lora_bias on a half model (autocast_adapter_dtype) joins in the base's dtype.
+        scaled = (lb * self.scalings[adapter_name]).to(self.weight.dtype)
         return scaled if self.bias is None else self.bias + scaled.to(self.bias.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -388,7 +392,7 @@ class FastLoRALinear(AdapterLinear):
         uses none of this layer's adapters.
 
         Kept for the next forward while the batch's names and the adapters' tensors are
-        unchanged (``Tensor._version`` counts in-place updates), so decoding step after
+        unchanged (``TensorStamp``: in-place updates, ``.data`` swaps), so decoding step after
         step with one batch stacks and uploads once, not once per step and layer.
         """
         names = [n for n in dict.fromkeys(row_adapters) if n is not None and n in self.r]
@@ -396,11 +400,10 @@ class FastLoRALinear(AdapterLinear):
             return None
         tensors = [self.lora_A_weights[n] for n in names] + [self.lora_B_weights[n] for n in names]
         tensors += [self.lora_B_biases[n] for n in names if n in self.lora_B_biases]
-        key = (row_adapters, device, tuple((id(t), t._version) for t in tensors),
-               tuple(self.scalings[n] for n in names))
+        key = (row_adapters, device, tuple(id(t) for t in tensors), tuple(self.scalings[n] for n in names))
         cached = self.__dict__.get("_stack_cache")
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        if cached is not None and cached[0] == key and cached[1].matches(tensors):
+            return cached[2]
         index = {n: i for i, n in enumerate(names)}
         R = max(self.r[n] for n in names)
         # Built with autograd on when it is on, so that a backward through a mixed batch
@@ -417,7 +420,7 @@ class FastLoRALinear(AdapterLinear):
         batch_slot = torch.tensor([index.get(n, -1) for n in row_adapters], dtype=torch.int32, device=device)
         stacks = (lora_A, lora_B, ranks, scalings, batch_slot, bias_table)
         if not (lora_A.requires_grad or lora_B.requires_grad):  # never keep a graph alive
-            self.__dict__["_stack_cache"] = (key, stacks)
+            self.__dict__["_stack_cache"] = (key, TensorStamp(tensors), stacks)
         return stacks
 
     def extra_repr(self) -> str:

@@ -309,6 +309,7 @@ def _inject(
 ) -> _Undo:
     """Inject one adapter; returns the undo of everything done. All checks come first."""
     spec = get_method(config.peft_type)
+    config = _with_task_modules(config)
     if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE or "." in adapter_name:
         raise ValueError(f"adapter_name must be a non-empty string without '.', not {BASE!r}; got {adapter_name!r}")
     configs = _configs(model)
@@ -338,6 +339,65 @@ def _inject(
         adapted_types=adapted_types,
     )
     modules = dict(model.named_modules())
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+
+    def restore_flags() -> None:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+    # The targets' base tensors are frozen first, so the new layers adopt their
+    # Parameters as they are (a tied lm_head/embed_tokens weight stays one parameter).
+    for name in names:
+        for p in modules[name].parameters():
+            p.requires_grad_(False)
+    try:
+        new_modules, existing = _build_targets(model, spec, names, config, adapter_name, backend)
+        save_new, save_existing = _build_saved(model, config, adapter_name, new_modules)
+    except BaseException:
+        restore_flags()
+        raise
+
+    # New layers take the train/eval mode of the module they replace.
+    for name, module in {**new_modules, **save_new}.items():
+        module.train(modules[name].training)
+
+    undo = _Undo()
+    # Runs last on undo (steps run newest first): the layers' active adapter follows the
+    # model's again once every other step (deleted adapters included) is reversed.
+    undo.add(lambda: _sync_active(model))
+    undo.add(restore_flags)
+    try:
+        old = replace_modules(model, {**new_modules, **save_new})
+        undo.add(lambda: replace_modules(model, old))
+        for name, module in existing:
+            spec.add_to_layer(name, module, config, adapter_name)
+            undo.add(lambda m=module: m.delete_adapter(adapter_name))
+        for wrapper in save_existing:
+            wrapper.add_adapter(adapter_name)
+            undo.add(lambda w=wrapper: w.delete_adapter(adapter_name))
+        configs[adapter_name] = config
+        undo.add(lambda: configs.pop(adapter_name, None))
+        active = model.__dict__.get("fastpeft_active")
+        if active is None or active not in configs:
+            model.__dict__["fastpeft_active"] = adapter_name
+            undo.add(lambda: model.__dict__.__setitem__("fastpeft_active", active))
+        _sync_active(model)
+        if autocast_adapter_dtype:
+            _upcast_adapter(model, adapter_name)
+        _mark_trainable(model)
+    except BaseException:
+        undo()
+        raise
+    return undo
+
+
+def _build_targets(
+    model: nn.Module, spec: MethodSpec, names: List[str], config: AdapterConfig, adapter_name: str, backend: str,
+) -> Tuple[Dict[str, nn.Module], List[Tuple[str, nn.Module]]]:
+    """The method's new layers for ``names`` (built aside, the model untouched) and the
+    already adapted layers that take one more adapter. Raises on a target it cannot adapt."""
+    adapted_types = _all_layer_types() + (ModulesToSaveWrapper,)
+    modules = dict(model.named_modules())
     new_modules: Dict[str, nn.Module] = {}
     existing: List[Tuple[str, nn.Module]] = []
     for name in names:
@@ -359,8 +419,16 @@ def _inject(
                 f"target module {name!r} is a {type(module).__name__}; {spec.peft_type} adapts only {kinds}. "
                 "Narrow target_modules (e.g. name the leaf projections) or exclude it"
             )
+    return new_modules, existing
 
-    # modules_to_save: new wrappers (built aside) or a new copy in an existing wrapper.
+
+def _build_saved(
+    model: nn.Module, config: AdapterConfig, adapter_name: str, new_modules: Dict[str, nn.Module],
+) -> Tuple[Dict[str, nn.Module], List[nn.Module]]:
+    """``modules_to_save``: new wrappers (built aside) and existing wrappers that take a
+    copy for this adapter."""
+    adapted_types = _all_layer_types() + (ModulesToSaveWrapper,)
+    modules = dict(model.named_modules())
     save_new: Dict[str, nn.Module] = {}
     save_existing: List[nn.Module] = []
     if config.modules_to_save:
@@ -387,40 +455,26 @@ def _inject(
                 save_new[name] = wrapper
         if not save_new and not save_existing:
             raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module of the model")
+    return save_new, save_existing
 
-    # New layers take the train/eval mode of the module they replace.
-    for name, module in {**new_modules, **save_new}.items():
-        module.train(modules[name].training)
+# PEFT's task models train (and save) the task head in full: its SEQ_CLS and TOKEN_CLS
+# models add "classifier" and "score" to modules_to_save, QUESTION_ANS "qa_outputs".
+_TASK_MODULES_TO_SAVE = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
 
-    undo = _Undo()
-    # Runs last on undo (steps run newest first): the layers' active adapter follows the
-    # model's again once every other step (deleted adapters included) is reversed.
-    undo.add(lambda: _sync_active(model))
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    undo.add(lambda: [p.requires_grad_(f) for p, f in flags])
-    try:
-        old = replace_modules(model, {**new_modules, **save_new})
-        undo.add(lambda: replace_modules(model, old))
-        for name, module in existing:
-            spec.add_to_layer(name, module, config, adapter_name)
-            undo.add(lambda m=module: m.delete_adapter(adapter_name))
-        for wrapper in save_existing:
-            wrapper.add_adapter(adapter_name)
-            undo.add(lambda w=wrapper: w.delete_adapter(adapter_name))
-        configs[adapter_name] = config
-        undo.add(lambda: configs.pop(adapter_name, None))
-        active = model.__dict__.get("fastpeft_active")
-        if active is None or active not in configs:
-            model.__dict__["fastpeft_active"] = adapter_name
-            undo.add(lambda: model.__dict__.__setitem__("fastpeft_active", active))
-        _sync_active(model)
-        if autocast_adapter_dtype:
-            _upcast_adapter(model, adapter_name)
-        _mark_trainable(model)
-    except BaseException:
-        undo()
-        raise
-    return undo
+
+def _with_task_modules(config: AdapterConfig) -> AdapterConfig:
+    """``config`` with its task's head added to ``modules_to_save``, as PEFT does (the
+    filled config is the one kept and saved)."""
+    heads = _TASK_MODULES_TO_SAVE.get(str(config.task_type or "").upper(), ())
+    current = list(config.modules_to_save or [])
+    missing = [h for h in heads if h not in current]
+    if not missing:
+        return config
+    return dataclasses.replace(config, modules_to_save=current + missing)
 
 
 def _prefixes(name: str) -> List[str]:
@@ -441,7 +495,16 @@ def _upcast_adapter(model: nn.Module, adapter_name: str) -> None:
 
 
 def _own_parameters(model: nn.Module, adapter_name: str) -> Dict[int, nn.Parameter]:
-    return {id(t): t for t in adapter_tensors(model, adapter_name).values() if isinstance(t, nn.Parameter)}
+    """The parameters an adapter trains: its checkpoint's, except the frozen originals
+    of ``modules_to_save`` wrappers (saved with ``bias="all"``, never trained, as PEFT)."""
+    originals = {
+        id(p) for _, w in named_modules_of(model, (ModulesToSaveWrapper,)) for p in w.original_module.parameters()
+    }
+    return {
+        id(t): t
+        for t in adapter_tensors(model, adapter_name).values()
+        if isinstance(t, nn.Parameter) and id(t) not in originals
+    }
 
 
 def _mark_trainable(model: nn.Module) -> None:
@@ -596,9 +659,15 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     for _, layer in _adapter_layers(model):
         if adapter_name in layer.adapter_names:
             layer.delete_adapter(adapter_name)
-    del _configs(model)[adapter_name]
+    configs = _configs(model)
+    del configs[adapter_name]
     if active_adapter(model) == adapter_name:
-        model.__dict__["fastpeft_active"] = next(iter(_configs(model)), None)
+        # As PEFT: the first remaining adapter becomes active, and trainable (unless it
+        # was loaded for inference).
+        successor = next(iter(configs), None)
+        model.__dict__["fastpeft_active"] = successor
+        if successor is not None:
+            _train_only(model, successor, bool(getattr(configs[successor], "inference_mode", False)))
     _sync_active(model)
 
 

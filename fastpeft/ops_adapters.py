@@ -361,10 +361,11 @@ def bottleneck_linear(
     for name, t in (("down_w", down_w), ("up_w", up_w), ("down_b", down_b), ("up_b", up_b)):
         if t is not None and t.device != x.device:
             raise RuntimeError(f"{name} is on {t.device} but the input is on {x.device}; move one of them")
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(
-                f"{name} is {t.dtype} but the input is {x.dtype}; keep the adapter in the layer's dtype"
-            )
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    # An adapter kept in fp32 on a half-precision model (autocast_adapter_dtype) runs in
+    # the input's dtype, as LoRA's does; autograd hands its gradients back in fp32.
+    down_w, down_b, up_w, up_b = (None if t is None else t.to(x.dtype) for t in (down_w, down_b, up_w, up_b))
     if (w_eff is None) != (b_eff is None):
         raise ValueError("pass both w_eff and b_eff (from bottleneck_down_eff), or neither")
     if w_eff is not None and (w_eff.shape != (D, K) or b_eff.shape != (D,)):

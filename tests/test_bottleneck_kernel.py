@@ -151,8 +151,8 @@ def test_bad_inputs_raise_clearly():
         ops.bottleneck_linear(x, w, b, dw, db, uw[:, :3], ub, 1.0, "relu")
     with pytest.raises(ValueError, match="down_b must have shape"):
         ops.bottleneck_linear(x, w, b, dw, db[:2], uw, ub, 1.0, "relu")
-    with pytest.raises(TypeError, match="keep the adapter in the layer's dtype"):
-        ops.bottleneck_linear(x, w, b, dw.double(), db, uw, ub, 1.0, "relu")
+    with pytest.raises(TypeError, match="down_w must be a floating-point tensor"):
+        ops.bottleneck_linear(x, w, b, dw.to(torch.int32), db, uw, ub, 1.0, "relu")
     with pytest.raises(ValueError, match="last dimension 20"):
         ops.bottleneck_linear(x[:, :5], w, b, dw, db, uw, ub, 1.0, "relu")
 

@@ -177,3 +177,65 @@ def test_bad_inputs_change_nothing(tmp_path):
     with pytest.raises(ValueError, match="unknown non-linearity"):
         fp.load_adapter(model, tmp_path / "a")
     assert _same_state(model, before)
+
+
+@pytest.mark.parametrize("ln_after", [False, True])
+def test_half_model_keeps_fp32_adapter_and_matches_fp32(tmp_path, ln_after):
+    """fp16 model, adapter kept in fp32 (autocast_adapter_dtype, the default): runs
+    fused (and with a layer norm, unfused), and a saved adapter loads the same way."""
+    config = fp.BottleneckConfig(bottleneck_size=4, init_weights=False, ln_after=ln_after)
+    ref_model = fp.inject(tiny_llama(), config)
+    expected = _out(ref_model)
+    fp.save_adapter(ref_model, str(tmp_path))
+    for how in ("inject", "load"):
+        model = tiny_llama().half()
+        if how == "inject":
+            fp.inject(model, config)
+            model.load_state_dict(ref_model.state_dict())  # same adapter weights as the fp32 model
+        else:
+            fp.load_adapter(model, str(tmp_path))
+        adapter = model.model.layers[0].mlp.down_proj.adapters["default"]
+        assert adapter.down.weight.dtype == torch.float32
+        out = _out(model)
+        assert out.dtype == torch.float16
+        assert rel_err(out.float(), expected) < 2e-2, how
+
+
+def test_model_loaded_under_inference_mode_runs(tmp_path, kernel_calls):
+    """Tensors made under torch.inference_mode have no version counter: the folded
+    down-projection cache must still work (and see a replaced weight)."""
+    src = fp.inject(tiny_llama(), fp.BottleneckConfig(bottleneck_size=4, init_weights=False))
+    fp.save_adapter(src, str(tmp_path))
+    with torch.inference_mode():
+        model = fp.load_adapter(tiny_llama(), str(tmp_path)).eval()
+        expected = _out(src)
+        assert rel_err(model(_ids()).logits, expected) < 1e-5
+        assert rel_err(model(_ids()).logits, expected) < 1e-5  # from the cache
+    layer = model.model.layers[0].mlp.down_proj
+    with torch.inference_mode():
+        layer.adapters["default"].down.weight.data = torch.zeros_like(layer.adapters["default"].down.weight)
+        src.model.layers[0].mlp.down_proj.adapters["default"].down.weight.zero_()
+        assert rel_err(model(_ids()).logits, _out(src)) < 1e-5
+    if fp.resolve_backend("auto", torch.device(DEVICE)) == "triton":
+        assert kernel_calls
+
+
+def test_folded_weight_cache_sees_replaced_tensors():
+    """``.data`` swaps and load_state_dict(assign=True) keep the version counter; the
+    cache must still notice (the stamp holds the old storage, so its address is not reused)."""
+    torch.manual_seed(3)
+    layer = BottleneckLinear.from_linear(
+        torch.nn.Linear(24, 20).to(DEVICE), bottleneck_size=4, non_linearity="gelu", init_weights=False,
+        backend="triton",
+    )
+    x = torch.randn(5, 24, device=DEVICE)
+    adapter = layer.adapters["default"]
+    for step in range(6):
+        layer(x)  # fills the cache
+        adapter.down.weight.data = torch.randn_like(adapter.down.weight)
+        if step % 2:
+            layer.load_state_dict({k: torch.randn_like(v) for k, v in layer.state_dict().items()}, assign=True)
+            adapter = layer.adapters["default"]
+        ref = ops.bottleneck_linear(x, layer.weight, layer.bias, adapter.down.weight, adapter.down.bias,
+                                    adapter.up.weight, adapter.up.bias, adapter.scaling, "gelu", backend="torch")
+        assert rel_err(layer(x), ref) < 1e-5, step

@@ -18,7 +18,7 @@ import transformers  # noqa: E402
 import fastpeft as fp  # noqa: E402
 
 from numerics import rel_err  # noqa: E402
-from tiny_models import input_ids, logits, tiny_llama  # noqa: E402
+from tiny_models import assert_same_snapshot, input_ids, logits, snapshot, tiny_bert, tiny_gpt2, tiny_llama  # noqa: E402
 
 
 def _llama(attention_bias=False):
@@ -110,12 +110,24 @@ def test_mixed_batch_sees_direct_data_edits_between_batches():
     assert rel_err(mixed[0], _logits_of(model, None, ids)[0]) < 1e-5  # a is now a no-op
 
 
-def test_modules_to_save_around_a_keyword_called_module():
+def test_modules_to_save_around_a_keyword_called_module(tmp_path):
+    """HF calls attention with keywords only; the wrapper's copy must run (it is
+    perturbed here, so running the original instead would show)."""
     ids = input_ids()
-    model = fp.inject(_llama(), fp.LoraConfig(r=2, target_modules=["down_proj"], modules_to_save=["self_attn"]))
     theirs = peft.get_peft_model(_llama(), peft.LoraConfig(r=2, target_modules=["down_proj"],
-                                                           modules_to_save=["self_attn"]))
-    assert rel_err(logits(model, ids), logits(theirs, ids)) < 1e-5
+                                                           modules_to_save=["self_attn"], init_lora_weights=False))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "modules_to_save.default" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    theirs.save_pretrained(tmp_path)
+    expected = logits(theirs, ids)
+    assert rel_err(expected, logits(_llama(), ids)) > 1e-3
+    model = fp.load_adapter(_llama(), str(tmp_path))
+    assert rel_err(logits(model, ids), expected) < 1e-5
+    fp.set_adapter(model, None)  # the original modules run again
+    assert rel_err(logits(model, ids), logits(_llama(), ids)) < 1e-5
 
 
 def test_all_linear_second_adapter_next_to_a_wrapped_embedding():
@@ -190,3 +202,94 @@ def test_modules_to_save_around_adapter_layers_is_refused_and_changes_nothing():
     with pytest.raises(ValueError, match="holds adapter layers"):
         fp.inject(model, fp.LoraConfig(r=2, target_modules=["down_proj"], modules_to_save=["self_attn"]), "b")
     assert_same_snapshot(before, snapshot(model))
+
+
+def _peft_counts(model):
+    return model.get_nb_trainable_parameters()
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_base_rewriting_inits_are_refused_on_load(tmp_path, init):
+    """PEFT re-runs PiSSA/OLoRA on load, rewriting the base (W - s B0 A0): loading the
+    saved weights over the plain base would give wrong outputs, so it is refused."""
+    theirs = peft.get_peft_model(_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=init))
+    theirs.save_pretrained(tmp_path)
+    model = _llama()
+    before = snapshot(model)
+    with pytest.raises(NotImplementedError, match="rewrites the base weights.*path_initial_model_for_weight_conversion"):
+        fp.load_adapter(model, tmp_path)
+    assert_same_snapshot(before, snapshot(model))
+    with pytest.raises(NotImplementedError, match="rewrites the base weights"):
+        fp.inject(_llama(), fp.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=init))
+
+
+@pytest.mark.parametrize("task_type", ["SEQ_CLS", "TOKEN_CLS"])
+def test_task_head_is_trained_and_saved_as_peft_does(tmp_path, task_type):
+    config = dict(r=2, target_modules=["query", "value"], task_type=task_type)
+    model = fp.inject(tiny_bert(), fp.LoraConfig(**config))
+    theirs = peft.get_peft_model(tiny_bert(), peft.LoraConfig(**config))
+    assert fp.trainable_parameters(model) == _peft_counts(theirs)
+    assert model.classifier.modules_to_save["default"].weight.requires_grad
+    with torch.no_grad():
+        model.classifier.modules_to_save["default"].weight.add_(1.0)  # a trained head
+    fp.save_adapter(model, tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert set(saved["modules_to_save"]) == {"classifier", "score"}
+    ids = input_ids()
+    back = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path)
+    assert rel_err(logits(back, ids), logits(model, ids)) < 1e-5
+
+
+def test_lora_bias_on_a_half_model_without_base_bias_runs_on_the_reference():
+    """fp32 adapter (autocast_adapter_dtype) with lora_bias on an fp16 layer without bias."""
+    config = fp.LoraConfig(r=2, target_modules=["down_proj"], lora_bias=True, init_lora_weights=False)
+    full = fp.inject(_llama(), config, backend="torch")
+    half = _llama().half()
+    fp.inject(half, config, backend="torch")
+    half.load_state_dict(full.state_dict())
+    layer = half.model.layers[0].mlp.down_proj
+    assert layer.bias is None and layer.lora_B_biases["default"].dtype == torch.float32
+    ids = input_ids()
+    assert rel_err(logits(half, ids).float(), logits(full, ids)) < 2e-2
+
+
+def test_bad_lora_alpha_is_refused_before_anything_changes():
+    with pytest.raises(ValueError, match="lora_alpha must be a number"):
+        fp.LoraConfig(lora_alpha="16")
+    with pytest.raises(ValueError, match=r"alpha_pattern\['q_proj'\] must be a number"):
+        fp.LoraConfig(alpha_pattern={"q_proj": None})
+    layer = fp.FastLoRALinear(8, 6, r=2)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match="lora_alpha must be a finite number"):
+        layer.add_adapter("b", 2, "16")
+    assert layer.adapter_names == ["default"] and "b" not in layer.r
+    assert layer.state_dict().keys() == before.keys()
+
+
+def test_deleting_the_active_adapter_activates_and_trains_the_next_as_peft():
+    model = _two_adapters(_llama())
+    theirs = peft.get_peft_model(_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), "a")
+    theirs.add_adapter("b", peft.LoraConfig(r=2, target_modules=["v_proj"]))
+    fp.delete_adapter(model, "a")
+    theirs.delete_adapter("a")
+    assert fp.active_adapter(model) == "b"
+    assert fp.trainable_parameters(model) == _peft_counts(theirs)
+    assert fp.trainable_parameters(model)[0] > 0
+
+
+def test_bias_all_keeps_the_wrapped_original_frozen():
+    config = dict(r=2, target_modules=["down_proj"], modules_to_save=["self_attn"], bias="all")
+    model = fp.inject(_llama(attention_bias=True), fp.LoraConfig(**config))
+    theirs = peft.get_peft_model(_llama(attention_bias=True), peft.LoraConfig(**config))
+    assert fp.trainable_parameters(model) == _peft_counts(theirs)
+    assert not any(p.requires_grad for p in model.model.layers[0].self_attn.original_module.parameters())
+
+
+def test_targeting_a_tied_lm_head_keeps_the_tie_and_counts_it_once():
+    config = dict(r=2, target_modules=["c_attn", "lm_head"])
+    model = fp.inject(tiny_gpt2(), fp.LoraConfig(**config))
+    theirs = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(**config))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert fp.trainable_parameters(model) == _peft_counts(theirs)
+    fp.unload(model, merge_adapter=False)
+    assert model.lm_head.weight is model.transformer.wte.weight
