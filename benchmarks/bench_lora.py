@@ -162,8 +162,11 @@ def _verdict(row: Dict[str, Any]) -> Optional[str]:
     return f"{'met' if x <= target else 'MISSED'} (<= {target})"
 
 
-def run_gpu(quick: bool, json_path: Optional[str], info: Dict[str, Any]) -> List[Dict[str, Any]]:
-    shapes, ms, ranks = (QUICK_SHAPES, QUICK_MS, [16]) if quick else (SHAPES, MS, RANKS)
+def run_gpu(
+    quick: bool, json_path: Optional[str], info: Dict[str, Any], ranks: Optional[List[int]] = None
+) -> List[Dict[str, Any]]:
+    shapes, ms, default_ranks = (QUICK_SHAPES, QUICK_MS, [16]) if quick else (SHAPES, MS, RANKS)
+    ranks = ranks or default_ranks
     rows = []
     for K, N in shapes:
         # torch.compile recompiles per shape (tens of seconds): --quick measures it on the
@@ -216,15 +219,20 @@ def run_cpu() -> List[Dict[str, Any]]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = common.base_args(__doc__.splitlines()[0], "bench_lora.json").parse_args(argv)
+    parser = common.base_args(__doc__.splitlines()[0], "bench_lora.json")
+    parser.add_argument(
+        "--ranks", type=lambda v: [int(r) for r in v.split(",")], default=None,
+        help=f"comma-separated LoRA ranks (default {','.join(map(str, RANKS))}; --quick: 16), e.g. 8,16,64,128",
+    )
+    args = parser.parse_args(argv)
     return common.run_benchmark(
         args,
         what="the Triton kernel",
         run_cpu=run_cpu,
         cpu_columns=["K", "N", "M", "r", "dtype", "rel_err", "tol"],
-        run_gpu=lambda info: run_gpu(args.quick, args.json, info),
+        run_gpu=lambda info: run_gpu(args.quick, args.json, info, args.ranks),
         gpu_columns=["pass", "K", "N", "M", "r", "base_ms", "unfused_x", "peft_x", "compile_x", "fastpeft_x",
-                     "base_graph_ms", "unfused_graph_x", "peft_graph_x", "fastpeft_graph_x", "target"],
+                     "base_graph_ms", "unfused_graph_x", "peft_graph_x", "compile_graph_x", "fastpeft_graph_x", "target"],
         key_columns=["pass", "K", "N", "M", "r"],
         title="ratios to cuBLAS base F.linear(x, W), same run (bf16); *_graph: CUDA-graph replay; "
               "fwd+bwd rows: to the base's own forward + dx backward",

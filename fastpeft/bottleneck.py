@@ -250,7 +250,7 @@ class BottleneckLinear(AdapterLinear):
             # The adapter runs in its own dtype (fp32 on a half model: autocast_adapter_dtype).
             return adapter(h.to(adapter.down.weight.dtype)).to(h.dtype)
         w_eff = b_eff = None
-        if resolve_backend(self.backend, x.device) == "triton" and not torch.compiler.is_compiling():
+        if resolve_backend(self.backend, x.device, x.dtype) == "triton" and not torch.compiler.is_compiling():
             w_eff, b_eff = self._down_eff(name, adapter)
         down, up = adapter.down, adapter.up
         return bottleneck_linear(

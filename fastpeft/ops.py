@@ -26,28 +26,42 @@ __all__ = [
     "lora_linear_unchecked",
     "check_linear_input",
     "check_bias",
+    "check_adapter_tensors",
+    "KERNEL_DTYPES",
     "autocast_dtype",
     "autocast_cast",
 ]
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map ``"auto" | "triton" | "torch"`` to the backend that runs on ``device``.
+#: Input dtypes the Triton kernels take (fp32 accumulation inside).
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    """Map ``"auto" | "triton" | "torch"`` to the backend that runs on ``device`` for
+    inputs of ``dtype`` (None: a kernel dtype).
 
     ``auto`` takes Triton for CUDA tensors, and for CPU tensors when the Triton
-    interpreter is on (``TRITON_INTERPRET=1``); the reference otherwise. Forcing
-    ``"triton"`` where Triton cannot run is an error, never a silent fallback.
+    interpreter is on (``TRITON_INTERPRET=1``), in fp32, fp16 and bf16; the reference
+    otherwise (float64 runs there, as ``nn.Linear`` does). Forcing ``"triton"`` where
+    Triton cannot run is an error, never a silent fallback.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    triton_ok = device.type == "cuda" or (device.type == "cpu" and _kernels.interpreter_active())
+    device_ok = device.type == "cuda" or (device.type == "cpu" and _kernels.interpreter_active())
+    dtype_ok = dtype is None or dtype in KERNEL_DTYPES
     if backend == "auto":
-        return "triton" if triton_ok else "torch"
-    if backend == "triton" and not triton_ok:
+        return "triton" if device_ok and dtype_ok else "torch"
+    if backend == "triton" and not device_ok:
         raise RuntimeError(
             f"backend='triton' cannot run on a {device.type} tensor: use a CUDA device, or set "
             "TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU, "
             "or pass backend='torch'"
+        )
+    if backend == "triton" and not dtype_ok:
+        raise TypeError(
+            f"backend='triton' runs fp32, fp16 and bf16 inputs, got {dtype}; "
+            "pass backend='torch' (or 'auto') for it"
         )
     return backend
 
@@ -79,6 +93,21 @@ def check_bias(bias: Optional[torch.Tensor], weight: torch.Tensor, x: torch.Tens
         raise ValueError(f"{what}: bias must be a floating tensor of shape ({N},), got {got}")
     if bias.device != x.device:
         raise RuntimeError(f"{what}: bias is on {bias.device} but the input is on {x.device}; move one of them")
+    if bias.dtype != weight.dtype:
+        raise TypeError(f"{what}: bias is {bias.dtype} but the weight is {weight.dtype}; keep them in one dtype")
+
+
+def check_adapter_tensors(x: torch.Tensor, what: str, **tensors: Optional[torch.Tensor]) -> None:
+    """Adapter tensors the ops can run: floating-point, on ``x``'s device (their dtype
+    may differ from ``x``'s: an fp32 adapter on a half model is cast at the op)."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise TypeError(f"{what}: {name} must be a floating-point tensor, got {got}")
+        if t.device != x.device:
+            raise RuntimeError(f"{what}: {name} is on {t.device} but the input is on {x.device}; move one of them")
 
 
 def check_linear_input(x: torch.Tensor, weight: torch.Tensor, what: str = "layer", check_dtype: bool = True) -> None:
@@ -249,6 +278,11 @@ def lora_linear(
         raise ValueError(f"lora_B must have shape ({weight.shape[0]}, {r}), got {tuple(lora_B.shape)}")
     if x_lora is not None and x_lora.shape != x.shape:
         raise ValueError(f"x_lora must have the shape of x {tuple(x.shape)}, got {tuple(x_lora.shape)}")
+    check_adapter_tensors(x, "lora_linear", lora_A=lora_A, lora_B=lora_B)
+    if lora_A.dtype != lora_B.dtype:
+        raise TypeError(f"lora_linear: lora_A is {lora_A.dtype} but lora_B is {lora_B.dtype}; keep them in one dtype")
+    if x_lora is not None and (x_lora.dtype != x.dtype or x_lora.device != x.device):
+        raise TypeError(f"lora_linear: x_lora must match x ({x.dtype} on {x.device}), got {x_lora.dtype} on {x_lora.device}")
     return lora_linear_unchecked(x, weight, bias, lora_A, lora_B, scaling, x_lora, backend)
 
 
@@ -265,7 +299,7 @@ def lora_linear_unchecked(
     """:func:`lora_linear` for callers that guarantee the shapes, dtypes and devices
     (a layer that built its own adapters and checked ``x``): no second round of checks
     on the decode path."""
-    use_triton = resolve_backend(backend, x.device) == "triton"
+    use_triton = resolve_backend(backend, x.device, x.dtype) == "triton"
     if use_triton and _eager_inference(x, weight, bias, lora_A, lora_B, x_lora):
         # Lean decode path: no autograd and no tracing, so skip the custom-op dispatcher
         # (tens of microseconds, more than the kernel itself at M = 1) and launch directly.

@@ -22,7 +22,14 @@ from fastpeft.kernels.reference import (
     bottleneck_linear_ref,
     ia3_linear_ref,
 )
-from fastpeft.ops import autocast_cast, autocast_dtype, check_bias, check_linear_input, resolve_backend
+from fastpeft.ops import (
+    autocast_cast,
+    autocast_dtype,
+    check_adapter_tensors,
+    check_bias,
+    check_linear_input,
+    resolve_backend,
+)
 
 __all__ = [
     "ACTIVATIONS",
@@ -163,12 +170,9 @@ def ia3_linear(
         got = tuple(ia3_l.shape) if isinstance(ia3_l, torch.Tensor) else type(ia3_l).__name__
         form = f"(1, {K}) or ({K},) for input scaling" if scale_input else f"({N}, 1) or ({N},) for output scaling"
         raise ValueError(f"ia3_l must have shape {form}, got {got}")
-    if not ia3_l.is_floating_point():
-        raise TypeError(f"ia3_l must be a floating-point tensor, got {ia3_l.dtype}")
-    if ia3_l.device != x.device:
-        raise RuntimeError(f"ia3_l is on {ia3_l.device} but the input is on {x.device}; move one of them")
+    check_adapter_tensors(x, "ia3_linear", ia3_l=ia3_l)
     check_bias(bias, weight, x, "ia3_linear")
-    use_triton = resolve_backend(backend, x.device) == "triton"
+    use_triton = resolve_backend(backend, x.device, x.dtype) == "triton"
     return _ia3_linear_op(x, weight, bias, ia3_l.reshape(-1), bool(scale_input), use_triton)
 
 
@@ -358,11 +362,7 @@ def bottleneck_linear(
     for name, t, n in (("down_b", down_b, D), ("up_b", up_b, N)):
         if t is not None and t.shape != (n,):
             raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
-    for name, t in (("down_w", down_w), ("up_w", up_w), ("down_b", down_b), ("up_b", up_b)):
-        if t is not None and t.device != x.device:
-            raise RuntimeError(f"{name} is on {t.device} but the input is on {x.device}; move one of them")
-        if t is not None and not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    check_adapter_tensors(x, "bottleneck_linear", down_w=down_w, up_w=up_w, down_b=down_b, up_b=up_b)
     # An adapter kept in fp32 on a half-precision model (autocast_adapter_dtype) runs in
     # the input's dtype, as LoRA's does; autograd hands its gradients back in fp32.
     down_w, down_b, up_w, up_b = (None if t is None else t.to(x.dtype) for t in (down_w, down_b, up_w, up_b))
@@ -372,7 +372,7 @@ def bottleneck_linear(
         raise ValueError(
             f"w_eff/b_eff must have shapes ({D}, {K}) and ({D},), got {tuple(w_eff.shape)} and {tuple(b_eff.shape)}"
         )
-    use_triton = resolve_backend(backend, x.device) == "triton"
+    use_triton = resolve_backend(backend, x.device, x.dtype) == "triton"
     return _bottleneck_linear_op(
         x, weight, bias, down_w, down_b, up_w, up_b, float(scaling), activation,
         None if w_eff is None else w_eff.detach(), None if b_eff is None else b_eff.detach(), use_triton,

@@ -177,5 +177,5 @@ def multi_lora_linear(
             f"one slot per row of x is needed: x has {M} rows (leading dims {tuple(x.shape[:-1])} "
             f"flattened), got {meta.num_rows} slots"
         )
-    use_triton = resolve_backend(backend, x.device) == "triton"
+    use_triton = resolve_backend(backend, x.device, x.dtype) == "triton"
     return _multi_lora_linear_op(x, weight, bias, lora_A, lora_B, ranks, scalings, *meta.tensors(), use_triton)

@@ -293,8 +293,8 @@ def bottleneck_linear_fwd(
 
     with on_device(x):
         if config is None:
-            key = ("bottleneck", x.device.index, x.dtype, up_w.dtype, N, K, D, act, bias is None, up_b is None,
+            key = ("bottleneck", x.device.index, x.dtype, _input_precision(x.dtype), up_w.dtype, N, K, D, act, bias is None, up_b is None,
                    cached, _m_bucket(M))
-            config = _pick_config(key, M, run, _candidates(M))
+            config = _pick_config(key, M, run, _candidates(M, x.dtype))
         run(config)
     return y

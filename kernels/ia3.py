@@ -172,15 +172,16 @@ def ia3_linear_fwd(
 
     with on_device(x):
         if config is None:
-            key = ("ia3", x.device.index, x.dtype, ia3_l.dtype, N, K, scale_input, bias is None, _m_bucket(M))
-            config = _pick_config(key, M, run, _candidates(M))
+            key = ("ia3", x.device.index, x.dtype, _input_precision(x.dtype), ia3_l.dtype, N, K, scale_input,
+                   bias is None, _m_bucket(M))
+            config = _pick_config(key, M, run, _candidates(M, x.dtype))
         run(config)
     return y
 
 
-def _candidates(m: int) -> List[LoraKernelConfig]:
-    """What the GPU tuner times: the Triton GEMM tiles for this M, and the library GEMM."""
-    return _gpu_candidates(m) + [LIBRARY_GEMM]
+def _candidates(m: int, dtype: Optional[torch.dtype] = None) -> List[LoraKernelConfig]:
+    """What the GPU tuner times: the Triton GEMM tiles for this M and dtype, and the library GEMM."""
+    return _gpu_candidates(m, dtype) + [LIBRARY_GEMM]
 
 
 def _library_gemm(

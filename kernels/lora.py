@@ -229,8 +229,23 @@ MAX_IN_LOOP_RANK = 64
 _EPILOGUE_BLOCK_R = 32
 
 
-def _gpu_candidates(m: int) -> List[LoraKernelConfig]:
-    """Candidate configs for the on-GPU tuner, chosen by the M regime."""
+def _sized_for(cands: List[LoraKernelConfig], dtype: Optional[torch.dtype]) -> List[LoraKernelConfig]:
+    """The tiles below are sized for 16-bit inputs and Hopper's 227 KiB of shared memory
+    per block; 4-byte inputs (fp32, with or without tf32) would double every pipeline
+    stage, so their ``block_k`` is halved: each stage holds as many bytes as before."""
+    if dtype is None or dtype.itemsize < 4:
+        return cands
+    halved = [dataclasses.replace(c, block_k=max(16, c.block_k // 2)) for c in cands]
+    return list(dict.fromkeys(halved))
+
+
+def _gpu_candidates(m: int, dtype: Optional[torch.dtype] = None) -> List[LoraKernelConfig]:
+    """Candidate configs for the on-GPU tuner, chosen by the M regime, for inputs of
+    ``dtype`` (None: 16-bit)."""
+    return _sized_for(_gemm_tiles(m), dtype)
+
+
+def _gemm_tiles(m: int) -> List[LoraKernelConfig]:
     if m <= 16:
         return [
             LoraKernelConfig(16, 64, 128, 8, 4, 4),
@@ -254,12 +269,15 @@ def _gpu_candidates(m: int) -> List[LoraKernelConfig]:
     ]
 
 
-def _lora_candidates(m: int, k: int, lora_in_loop: bool, tma_ok: bool = False) -> List[LoraKernelConfig]:
+def _lora_candidates(
+    m: int, k: int, lora_in_loop: bool, tma_ok: bool = False, dtype: Optional[torch.dtype] = None
+) -> List[LoraKernelConfig]:
     """The LoRA tuner's search space: the GEMM tiles of ``_gpu_candidates``, plus split-K
     tiles at decode, the same tiles with a precomputed ``xa`` at larger M (where the
     shrink could run in the loop), and persistent TMA tiles at large M on Hopper when
-    the call is ``tma_ok``. The tuner times them all and keeps the fastest."""
-    base = _gpu_candidates(m)
+    the call is ``tma_ok``; all sized for ``dtype``'s inputs. The tuner times them all
+    and keeps the fastest."""
+    base = _gemm_tiles(m)
     cands = list(base)
     if m <= 64:
         for split in (2, 4, 8):
@@ -279,7 +297,7 @@ def _lora_candidates(m: int, k: int, lora_in_loop: bool, tma_ok: bool = False) -
         cands += tma
         if lora_in_loop:
             cands += [dataclasses.replace(c, precompute_xa=True) for c in tma]
-    return cands
+    return _sized_for(cands, dtype)
 
 
 def _m_bucket(m: int) -> int:
@@ -355,7 +373,7 @@ def _launch(
     has_lora = lora_A is not None and lora_A.shape[0] > 0
     R = lora_A.shape[0] if has_lora else 0
     if has_lora and xa is None and cfg.precompute_xa:
-        xa = torch.nn.functional.linear(xv.reshape(M, K), lora_A.to(xv.dtype))
+        xa = _shrink(xv, rows, lora_A)
     in_loop = has_lora and xa is None
     block_r = max(16, triton.next_power_of_2(R)) if in_loop else _EPILOGUE_BLOCK_R
     if cfg.tma:
@@ -423,6 +441,25 @@ def _as_2d(xv: torch.Tensor, rows: Tuple[int, int, int, int, int], K: int) -> Op
     return torch.as_strided(xv, (M, K), (s_m1 if M > 1 else K * s_k, s_k))
 
 
+# A modest tile that fits every dtype: the plain-GEMM launch of ``_shrink``.
+_SHRINK_CONFIG = LoraKernelConfig(64, 64, 64, 8, 4, 3)
+
+
+def _shrink(xv: torch.Tensor, rows: Tuple[int, int, int, int, int], lora_A: torch.Tensor) -> torch.Tensor:
+    """``xa = x A^T``, ``(M, r)`` in ``x``'s dtype, without copying ``x``: cuBLAS when
+    the rows have one stride (a strided 2-D view), else this module's kernel as a plain
+    GEMM over the two row strides (a transposed ``(T, B, K)`` input, say)."""
+    M, K = rows[0], lora_A.shape[1]
+    A = lora_A.to(xv.dtype)
+    x2 = _as_2d(xv, rows, K)
+    if x2 is not None:
+        return torch.nn.functional.linear(x2, A)
+    xa = torch.empty((M, A.shape[0]), device=xv.device, dtype=xv.dtype)
+    cfg = _INTERPRETER_CONFIG if interpreter_active() else _SHRINK_CONFIG
+    _launch(cfg, xv, rows, A, None, None, None, None, 0.0, xa)
+    return xa
+
+
 def _reduce_splits(partial: torch.Tensor, bias: Optional[torch.Tensor], y: torch.Tensor) -> None:
     split, M, N = partial.shape
     grid = (triton.cdiv(M, _REDUCE_BLOCK_M), triton.cdiv(N, _REDUCE_BLOCK_N))
@@ -443,12 +480,13 @@ def _pick_config(
     key: Tuple,
     m: int,
     run,
-    candidates: Union[None, List[LoraKernelConfig], Callable[[], List[LoraKernelConfig]]] = None,
+    candidates: Union[List[LoraKernelConfig], Callable[[], List[LoraKernelConfig]]],
 ) -> LoraKernelConfig:
     """Config for ``key``: fixed under the interpreter; on a GPU, timed once and cached.
 
-    ``candidates``: a list, or a function called on a cache miss only (keeps building
-    the list off the hot path); default: the plain GEMM tiles of ``_gpu_candidates(m)``. The cache key holds shapes, dtypes and the M bucket (never
+    ``candidates``: a list (sized for the input dtype: ``_gpu_candidates(m, dtype)``), or
+    a function called on a cache miss only (keeps building the list off the hot path).
+    The cache key holds shapes, dtypes, the fp32 matmul precision and the M bucket (never
     data pointers), so the steady-state launch path is one dict lookup.
     """
     if interpreter_active():
@@ -456,9 +494,7 @@ def _pick_config(
     cfg = _TUNED.get(key)
     if cfg is None:
         best = None
-        if candidates is None:
-            candidates = _gpu_candidates(m)
-        elif callable(candidates):
+        if callable(candidates):
             candidates = candidates()
         if capturing():
             # Timing syncs, which a CUDA-graph capture forbids: take the first (modest)
@@ -538,8 +574,14 @@ def lora_linear_fwd(
         bias = bias.contiguous()  # the kernels read it with unit stride
     y2 = y.view(M, N)
     with on_device(x):
+        if K == 0:  # empty sums: y = b (x A^T is zero too)
+            if bias is None:
+                y2.zero_()
+            else:
+                y2.copy_(bias.expand(M, N))
+            return y
         if lora_A is not None and xa is None and lora_A.shape[0] > MAX_IN_LOOP_RANK:
-            xa = torch.nn.functional.linear(xv.reshape(M, K), lora_A.to(x.dtype))
+            xa = _shrink(xv, rows, lora_A)
 
         def run(cfg: LoraKernelConfig) -> None:
             _launch(cfg, xv, rows, weight, bias, lora_A, lora_B, xa, scaling, y2)
@@ -550,7 +592,8 @@ def lora_linear_fwd(
             tma_ok = M > _TMA_MIN_M and _tma_ok(x, xv, rows, weight, lora_A, y2)
             # The adapters' dtype changes the kernel's shared memory: part of the key.
             a_dtype = None if lora_A is None else (lora_A.dtype, lora_B.dtype)
-            key = (x.device.index, x.dtype, a_dtype, N, K, r, xa is None, bias is None, tma_ok, _m_bucket(M))
-            config = _pick_config(key, M, run, lambda: _lora_candidates(M, K, in_loop, tma_ok))
+            key = (x.device.index, x.dtype, _input_precision(x.dtype), a_dtype, N, K, r, xa is None, bias is None,
+                   tma_ok, _m_bucket(M))
+            config = _pick_config(key, M, run, lambda: _lora_candidates(M, K, in_loop, tma_ok, x.dtype))
         run(config)
     return y

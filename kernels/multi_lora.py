@@ -29,7 +29,9 @@ Two kernels, three steps:
    the CUDA cores, with no serial chain of dependent loads per segment. The tile is
    stored at the rows' original positions. Rows with no adapter sort last: with the
    base split out, a tile of base-only rows exits at once and leaves ``y`` as cuBLAS
-   wrote it.
+   wrote it; with the base fused they get the tile's ``x W^T + b`` and nothing else
+   (the base's math, though not cuBLAS's bits: a different GEMM rounds differently, as
+   cuBLAS itself does between batch sizes).
 
 Rows are read and written through the sorted row index (gather/scatter of whole rows
 inside the kernel), so neither ``x`` nor ``y`` is permuted in memory.
@@ -50,6 +52,7 @@ from fastpeft.kernels import lora as _lora
 from fastpeft.kernels.tiles import grouped_tile
 from fastpeft.kernels.lora import (
     LoraKernelConfig,
+    _gpu_candidates,
     _input_precision,
     _m_bucket,
     _pick_config,
@@ -288,7 +291,9 @@ def _mlora_expand_kernel(
             xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
             for sk in range(SPLIT_K):
                 xa += tl.load(xa_ptrs + sk * stride_xas, mask=mask_xa, other=0.0)
-            xa_lp = (xa * s_row[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
+            # x A^T rounded as the unfused low-precision branch rounds it; s applied in
+            # fp32 after (scaling first could overflow fp16 where the reference does not).
+            xa_lp = xa.to(x_ptr.dtype.element_ty).to(tl.float32) * s_row[:, None]
             bg_ptrs = b_rows[:, None, None] + offs_n[None, :, None] * stride_bn + rr[None, None, :] * stride_br
             bg = tl.load(bg_ptrs, mask=mask_xa[:, None, :] & mask_n[None, :, None], other=0.0)
             bg = bg.to(x_ptr.dtype.element_ty).to(tl.float32)
@@ -310,10 +315,12 @@ def _mlora_expand_kernel(
                     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
                     for sk in range(SPLIT_K):
                         xa += tl.load(xa_ptrs + sk * stride_xas, mask=mask_xa, other=0.0)
-                    xa_lp = (xa * s).to(x_ptr.dtype.element_ty)
+                    xa_lp = xa.to(x_ptr.dtype.element_ty)
                     bt_tile = tl.load(b_base + offs_n[None, :] * stride_bn + (r0 + offs_r)[:, None] * stride_br,
                                       mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-                    acc = tl.dot(xa_lp, bt_tile.to(xa_lp.dtype), acc, input_precision=INPUT_PRECISION)
+                    # s on B, not on xa: see lora_expand_resident.
+                    bt_scaled = (bt_tile.to(tl.float32) * s).to(xa_lp.dtype)
+                    acc = tl.dot(xa_lp, bt_scaled, acc, input_precision=INPUT_PRECISION)
             p = p_end
 
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
@@ -564,10 +571,10 @@ def _forward(
     if config is None:
         # Timing candidates re-run the expand on the same inputs; without the fused base
         # that would add the LoRA terms twice into y, so time on a scratch copy.
-        key = ("multi_lora", x.device.index, x.dtype, lora_A.dtype, lora_B.dtype, N, K, fuse, gather, bias is None,
+        key = ("multi_lora", x.device.index, x.dtype, precision, lora_A.dtype, lora_B.dtype, N, K, fuse, gather, bias is None,
                split_k, _m_bucket(M))
         if fuse or interpreter_active() or key in _lora._TUNED:
-            config = _pick_config(key, M, run)
+            config = _pick_config(key, M, run, _gpu_candidates(M, x.dtype))
         else:
             base = y2.clone()
 
@@ -575,7 +582,7 @@ def _forward(
                 y2.copy_(base)
                 run(cfg)
 
-            config = _pick_config(key, M, run_scratch)
+            config = _pick_config(key, M, run_scratch, _gpu_candidates(M, x.dtype))
             y2.copy_(base)
     run(config)
     return y

@@ -28,17 +28,19 @@ def lora_expand_resident(
     acc, xa, b_ptr, offs_n, mask_n, R, stride_bn, stride_br, scaling, dtype,
     BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """``acc += (s * xa) B^T`` with ``xa`` (``(BLOCK_M, BLOCK_R)``, fp32) in registers.
+    """``acc += xa (s B)^T`` with ``xa`` (``(BLOCK_M, BLOCK_R)``, fp32) in registers.
 
-    ``s * xa`` and ``B`` are rounded to ``dtype`` (the input dtype) before the dot, as the
-    unfused low-precision LoRA branch rounds its intermediate, and so that the dot runs
-    on tensor cores even for fp32 adapters on a 16-bit base; ranks ``>= R`` read zeros.
+    ``xa`` and ``s B`` are rounded to ``dtype`` (the input dtype) before the dot, as the
+    unfused low-precision LoRA branch rounds its intermediate ``x A^T``, and so that the
+    dot runs on tensor cores even for fp32 adapters on a 16-bit base. ``s`` goes on ``B``
+    (small weights), not on ``xa``: ``s * xa`` could overflow fp16 where the reference,
+    which scales after ``B``, does not. Ranks ``>= R`` read zeros.
     """
     offs_r = tl.arange(0, BLOCK_R)
     bt_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
     bt_tile = tl.load(bt_ptrs, mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0)
-    xa_lp = (xa * scaling).to(dtype)
-    return tl.dot(xa_lp, bt_tile.to(dtype), acc, input_precision=INPUT_PRECISION)
+    bt_scaled = (bt_tile.to(tl.float32) * scaling).to(dtype)
+    return tl.dot(xa.to(dtype), bt_scaled, acc, input_precision=INPUT_PRECISION)
 
 
 @triton.jit
@@ -47,8 +49,9 @@ def lora_expand_from_memory(
     stride_xam, stride_xar, stride_bn, stride_br, scaling, dtype,
     BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """``acc += (s * xa) B^T`` with ``xa`` (``(M, R)``) read from memory in ``BLOCK_R``
-    rank chunks (any rank); ``s * xa`` and ``B`` rounded to ``dtype`` before each dot."""
+    """``acc += xa (s B)^T`` with ``xa`` (``(M, R)``) read from memory in ``BLOCK_R``
+    rank chunks (any rank); ``xa`` and ``s B`` rounded to ``dtype`` before each dot (``s``
+    on ``B``: see ``lora_expand_resident``)."""
     offs_r = tl.arange(0, BLOCK_R)
     for r0 in range(0, R, BLOCK_R):
         mask_r = (r0 + offs_r) < R
@@ -56,6 +59,6 @@ def lora_expand_from_memory(
         xa_tile = tl.load(xa_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         bt_ptrs = b_ptr + offs_n[None, :] * stride_bn + (r0 + offs_r)[:, None] * stride_br
         bt_tile = tl.load(bt_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        xa_lp = (xa_tile.to(tl.float32) * scaling).to(dtype)
-        acc = tl.dot(xa_lp, bt_tile.to(dtype), acc, input_precision=INPUT_PRECISION)
+        bt_scaled = (bt_tile.to(tl.float32) * scaling).to(dtype)
+        acc = tl.dot(xa_tile.to(dtype), bt_scaled, acc, input_precision=INPUT_PRECISION)
     return acc

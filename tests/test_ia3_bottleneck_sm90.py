@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Dict, List
 
 import pytest
+import torch
 
 from conftest import ON_GPU
 from sm90 import HOPPER_MAX_SHARED, report_sm90
@@ -18,35 +19,41 @@ CANDIDATES = sorted(
     key=lambda c: (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages),
 )
 
+# fp32 inputs: the tiles sized for 4-byte elements, with tf32 on (the larger case).
+FP32_CANDIDATES = sorted(
+    {cfg for m in (1, 64, 4096) for cfg in lora_kernels._gpu_candidates(m, torch.float32)},
+    key=lambda c: (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages),
+)
+
 
 def _cfg_id(cfg) -> str:
     return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}"
 
 
-def _ia3_spec(cfg, scale_input: bool, dtype: str = "bf16") -> Dict[str, Any]:
+def _ia3_spec(cfg, scale_input: bool, dtype: str = "bf16", precision: str = "ieee") -> Dict[str, Any]:
     return {
-        "id": f"ia3-{dtype}-{_cfg_id(cfg)}-{'in' if scale_input else 'out'}",
+        "id": f"ia3-{dtype}-{_cfg_id(cfg)}-{'in' if scale_input else 'out'}-{precision}",
         "module": "fastpeft.kernels.ia3",
         "kernel": "_ia3_linear_fwd_kernel",
         "ptr_dtypes": {"x_ptr": dtype, "w_ptr": dtype, "bias_ptr": dtype, "l_ptr": "fp32", "y_ptr": dtype},
         "constexprs": dict(HAS_BIAS=True, SCALE_INPUT=scale_input, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                           BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, INPUT_PRECISION="ieee"),
+                           BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, INPUT_PRECISION=precision),
         "unit_args": ["stride_xk", "stride_wk", "stride_l", "stride_yn"],
         "num_warps": cfg.num_warps,
         "num_stages": cfg.num_stages,
     }
 
 
-def _bn_spec(cfg, act: int, dtype: str = "bf16", has_gemm: bool = True) -> Dict[str, Any]:
+def _bn_spec(cfg, act: int, dtype: str = "bf16", has_gemm: bool = True, precision: str = "ieee") -> Dict[str, Any]:
     return {
-        "id": f"bn-{dtype}-{_cfg_id(cfg)}-act{act}-{'gemm' if has_gemm else 'epi'}",
+        "id": f"bn-{dtype}-{_cfg_id(cfg)}-act{act}-{'gemm' if has_gemm else 'epi'}-{precision}",
         "module": "fastpeft.kernels.bottleneck",
         "kernel": "_bottleneck_linear_fwd_kernel",
         "ptr_dtypes": {"x_ptr": dtype, "w_ptr": dtype, "bias_ptr": dtype, "z_ptr": dtype, "beff_ptr": "fp32",
                        "up_ptr": dtype, "upb_ptr": dtype, "y_ptr": dtype},
         "constexprs": dict(HAS_GEMM=has_gemm, HAS_BIAS=has_gemm, HAS_UP_BIAS=True, ACTIVATION=act, BLOCK_M=cfg.block_m,
                            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=bn_kernels._BLOCK_D,
-                           GROUP_M=cfg.group_m, INPUT_PRECISION="ieee"),
+                           GROUP_M=cfg.group_m, INPUT_PRECISION=precision),
         "unit_args": ["stride_xk", "stride_wk", "stride_zd", "stride_ud", "stride_yn"],
         "float_args": ["scaling"],
         "num_warps": cfg.num_warps,
@@ -58,6 +65,8 @@ def _all_specs() -> List[Dict[str, Any]]:
     specs = [_ia3_spec(c, s) for c in CANDIDATES for s in (False, True)]
     specs += [_bn_spec(c, a) for c in CANDIDATES for a in (1, 3)]  # gelu (erf), tanh
     specs += [_bn_spec(bn_kernels._EPILOGUE_CONFIG, a, has_gemm=False) for a in (0, 1, 2, 3)]
+    specs += [_ia3_spec(c, s, "fp32", "tf32") for c in FP32_CANDIDATES for s in (False, True)]
+    specs += [_bn_spec(c, 1, "fp32", precision="tf32") for c in FP32_CANDIDATES]
     return specs
 
 
@@ -99,3 +108,14 @@ def test_bf16_bottleneck_epilogue_only_compiles_for_hopper(reports, act):
     assert "error" not in rep, rep.get("error")
     assert rep["shared"] <= HOPPER_MAX_SHARED
     assert rep["wgmma"], "the up-projection dot of a 64-row tile should use wgmma"
+
+
+@pytest.mark.parametrize("cfg", FP32_CANDIDATES, ids=_cfg_id)
+def test_fp32_tf32_tiles_fit_hopper(reports, cfg):
+    """fp32 inputs with tf32 on: every tile the tuner times fits and is pipelined."""
+    for spec in (_ia3_spec(cfg, False, "fp32", "tf32"), _ia3_spec(cfg, True, "fp32", "tf32"),
+                 _bn_spec(cfg, 1, "fp32", precision="tf32")):
+        rep = reports[spec["id"]]
+        assert "error" not in rep, rep.get("error")
+        assert rep["shared"] <= HOPPER_MAX_SHARED, f"{spec['id']} needs {rep['shared']} B of shared memory"
+        assert rep["pipelined"], spec["id"]

@@ -233,3 +233,17 @@ def test_inject_accepts_a_peft_config_object():
     config = model.fastpeft_config["default"]
     assert isinstance(config, fp.IA3Config) and config.feedforward_modules == FF
     assert sum(isinstance(m, IA3Linear) for m in model.modules()) == 6
+
+
+def test_peft_adapter_on_a_half_model_matches_peft_in_half(tmp_path, kernel_calls):
+    """fp16 model, (IA)^3 vectors kept in fp32 (autocast_adapter_dtype): as close to the
+    fp32 result as PEFT's own fp16 run is."""
+    from peft import PeftModel
+
+    path, ref32 = _peft_adapter(tmp_path)
+    model = fp.load_adapter(tiny_llama().half(), path)
+    assert model.model.layers[0].self_attn.k_proj.ia3_vector.dtype == torch.float32
+    ours = _logits(model)
+    theirs = _logits(PeftModel.from_pretrained(tiny_llama().half(), path).eval())
+    assert ours.dtype == torch.float16
+    assert rel_err(ours.float(), ref32) <= max(2 * rel_err(theirs.float(), ref32), 2e-3)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import DEVICE, KERNEL_DTYPES
+from conftest import DEVICE, INTERPRETED, KERNEL_DTYPES, ON_GPU
 from numerics import assert_matches_ref, rel_err
 
 import fastpeft as fp
@@ -27,6 +27,30 @@ def _ref64(layer: fp.FastLoRALinear, x: torch.Tensor, x_lora=None) -> torch.Tens
     xl = None if x_lora is None else x_lora.double()
     return lora_linear_ref(x.double(), layer.weight.double(), b, layer.lora_A.double(),
                            layer.lora_B.double(), layer.scaling, xl)
+
+
+# Under the interpreter (and on a GPU) the layer's "auto" backend is the Triton kernel:
+# the tests below that take the ``launches`` fixture prove it ran.
+TRITON_RUNS = INTERPRETED or ON_GPU
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts launches of the fused forward kernel (the input gradient runs it too)."""
+    calls = []
+    real = ops._kernels.lora_linear_fwd
+    monkeypatch.setattr(ops._kernels, "lora_linear_fwd", lambda *a, **k: calls.append(1) or real(*a, **k))
+    yield calls
+    if TRITON_RUNS:
+        assert calls, "the Triton kernel never ran"
+
+
+def test_auto_backend_is_triton_where_triton_runs():
+    want = "triton" if TRITON_RUNS else "torch"
+    assert fp.resolve_backend("auto", torch.device(DEVICE)) == want
+    assert fp.resolve_backend("auto", torch.device(DEVICE), torch.float64) == "torch"  # as nn.Linear, in fp64
+    with pytest.raises(TypeError, match="runs fp32, fp16 and bf16"):
+        fp.resolve_backend("triton", torch.device(DEVICE), torch.float64)
 
 
 def test_contract_attributes():
@@ -70,7 +94,7 @@ def test_from_linear_wraps_without_copy():
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("use_rslora", [False, True])
-def test_forward_matches_reference(dtype, bias, use_rslora):
+def test_forward_matches_reference(dtype, bias, use_rslora, launches):
     layer = _layer(dtype=dtype, bias=bias, use_rslora=use_rslora).eval()
     x = torch.randn(2, 5, 37, device=DEVICE, dtype=dtype)
     y = layer(x)
@@ -93,7 +117,7 @@ def test_triton_and_torch_backends_agree(monkeypatch):
     assert rel_err(y_tri, y_ref) < 1e-5
 
 
-def test_dropout_only_in_training():
+def test_dropout_only_in_training(launches):
     layer = _layer(lora_dropout=0.5)
     x = torch.randn(6, 37, device=DEVICE)
     layer.train()
@@ -107,7 +131,7 @@ def test_dropout_only_in_training():
     assert rel_err(layer(x), _ref64(layer, x)) < 1e-5
 
 
-def test_dropout_gradients_flow_through_mask():
+def test_dropout_gradients_flow_through_mask(launches):
     layer = _layer(lora_dropout=0.25).train()
     x = torch.randn(5, 37, device=DEVICE, requires_grad=True)
     torch.manual_seed(7)
@@ -126,7 +150,7 @@ def test_dropout_gradients_flow_through_mask():
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-def test_gradients_of_adapter_and_input(dtype):
+def test_gradients_of_adapter_and_input(dtype, launches):
     layer = _layer(dtype=dtype)
     x = torch.randn(3, 4, 37, device=DEVICE, dtype=dtype, requires_grad=True)
     y = layer(x)
@@ -143,7 +167,7 @@ def test_gradients_of_adapter_and_input(dtype):
         assert got.dtype == dtype and rel_err(got, want) < tol
 
 
-def test_merge_unmerge_round_trip():
+def test_merge_unmerge_round_trip(launches):
     layer = _layer().eval()
     x = torch.randn(8, 37, device=DEVICE)
     w0 = layer.weight.detach().clone()
@@ -162,7 +186,9 @@ def test_merge_twice_is_idempotent():
     layer = _layer()
     w0 = layer.weight.detach().clone()
     layer.merge()
-    layer.merge()
+    w1 = layer.weight.detach().clone()
+    layer.merge()  # already merged: nothing more is added
+    assert torch.equal(layer.weight, w1) and layer.merged_adapters == ["default"]
     layer.unmerge()
     torch.testing.assert_close(layer.weight, w0, rtol=0, atol=1e-6)
 

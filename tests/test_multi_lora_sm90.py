@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Dict, List
 
 import pytest
+import torch
 
 from conftest import ON_GPU
 from sm90 import HOPPER_MAX_SHARED, report_sm90
@@ -22,10 +23,12 @@ CANDIDATES = sorted(
 )
 
 
-def _expand(cfg, dtype: str, fuse: bool, split_k: int, block_r: int = 16, gather: bool = False) -> Dict[str, Any]:
+def _expand(
+    cfg, dtype: str, fuse: bool, split_k: int, block_r: int = 16, gather: bool = False, precision: str = "ieee"
+) -> Dict[str, Any]:
     return {
         "id": f"expand-{dtype}-{cfg.block_m}x{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}"
-              f"-{'fused' if fuse else 'split'}-k{split_k}-r{block_r}{'-gather' if gather else ''}",
+              f"-{'fused' if fuse else 'split'}-k{split_k}-r{block_r}{'-gather' if gather else ''}-{precision}",
         "module": "fastpeft.kernels.multi_lora",
         "kernel": "_mlora_expand_kernel",
         "ptr_dtypes": {
@@ -35,7 +38,7 @@ def _expand(cfg, dtype: str, fuse: bool, split_k: int, block_r: int = 16, gather
         },
         "constexprs": dict(
             FUSE_BASE=fuse, HAS_BIAS=True, GATHER=gather, SPLIT_K=split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k, BLOCK_R=block_r, GROUP_M=cfg.group_m, INPUT_PRECISION="ieee",
+            BLOCK_K=cfg.block_k, BLOCK_R=block_r, GROUP_M=cfg.group_m, INPUT_PRECISION=precision,
         ),
         "unit_args": ["stride_xk", "stride_wk", "stride_br", "stride_xar", "stride_yn"],
         "num_warps": cfg.num_warps,
@@ -61,12 +64,19 @@ def _shrink(dtype: str, block_m: int, block_r: int = 16) -> Dict[str, Any]:
 
 def _all_specs() -> List[Dict[str, Any]]:
     specs = [_expand(c, "bf16", fuse, 1 if fuse else 4) for c in CANDIDATES for fuse in (True, False)]
-    specs += [_expand(CANDIDATES[0], dt, True, 8, 32) for dt in ("fp16", "fp32")]
+    specs += [_expand(CANDIDATES[0], "fp16", True, 8, 32)]
+    # fp32 inputs (tf32 on): the tiles the tuner times for 4-byte elements, both base modes
+    fp32 = sorted({c for m in (1, 64, 4096) for c in lora_kernels._gpu_candidates(m, torch.float32)},
+                  key=lambda c: (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages))
+    specs += [_expand(c, "fp32", fuse, 1 if fuse else 4, 32, precision="tf32") for c in fp32 for fuse in (True, False)]
     # the gathering expand, on the decode tiles (M <= GATHER_MAX_M) it is picked for
     small = sorted({c for m in (1, 64) for c in lora_kernels._gpu_candidates(m)},
                    key=lambda c: (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages))
     specs += [_expand(c, "bf16", fuse, 8, ml.gather_block_r(c), gather=True) for c in small for fuse in (True, False)]
-    specs += [_expand(small[0], dt, True, 1, 8, gather=True) for dt in ("fp16", "fp32")]
+    specs += [_expand(small[0], "fp16", True, 1, 8, gather=True)]
+    small32 = sorted({c for m in (1, 64) for c in lora_kernels._gpu_candidates(m, torch.float32)},
+                     key=lambda c: (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages))
+    specs += [_expand(c, "fp32", True, 1, ml.gather_block_r(c), gather=True, precision="tf32") for c in small32]
     specs += [_shrink(dt, bm) for dt in ("bf16", "fp16") for bm in (16, 64)]
     return specs
 
