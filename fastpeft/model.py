@@ -496,14 +496,19 @@ def _upcast_adapter(model: nn.Module, adapter_name: str) -> None:
 
 def _own_parameters(model: nn.Module, adapter_name: str) -> Dict[int, nn.Parameter]:
     """The parameters an adapter trains: its checkpoint's, except the frozen originals
-    of ``modules_to_save`` wrappers (saved with ``bias="all"``, never trained, as PEFT)."""
+    of ``modules_to_save`` wrappers (saved with ``bias="all"``, never trained, as PEFT)
+    and, for a MiCA adapter (``init_lora_weights="mica"``), ``lora_B``: PEFT trains only
+    its ``lora_A``."""
     originals = {
         id(p) for _, w in named_modules_of(model, (ModulesToSaveWrapper,)) for p in w.original_module.parameters()
     }
+    init = getattr(_configs(model)[adapter_name], "init_lora_weights", True)
+    frozen_suffix = ".lora_B.weight" if isinstance(init, str) and init.lower() == "mica" else None
     return {
         id(t): t
-        for t in adapter_tensors(model, adapter_name).values()
+        for key, t in adapter_tensors(model, adapter_name).items()
         if isinstance(t, nn.Parameter) and id(t) not in originals
+        and not (frozen_suffix and key.endswith(frozen_suffix))
     }
 
 

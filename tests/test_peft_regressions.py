@@ -293,3 +293,21 @@ def test_targeting_a_tied_lm_head_keeps_the_tie_and_counts_it_once():
     assert fp.trainable_parameters(model) == _peft_counts(theirs)
     fp.unload(model, merge_adapter=False)
     assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_mica_adapter_loads_and_trains_only_lora_A(tmp_path):
+    """MiCA (init_lora_weights="mica") changes nothing on the base; PEFT freezes its B."""
+    config = peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="mica")
+    theirs = peft.get_peft_model(_llama(), config)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_A" in name:
+                p.normal_()  # a trained A (MiCA starts it at zero)
+    theirs.save_pretrained(tmp_path)
+    ids = input_ids()
+    model = fp.load_adapter(_llama(), tmp_path, is_trainable=True)
+    assert rel_err(logits(model, ids), logits(theirs, ids)) < 1e-5
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_A" in n for n in trained)
+    back = peft.PeftModel.from_pretrained(_llama(), tmp_path, is_trainable=True)
+    assert fp.trainable_parameters(model) == _peft_counts(back)
