@@ -137,7 +137,8 @@ def _fmt_cfg(cfg) -> str:
 def _pick_ia3(dt, N, K, M, scale_input) -> Optional[str]:
     bucket = lora_kernels._m_bucket(M)
     for key, cfg in lora_kernels._TUNED.items():
-        if key[0] == "ia3" and key[2:6] == (dt, N, K, scale_input) and key[-1] == bucket:
+        # key: ("ia3", device, dtype, precision, l dtype, N, K, scale_input, no bias, M bucket)
+        if key[0] == "ia3" and key[2] == dt and key[5:8] == (N, K, scale_input) and key[-1] == bucket:
             return _fmt_cfg(cfg)
     return None
 
@@ -145,7 +146,8 @@ def _pick_ia3(dt, N, K, M, scale_input) -> Optional[str]:
 def _pick_bn(dt, N, K, M, cached: bool) -> Optional[str]:
     bucket = lora_kernels._m_bucket(M)
     for key, cfg in lora_kernels._TUNED.items():
-        if key[0] == "bottleneck" and key[2:5] == (dt, N, K) and key[-2:] == (cached, bucket):
+        # key: ("bottleneck", device, dtype, precision, up dtype, N, K, D, act, ..., cached, M bucket)
+        if key[0] == "bottleneck" and key[2] == dt and key[5:7] == (N, K) and key[-2:] == (cached, bucket):
             return _fmt_cfg(cfg)
     return None
 

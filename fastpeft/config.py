@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Union
@@ -196,7 +197,7 @@ class LoraConfig(AdapterConfig):
         for key, value in [("lora_alpha", self.lora_alpha)] + [
             (f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items()
         ]:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ValueError(f"{key} must be a number, got {value!r}")
         for key, value in self.rank_pattern.items():
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

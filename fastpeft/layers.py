@@ -23,12 +23,9 @@ __all__ = ["AdapterLinear", "TensorStamp"]
 
 
 def _frozen_parameter(t: torch.Tensor) -> nn.Parameter:
-    """A frozen Parameter holding ``t``: ``t`` itself when it is an already frozen
-    Parameter (so a tied weight, lm_head and embed_tokens, stays one parameter, counted
-    once; ``fastpeft.inject`` freezes the base first), else a new Parameter sharing its
-    storage (the source module's own flag is never changed)."""
-    if isinstance(t, nn.Parameter) and not t.requires_grad:
-        return t
+    """A new frozen Parameter sharing ``t``'s storage: the source module keeps its own
+    Parameter, flag, dtype and device (``layer.half()`` does not convert it). Injection
+    into a model adopts the source's Parameter object instead (``adopt_base_of``)."""
     return nn.Parameter(t.detach(), requires_grad=False)
 
 
@@ -136,6 +133,45 @@ class AdapterLinear(nn.Module):
                 f"got {type(conv).__name__}"
             )
         return weight, getattr(conv, "bias", None)
+
+    def adopt_base_of(self, module: nn.Module) -> None:
+        """Hold ``module``'s own ``weight``/``bias`` Parameter objects (the ones this layer
+        shares storage with) instead of new ones, so that replacing ``module`` in a model
+        keeps a tied weight (lm_head and embed_tokens) one parameter, counted, cast and
+        moved once. ``fastpeft.inject`` calls it on the layers it builds."""
+        for name in ("weight", "bias"):
+            mine, theirs = getattr(self, name), getattr(module, name, None)
+            if (
+                isinstance(mine, nn.Parameter) and isinstance(theirs, nn.Parameter)
+                and theirs.shape == mine.shape and theirs.dtype == mine.dtype
+                and theirs.data_ptr() == mine.data_ptr()
+            ):
+                theirs.requires_grad_(False)
+                setattr(self, name, theirs)
+
+    # Values derived from the tensors, kept for the next forward; never copied with the
+    # layer (deepcopy, pickling) and dropped when it is moved or cast, so a cache never
+    # holds on to an old copy of the base weight.
+    _CACHES = ("_eff_cache", "_stack_cache")
+
+    def _drop_caches(self) -> None:
+        for name in self._CACHES:
+            cache = self.__dict__.get(name)
+            if isinstance(cache, dict):
+                cache.clear()
+            elif cache is not None:
+                del self.__dict__[name]
+
+    def _apply(self, fn, recurse: bool = True):
+        self._drop_caches()
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        for name in self._CACHES:
+            if name in state:
+                state[name] = {} if isinstance(state[name], dict) else None
+        return state
 
     def base_weight(self) -> torch.Tensor:
         """The base weight as ``(out_features, in_features)``: a transposed view for Conv1D."""

@@ -11,6 +11,7 @@ reads through strides, so no copy of the base weight is ever made.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -37,7 +38,7 @@ def _check_rank(r: int) -> int:
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
     """``alpha / r``, or ``alpha / sqrt(r)`` with rank-stabilised LoRA (rsLoRA)."""
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not math.isfinite(lora_alpha):
         raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
@@ -407,14 +408,16 @@ class FastLoRALinear(AdapterLinear):
         index = {n: i for i, n in enumerate(names)}
         R = max(self.r[n] for n in names)
         # Built with autograd on when it is on, so that a backward through a mixed batch
-        # reaches the op and its clear "inference only" error.
-        lora_A = torch.stack([F.pad(self.lora_A_weights[n], (0, 0, 0, R - self.r[n])) for n in names])
-        lora_B = torch.stack([F.pad(self.lora_B_weights[n], (0, R - self.r[n])) for n in names])
-        bias_table = None
-        if any(n in self.lora_B_biases for n in names):
-            zero = torch.zeros(self.out_features, device=device, dtype=self.weight.dtype)
-            rows = [self.lora_B_biases[n] * self.scalings[n] if n in self.lora_B_biases else zero for n in names]
-            bias_table = torch.stack([r.to(zero.dtype) for r in rows] + [zero])
+        # reaches the op and its clear "inference only" error; with autocast off, since
+        # stacking copies tensors in their own dtypes (CPU autocast refuses fp16 there).
+        with torch.autocast(device.type, enabled=False):
+            lora_A = torch.stack([F.pad(self.lora_A_weights[n], (0, 0, 0, R - self.r[n])) for n in names])
+            lora_B = torch.stack([F.pad(self.lora_B_weights[n], (0, R - self.r[n])) for n in names])
+            bias_table = None
+            if any(n in self.lora_B_biases for n in names):
+                zero = torch.zeros(self.out_features, device=device, dtype=self.weight.dtype)
+                rows = [self.lora_B_biases[n] * self.scalings[n] if n in self.lora_B_biases else zero for n in names]
+                bias_table = torch.stack([r.to(zero.dtype) for r in rows] + [zero])
         ranks = torch.tensor([self.r[n] for n in names], dtype=torch.int32, device=device)
         scalings = torch.tensor([self.scalings[n] for n in names], dtype=torch.float32, device=device)
         batch_slot = torch.tensor([index.get(n, -1) for n in row_adapters], dtype=torch.int32, device=device)

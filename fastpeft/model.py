@@ -345,8 +345,7 @@ def _inject(
         for p, f in flags:
             p.requires_grad_(f)
 
-    # The targets' base tensors are frozen first, so the new layers adopt their
-    # Parameters as they are (a tied lm_head/embed_tokens weight stays one parameter).
+    # The targets' base tensors are frozen first (the new layers adopt those Parameters).
     for name in names:
         for p in modules[name].parameters():
             p.requires_grad_(False)
@@ -412,7 +411,10 @@ def _build_targets(
                 "one module takes adapters of one method only"
             )
         elif isinstance(module, spec.target_types):
-            new_modules[name] = spec.build_layer(name, module, config, adapter_name, backend)
+            layer = spec.build_layer(name, module, config, adapter_name, backend)
+            if hasattr(layer, "adopt_base_of"):
+                layer.adopt_base_of(module)  # tied weights stay one Parameter
+            new_modules[name] = layer
         else:
             kinds = ", ".join(t.__name__ for t in spec.target_types)
             raise ValueError(
@@ -453,7 +455,10 @@ def _build_saved(
                 wrapper = ModulesToSaveWrapper(module)
                 wrapper.add_adapter(adapter_name)
                 save_new[name] = wrapper
-        if not save_new and not save_existing:
+        # The task heads PEFT adds itself (classifier, score, ...) may be absent: only a
+        # list that names more than those must match something.
+        task_heads = _TASK_MODULES_TO_SAVE.get(str(config.task_type or "").upper(), ())
+        if not save_new and not save_existing and any(m not in task_heads for m in config.modules_to_save):
             raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module of the model")
     return save_new, save_existing
 

@@ -38,13 +38,12 @@ import torch.nn as nn
 
 from fastpeft.kernels.multi_lora import MultiLoraMeta
 from fastpeft.checkpoint import read_adapter_config, read_adapter_weights
-from fastpeft.config import pattern_key
+from fastpeft.config import LoraConfig, pattern_key
 from fastpeft.lora import POOL_ATTR, FastLoRALinear, lora_scaling
 from fastpeft.model import batch_adapters
 from fastpeft.ops_multi import build_meta, row_slots_for_tokens
 
 __all__ = ["AdapterPool", "AdapterError", "PoolFullError", "ServingEngine", "GenerationOutput"]
-
 
 
 class AdapterError(ValueError):
@@ -334,10 +333,14 @@ class AdapterPool:
             problems = []
             if cfg.get("peft_type") not in (None, "LORA"):
                 problems.append(f"peft_type {cfg.get('peft_type')!r} (the pool serves LoRA adapters)")
-            if cfg.get("use_dora"):
-                problems.append("DoRA (use_dora=True)")
             if cfg.get("lora_bias"):
                 problems.append("lora_bias=True")
+            if cfg.get("peft_type") in (None, "LORA"):
+                # What no fastpeft LoRA layer runs either: DoRA, variants, base-rewriting inits.
+                try:
+                    problems += LoraConfig.from_dict({**cfg, "peft_type": "LORA"}).unsupported()
+                except (TypeError, ValueError) as exc:
+                    problems.append(f"an invalid config ({exc})")
             if problems:
                 raise AdapterError(f"adapter {name!r} cannot be served from the pool: {', '.join(problems)}")
         if not pairs:

@@ -295,6 +295,6 @@ def bottleneck_linear_fwd(
         if config is None:
             key = ("bottleneck", x.device.index, x.dtype, _input_precision(x.dtype), up_w.dtype, N, K, D, act, bias is None, up_b is None,
                    cached, _m_bucket(M))
-            config = _pick_config(key, M, run, _candidates(M, x.dtype))
+            config = _pick_config(key, M, run, lambda: _candidates(M, x.dtype))
         run(config)
     return y

@@ -174,7 +174,7 @@ def ia3_linear_fwd(
         if config is None:
             key = ("ia3", x.device.index, x.dtype, _input_precision(x.dtype), ia3_l.dtype, N, K, scale_input,
                    bias is None, _m_bucket(M))
-            config = _pick_config(key, M, run, _candidates(M, x.dtype))
+            config = _pick_config(key, M, run, lambda: _candidates(M, x.dtype))
         run(config)
     return y
 

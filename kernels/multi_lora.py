@@ -574,7 +574,7 @@ def _forward(
         key = ("multi_lora", x.device.index, x.dtype, precision, lora_A.dtype, lora_B.dtype, N, K, fuse, gather, bias is None,
                split_k, _m_bucket(M))
         if fuse or interpreter_active() or key in _lora._TUNED:
-            config = _pick_config(key, M, run, _gpu_candidates(M, x.dtype))
+            config = _pick_config(key, M, run, lambda: _gpu_candidates(M, x.dtype))
         else:
             base = y2.clone()
 
@@ -582,7 +582,7 @@ def _forward(
                 y2.copy_(base)
                 run(cfg)
 
-            config = _pick_config(key, M, run_scratch, _gpu_candidates(M, x.dtype))
+            config = _pick_config(key, M, run_scratch, lambda: _gpu_candidates(M, x.dtype))
             y2.copy_(base)
     run(config)
     return y

@@ -239,3 +239,21 @@ def test_folded_weight_cache_sees_replaced_tensors():
         ref = ops.bottleneck_linear(x, layer.weight, layer.bias, adapter.down.weight, adapter.down.bias,
                                     adapter.up.weight, adapter.up.bias, adapter.scaling, "gelu", backend="torch")
         assert rel_err(layer(x), ref) < 1e-5, step
+
+
+def test_folded_weight_cache_is_not_copied_or_kept_across_casts():
+    """deepcopy/pickling drop the cache (no second copy of the base weight travels) and
+    so do .to()/.half() (no old copy of the base weight stays alive)."""
+    import copy
+
+    layer = BottleneckLinear.from_linear(torch.nn.Linear(24, 20).to(DEVICE), bottleneck_size=4,
+                                         init_weights=False, backend="triton")
+    x = torch.randn(3, 24, device=DEVICE)
+    y = layer(x)
+    assert layer._eff_cache
+    clone = copy.deepcopy(layer)
+    assert clone._eff_cache == {} and layer._eff_cache
+    assert rel_err(clone(x), y) < 1e-6
+    layer.double().float()
+    assert layer._eff_cache == {}
+    assert rel_err(layer(x), y) < 1e-6

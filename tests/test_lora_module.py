@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -77,6 +78,16 @@ def test_gaussian_init():
     layer = fp.FastLoRALinear(400, 30, r=16, init_lora_weights="gaussian")
     assert layer.lora_B.abs().sum() == 0
     assert layer.lora_A.std().item() == pytest.approx(1 / 16, rel=0.1)
+
+
+def test_from_linear_leaves_the_source_module_alone():
+    """The layer shares the source's storage but not its Parameter objects: casting or
+    moving the layer does not convert the user's own (frozen) Linear."""
+    lin = nn.Linear(24, 18).requires_grad_(False)
+    layer = fp.FastLoRALinear.from_linear(lin, r=4, lora_alpha=np.int64(16))
+    assert layer.weight is not lin.weight and layer.weight.data_ptr() == lin.weight.data_ptr()
+    layer.half()
+    assert lin.weight.dtype == torch.float32 and lin(torch.randn(2, 24)).dtype == torch.float32
 
 
 def test_from_linear_wraps_without_copy():

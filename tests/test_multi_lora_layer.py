@@ -97,6 +97,21 @@ def test_lora_bias_rows(launches):
     assert rel_err(y, _alone64(layer, x, names)) < 1e-5
 
 
+def test_lora_bias_rows_of_a_half_layer_under_cpu_autocast():
+    """fp16 layer, fp32 adapters and lora_bias, CPU autocast in bf16: the stacks are built
+    with autocast off (CPU autocast refuses to stack fp16), the batch runs in bf16."""
+    layer = _layer(24, 20, [("a", 3, 6), ("b", 8, 8)], dtype=torch.float16, lora_bias=("a", "b"))
+    for p in list(layer.lora_A_weights.values()) + list(layer.lora_B_weights.values()):
+        p.data = p.data.float()
+    layer.row_adapters = ["b", "a", None]
+    x = torch.randn(3, 24, dtype=torch.float16)
+    layer.to("cpu").backend = "torch"  # bf16: the interpreter cannot run bf16 dots
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y.float(), _alone64(layer, x.float(), ["b", "a", None]).float()) < 3e-2
+
+
 def test_wrong_batch_size_and_training_refused():
     layer = _layer(24, 20, [("a", 3, 6)])
     layer.row_adapters = ["a", None]

@@ -72,7 +72,6 @@ def test_failed_load_keeps_the_base_model_running(tmp_path):
 
 
 def test_failed_merge_rolls_back_only_itself():
-    ids = input_ids()
     model = _llama(attention_bias=True)
     fp.inject(model, fp.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False), "b")
     fp.inject(model, fp.LoraConfig(r=2, target_modules=["q_proj", "down_proj"], init_lora_weights=False,
@@ -311,3 +310,23 @@ def test_mica_adapter_loads_and_trains_only_lora_A(tmp_path):
     assert trained and all("lora_A" in n for n in trained)
     back = peft.PeftModel.from_pretrained(_llama(), tmp_path, is_trainable=True)
     assert fp.trainable_parameters(model) == _peft_counts(back)
+
+
+def test_task_type_on_a_model_without_that_head_is_accepted_as_peft():
+    """PEFT adds classifier/score for SEQ_CLS even where the model has neither (a causal
+    LM): no error, nothing wrapped; a user's own modules_to_save must still match."""
+    config = dict(r=2, target_modules=["q_proj"], task_type="SEQ_CLS")
+    model = fp.inject(_llama(), fp.LoraConfig(**config))
+    assert fp.trainable_parameters(model) == _peft_counts(peft.get_peft_model(_llama(), peft.LoraConfig(**config)))
+    with pytest.raises(ValueError, match="matched no module"):
+        fp.inject(_llama(), fp.LoraConfig(modules_to_save=["nothing_here"], **config))
+
+
+def test_pool_refuses_base_rewriting_inits(tmp_path):
+    theirs = peft.get_peft_model(_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa"))
+    theirs.save_pretrained(tmp_path)
+    model = fp.inject(_llama(), fp.LoraConfig(r=2, target_modules=["q_proj"]))
+    pool = fp.AdapterPool(model, max_adapters=2, max_rank=4)
+    with pytest.raises(fp.AdapterError, match="rewrites the base weights"):
+        pool.load("pissa", tmp_path)
+    assert pool.adapters == []
