@@ -10,6 +10,7 @@ reads through strides, so no copy of the base weight is ever made.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -410,7 +411,7 @@ class FastLoRALinear(AdapterLinear):
         # Built with autograd on when it is on, so that a backward through a mixed batch
         # reaches the op and its clear "inference only" error; with autocast off, since
         # stacking copies tensors in their own dtypes (CPU autocast refuses fp16 there).
-        with torch.autocast(device.type, enabled=False):
+        with torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else contextlib.nullcontext():
             lora_A = torch.stack([F.pad(self.lora_A_weights[n], (0, 0, 0, R - self.r[n])) for n in names])
             lora_B = torch.stack([F.pad(self.lora_B_weights[n], (0, R - self.r[n])) for n in names])
             bias_table = None

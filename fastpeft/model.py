@@ -339,16 +339,14 @@ def _inject(
         adapted_types=adapted_types,
     )
     modules = dict(model.named_modules())
+    # Building freezes the targets' own Parameters (the new layers adopt them): every
+    # flag is restored if anything fails.
     flags = [(p, p.requires_grad) for p in model.parameters()]
 
     def restore_flags() -> None:
         for p, f in flags:
             p.requires_grad_(f)
 
-    # The targets' base tensors are frozen first (the new layers adopt those Parameters).
-    for name in names:
-        for p in modules[name].parameters():
-            p.requires_grad_(False)
     try:
         new_modules, existing = _build_targets(model, spec, names, config, adapter_name, backend)
         save_new, save_existing = _build_saved(model, config, adapter_name, new_modules)
