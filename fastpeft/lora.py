@@ -298,7 +298,7 @@ class FastLoRALinear(AdapterLinear):
             return self.bias
         # An fp32 lora_bias on a half model (autocast_adapter_dtype) joins in the base's dtype.
         scaled = (lb * self.scalings[adapter_name]).to(self.weight.dtype)
-        return scaled if self.bias is None else self.bias + scaled.to(self.bias.dtype)
+        return scaled if self.bias is None else self.bias + scaled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.base_weight(), self.bias

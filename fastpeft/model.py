@@ -348,8 +348,8 @@ def _inject(
             p.requires_grad_(f)
 
     try:
-        new_modules, existing = _build_targets(model, spec, names, config, adapter_name, backend)
-        save_new, save_existing = _build_saved(model, config, adapter_name, new_modules)
+        new_modules, existing = _build_targets(modules, adapted_types, spec, names, config, adapter_name, backend)
+        save_new, save_existing = _build_saved(modules, adapted_types, config, adapter_name, new_modules)
     except BaseException:
         restore_flags()
         raise
@@ -389,12 +389,17 @@ def _inject(
 
 
 def _build_targets(
-    model: nn.Module, spec: MethodSpec, names: List[str], config: AdapterConfig, adapter_name: str, backend: str,
+    modules: Dict[str, nn.Module],
+    adapted_types: Tuple[type, ...],
+    spec: MethodSpec,
+    names: List[str],
+    config: AdapterConfig,
+    adapter_name: str,
+    backend: str,
 ) -> Tuple[Dict[str, nn.Module], List[Tuple[str, nn.Module]]]:
-    """The method's new layers for ``names`` (built aside, the model untouched) and the
-    already adapted layers that take one more adapter. Raises on a target it cannot adapt."""
-    adapted_types = _all_layer_types() + (ModulesToSaveWrapper,)
-    modules = dict(model.named_modules())
+    """The method's new layers for ``names`` (built aside; the model untouched but for
+    the targets' frozen flags) and the already adapted layers that take one more
+    adapter. ``modules``: the model's named modules. Raises on a target it cannot adapt."""
     new_modules: Dict[str, nn.Module] = {}
     existing: List[Tuple[str, nn.Module]] = []
     for name in names:
@@ -423,12 +428,14 @@ def _build_targets(
 
 
 def _build_saved(
-    model: nn.Module, config: AdapterConfig, adapter_name: str, new_modules: Dict[str, nn.Module],
+    modules: Dict[str, nn.Module],
+    adapted_types: Tuple[type, ...],
+    config: AdapterConfig,
+    adapter_name: str,
+    new_modules: Dict[str, nn.Module],
 ) -> Tuple[Dict[str, nn.Module], List[nn.Module]]:
     """``modules_to_save``: new wrappers (built aside) and existing wrappers that take a
     copy for this adapter."""
-    adapted_types = _all_layer_types() + (ModulesToSaveWrapper,)
-    modules = dict(model.named_modules())
     save_new: Dict[str, nn.Module] = {}
     save_existing: List[nn.Module] = []
     if config.modules_to_save:
@@ -455,7 +462,7 @@ def _build_saved(
                 save_new[name] = wrapper
         # The task heads PEFT adds itself (classifier, score, ...) may be absent: only a
         # list that names more than those must match something.
-        task_heads = _TASK_MODULES_TO_SAVE.get(str(config.task_type or "").upper(), ())
+        task_heads = _task_heads(config)
         if not save_new and not save_existing and any(m not in task_heads for m in config.modules_to_save):
             raise ValueError(f"modules_to_save={config.modules_to_save!r} matched no module of the model")
     return save_new, save_existing
@@ -469,10 +476,14 @@ _TASK_MODULES_TO_SAVE = {
 }
 
 
+def _task_heads(config: AdapterConfig) -> Tuple[str, ...]:
+    return _TASK_MODULES_TO_SAVE.get(str(config.task_type or "").upper(), ())
+
+
 def _with_task_modules(config: AdapterConfig) -> AdapterConfig:
     """``config`` with its task's head added to ``modules_to_save``, as PEFT does (the
     filled config is the one kept and saved)."""
-    heads = _TASK_MODULES_TO_SAVE.get(str(config.task_type or "").upper(), ())
+    heads = _task_heads(config)
     current = list(config.modules_to_save or [])
     missing = [h for h in heads if h not in current]
     if not missing:

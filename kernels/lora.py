@@ -27,7 +27,7 @@ import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -480,12 +480,12 @@ def _pick_config(
     key: Tuple,
     m: int,
     run,
-    candidates: Union[List[LoraKernelConfig], Callable[[], List[LoraKernelConfig]]],
+    candidates: Callable[[], List[LoraKernelConfig]],
 ) -> LoraKernelConfig:
     """Config for ``key``: fixed under the interpreter; on a GPU, timed once and cached.
 
-    ``candidates``: a list (sized for the input dtype: ``_gpu_candidates(m, dtype)``), or
-    a function called on a cache miss only (keeps building the list off the hot path).
+    ``candidates``: builds the list to time (sized for the input dtype, e.g.
+    ``_gpu_candidates(m, dtype)``), called on a cache miss only (off the hot path).
     The cache key holds shapes, dtypes, the fp32 matmul precision and the M bucket (never
     data pointers), so the steady-state launch path is one dict lookup.
     """
@@ -494,13 +494,12 @@ def _pick_config(
     cfg = _TUNED.get(key)
     if cfg is None:
         best = None
-        if callable(candidates):
-            candidates = candidates()
+        configs = candidates()
         if capturing():
             # Timing syncs, which a CUDA-graph capture forbids: take the first (modest)
             # candidate for this capture without caching it; an eager call tunes later.
-            return candidates[0]
-        for cand in candidates:
+            return configs[0]
+        for cand in configs:
             try:
                 t = triton.testing.do_bench(lambda: run(cand), warmup=5, rep=20)
             except (OutOfResources, CompilationError):  # does not fit / compile on this card
