@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from fastpeft.kernels import multi_lora as _kernels
-from fastpeft.kernels.multi_lora import MultiLoraMeta
+from fastpeft.kernels.multi_lora_meta import MultiLoraMeta
 from fastpeft.kernels.reference import multi_lora_linear_ref
 from fastpeft.ops import check_bias, check_linear_input, resolve_backend
 

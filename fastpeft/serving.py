@@ -36,7 +36,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from fastpeft.kernels.multi_lora import MultiLoraMeta
+from fastpeft.kernels.multi_lora_meta import MultiLoraMeta
 from fastpeft.checkpoint import read_adapter_config, read_adapter_weights
 from fastpeft.config import LoraConfig, pattern_key
 from fastpeft.lora import POOL_ATTR, FastLoRALinear, lora_scaling

@@ -30,3 +30,16 @@ KERNEL_DTYPES = [
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def triton_tiles_only(monkeypatch):
+    """On a GPU the tuner may prefer the library-GEMM variant of (IA)^3 and bottleneck
+    for tiny shapes; tests about the Triton kernel tune over its tiles only, from an
+    empty tuner cache (the library variant has its own tests). Under the interpreter the
+    Triton kernel always runs anyway."""
+    from fastpeft.kernels import autotune, bottleneck, ia3
+
+    monkeypatch.setattr(ia3, "tiles_and_library", autotune.gemm_candidates)
+    monkeypatch.setattr(bottleneck, "tiles_and_library", autotune.gemm_candidates)
+    monkeypatch.setattr(autotune, "TUNED", {})
