@@ -308,20 +308,21 @@ def save_adapter(
         weights, write_weights, stale = SAFETENSORS_NAME, (lambda f: f.write(blob)), BIN_NAME
     else:
         weights, write_weights, stale = BIN_NAME, (lambda f: torch.save(tensors, f)), SAFETENSORS_NAME
-    created = _make_dirs(path)
+    created = _missing_dirs(path)
     try:
+        os.makedirs(path, exist_ok=True)
         # The reader prefers safetensors: an older file in the other format would shadow
         # or contradict this save, so it goes in the same step.
         _replace_files(path, {weights: write_weights, CONFIG_NAME: lambda f: f.write(config_blob)}, remove=[stale])
     except BaseException:
-        for directory in reversed(created):
+        for directory in reversed(created):  # innermost first; only the (empty) ones made here
             with contextlib.suppress(OSError):
                 os.rmdir(directory)
         raise
 
 
-def _make_dirs(path: str) -> List[str]:
-    """Create ``path`` and its missing parents; the ones created, outermost first."""
+def _missing_dirs(path: str) -> List[str]:
+    """``path`` and those of its parents that do not exist yet, outermost first."""
     missing = []
     head = os.path.abspath(path)
     while not os.path.isdir(head):
@@ -330,7 +331,6 @@ def _make_dirs(path: str) -> List[str]:
         if parent == head:
             break
         head = parent
-    os.makedirs(path, exist_ok=True)
     return missing[::-1]
 
 
@@ -342,9 +342,9 @@ def _replace_files(directory: str, writers: Dict[str, Callable[[Any], Any]], rem
     Steps: each new file is written (and synced) to a temporary beside its target; the
     current files are renamed aside; the new ones renamed into place; the old ones
     deleted. ``CONFIG_NAME`` goes aside first and comes back last, so that whenever a
-    config is present the weights beside it are its own: a crash part-way leaves a
-    directory without a config (which nothing loads), never a config with the other
-    save's weights. An error before the last rename undoes the renames done so far.
+    config is present the weights beside it are its own: a process killed part-way
+    leaves a directory without a config (which nothing loads), never a config with the
+    other save's weights. An error before the last rename undoes the renames done so far.
     """
     order = sorted(writers, key=lambda n: n == CONFIG_NAME)  # the config last in, first out
     staged: Dict[str, str] = {}
