@@ -221,12 +221,11 @@ class BottleneckLinear(AdapterLinear):
     # Bottleneck adapters are non-linear: nothing is ever folded into the base weight, so
     # ``merged_adapters`` stays empty and ``merged`` False.
 
-    def merge(self, adapter_name: Optional[str] = None) -> None:
+    def _check_mergeable(self, adapter_name: str) -> None:
         raise ValueError(
             "bottleneck adapters cannot be merged into the base weights (the adapter is non-linear); "
             "keep them unmerged, or unload the model without merging"
         )
-
 
     # ---------------------------------------------------------------- forward
 

@@ -233,9 +233,99 @@ class AdapterLinear(nn.Module):
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
+    # Merging: subclasses say what one adapter does to the base (``_fold``) and when it
+    # cannot merge (``_check_mergeable``); ``merge`` and ``check_merge`` do the rest.
+
+    def _check_mergeable(self, adapter_name: str) -> None:
+        """Raise ``ValueError`` if ``adapter_name`` cannot be folded into this layer."""
+
+    def _fold(
+        self, adapter_name: str, weight: torch.Tensor, bias: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(weight, bias)`` (storage layout, the base's dtypes) with one adapter folded
+        in, as new tensors: the inputs and the layer are left unchanged."""
+        raise NotImplementedError
+
     def _undo_merge(self, adapter_name: str) -> None:
         """Take one merged adapter back out of the base weights (layers that merge)."""
         raise NotImplementedError
+
+    def _names_to_merge(self, adapter_name: Optional[str], adapter_names: Optional[Sequence[str]]) -> List[str]:
+        """The adapters a merge folds in, in order (default: the active one), less those
+        already merged; each checked with ``_check_mergeable``."""
+        if adapter_name is not None and adapter_names is not None:
+            raise TypeError("give adapter_name or adapter_names, not both")
+        if adapter_names is None:
+            adapter_names = [adapter_name if adapter_name is not None else self.active_adapter]
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names must be a list of names, got the string {adapter_names!r}")
+        names: List[str] = []
+        for name in adapter_names:
+            if name is None:
+                raise ValueError("no adapter to merge: this layer has no active adapter")
+            self._require(name)
+            if name not in self.merged_adapters and name not in names:
+                self._check_mergeable(name)
+                names.append(name)
+        return names
+
+    def _merged_base(self, names: Sequence[str], check_finite: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The base ``(weight, bias)`` with ``names`` folded in, computed aside. With
+        ``check_finite``, ``ValueError`` if the result holds NaN or inf."""
+        with torch.no_grad():
+            weight, bias = self.weight.detach(), None if self.bias is None else self.bias.detach()
+            for name in names:
+                weight, bias = self._fold(name, weight, bias)
+            if check_finite and not (
+                bool(torch.isfinite(weight).all()) and (bias is None or bool(torch.isfinite(bias).all()))
+            ):
+                raise ValueError(
+                    f"merging adapter(s) {list(names)} would put NaN or inf into the base weights (a broken "
+                    f"adapter, or values beyond the range of {self.weight.dtype}); nothing was merged"
+                )
+        return weight, bias
+
+    def check_merge(
+        self,
+        adapter_name: Optional[str] = None,
+        *,
+        adapter_names: Optional[Sequence[str]] = None,
+        check_finite: bool = True,
+    ) -> None:
+        """Raise ``ValueError`` if ``merge`` with these arguments would fail or, with
+        ``check_finite``, put NaN/inf into the weights (computed on a copy). Changes nothing."""
+        names = self._names_to_merge(adapter_name, adapter_names)
+        if check_finite and names:
+            self._merged_base(names, check_finite=True)
+
+    def merge(
+        self,
+        adapter_name: Optional[str] = None,
+        *,
+        safe_merge: bool = False,
+        adapter_names: Optional[Sequence[str]] = None,
+    ) -> None:
+        """Fold the active (or named) adapter(s) into the base ``weight`` and ``bias``.
+
+        ``adapter_names``: several adapters, folded in that order (PEFT's argument).
+        ``safe_merge`` (PEFT's option): the merged weights are computed on a copy and
+        checked first; NaN or inf raises ``ValueError`` and the layer stays unmerged.
+        Merging is all-or-nothing either way: the result is computed aside, then copied in.
+        """
+        names = self._names_to_merge(adapter_name, adapter_names)
+        if not names:
+            return
+        self._write_base(*self._merged_base(names, check_finite=safe_merge))
+        self.merged_adapters.extend(names)
+
+    def _write_base(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        """Copy new values into the base ``weight`` (and ``bias``, unless None) in place,
+        so that tied and shared tensors follow. A model built under
+        ``torch.inference_mode`` holds inference tensors, written through ``.data``."""
+        with torch.no_grad():
+            for dst, value in ((self.weight, weight), (self.bias, bias)):
+                if value is not None:
+                    (dst.data if dst.is_inference() else dst).copy_(value)
 
     def unmerge(self, adapter_name: Optional[str] = None) -> None:
         """Undo merges (exact up to the weight dtype's rounding): every one, newest first,

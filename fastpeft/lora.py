@@ -255,32 +255,30 @@ class FastLoRALinear(AdapterLinear):
         B = self.lora_B_weights[adapter_name].detach().float()
         return (B @ A) * self.scalings[adapter_name]
 
+    def _fold(
+        self, adapter_name: str, weight: torch.Tensor, bias: Optional[torch.Tensor], sign: float = 1.0
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``W + sign * s B A`` (and ``b + sign * s lora_bias``): fp32 math, stored in
+        the base dtypes, as new tensors."""
+        delta = self.delta_weight(adapter_name)
+        if self.fan_in_fan_out:
+            delta = delta.t()
+        weight = (weight.float() + sign * delta).to(weight.dtype)
+        if adapter_name in self.lora_B_biases:
+            lb = self.lora_B_biases[adapter_name].detach().float() * self.scalings[adapter_name]
+            bias = (bias.float() + sign * lb).to(bias.dtype)
+        return weight, bias
+
     def _apply_delta(self, adapter_name: str, sign: float) -> None:
         with torch.no_grad():
-            delta = self.delta_weight(adapter_name)
-            if self.fan_in_fan_out:
-                delta = delta.t()
-            w = self.weight.data.float() + sign * delta
-            self.weight.data.copy_(w.to(self.weight.dtype))
-            if adapter_name in self.lora_B_biases:
-                lb = self.lora_B_biases[adapter_name].detach().float() * self.scalings[adapter_name]
-                b = self.bias.data.float() + sign * lb
-                self.bias.data.copy_(b.to(self.bias.dtype))
+            self._write_base(*self._fold(adapter_name, self.weight.detach(), self.bias, sign))
 
-    def merge(self, adapter_name: Optional[str] = None) -> None:
-        """Fold ``s * B A`` (and ``s * lora_bias``) of the active (or named) adapter into
-        ``weight`` (and ``bias``)."""
-        name = adapter_name if adapter_name is not None else self._active()
-        self._require(name)
-        if name in self.merged_adapters:
-            return
-        if name in self.lora_B_biases and self.bias is None:
+    def _check_mergeable(self, adapter_name: str) -> None:
+        if adapter_name in self.lora_B_biases and self.bias is None:
             # As PEFT: there is no base bias to fold lora_B.bias into.
             raise ValueError(
-                f"cannot merge adapter {name!r}: it has lora_bias=True but the base layer has no bias"
+                f"cannot merge adapter {adapter_name!r}: it has lora_bias=True but the base layer has no bias"
             )
-        self._apply_delta(name, +1.0)
-        self.merged_adapters.append(name)
 
     def _undo_merge(self, adapter_name: str) -> None:
         self._apply_delta(adapter_name, -1.0)
