@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -130,8 +130,7 @@ class IA3Linear(AdapterLinear):
         else:
             l = torch.randn(self.l_shape, device=self.weight.device).to(self.weight.dtype)
         self.ia3_l[adapter_name] = nn.Parameter(l)
-        if self.active_adapter is None:
-            self.active_adapter = adapter_name
+        self._after_add(adapter_name)
 
     def load_vector(self, adapter_name: str, value: torch.Tensor) -> None:
         """Copy a checkpoint's ``ia3_l`` into an adapter, after checking its shape.
@@ -208,22 +207,22 @@ class IA3Linear(AdapterLinear):
                 raise RuntimeError(
                     "mixed-adapter batches need unmerged adapters: call fastpeft.unmerge(model) first"
                 )
-            return self._mixed_forward(x, self.row_adapters)
+            return self._mixed_forward(x)
         name = self.active_adapter
         if name is None or self.merged:
             # Base only, or an adapter already folded into the weights: cuBLAS.
             return F.linear(x, weight, self.bias)
         return ia3_linear(x, weight, self.bias, self.ia3_l[name], self.is_feedforward, backend=self.backend)
 
-    def _mixed_forward(self, x: torch.Tensor, row_adapters: Sequence[Optional[str]]) -> torch.Tensor:
-        """Each batch row (``x``'s dim 0) through its own adapter; ``None`` or a name this
-        layer does not hold: the base only. One sub-batch per adapter."""
+    def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Each batch row (``x``'s dim 0) through its own adapter (``row_adapters``);
+        ``None`` or a name this layer does not hold: the base only. One sub-batch per adapter."""
         weight = self.base_weight()
 
         def run(rows: torch.Tensor, name: str) -> torch.Tensor:
             return ia3_linear(rows, weight, self.bias, self.ia3_l[name], self.is_feedforward, backend=self.backend)
 
-        return self._forward_by_row_groups(x, row_adapters, run)
+        return self._forward_by_row_groups(x, run)
 
     def extra_repr(self) -> str:
         return (

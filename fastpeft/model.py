@@ -794,6 +794,8 @@ def batch_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator
 
     Eval mode only (dropout and gradients per row are not defined); adapters must be
     unmerged. Every adapter layer's previous state is restored on exit, errors included.
+    Pool adapters the batch uses are in use until it ends (not evicted; unloading
+    them raises).
     """
     if isinstance(names, str) or not isinstance(names, (list, tuple)):
         raise TypeError(f"batch_adapters expects a list with one adapter name (or None) per row, got {names!r}")
@@ -822,16 +824,20 @@ def batch_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator
         )
     if any(getattr(m, "merged", False) for m in layers):
         raise RuntimeError("batch_adapters needs unmerged adapters: call fastpeft.unmerge(model) first")
-    for pool in {id(p): p for p in _attached_pools(model)}.values():
-        pool.touch(rows)  # their LRU order follows use, whoever runs the batch
     previous = [(m, m.row_adapters) for m in layers]
-    try:
-        for m in layers:
-            m.row_adapters = list(rows)
-        yield model
-    finally:
-        for m, prev in previous:
-            m.row_adapters = prev
+    with contextlib.ExitStack() as in_use:
+        for pool in {id(p): p for p in _attached_pools(model)}.values():
+            pool.touch(rows)  # their LRU order follows use, whoever runs the batch
+            # The layers take the rows' slots once, at the start: no slot of the batch may
+            # be freed or reused before it ends.
+            in_use.enter_context(pool.in_use(rows))
+        try:
+            for m in layers:
+                m.row_adapters = list(rows)
+            yield model
+        finally:
+            for m, prev in previous:
+                m.row_adapters = prev
 
 
 # --------------------------------------------------------------------- counts

@@ -170,6 +170,7 @@ class AdapterPool:
         self._pinned: set = set()
         self._in_use: Dict[str, int] = {}
         self._meta_cache: Dict[Tuple, MultiLoraMeta] = {}
+        self._last_batch_slots: Optional[Tuple[List[int], torch.Tensor]] = None
 
     # ---------------------------------------------------------------- queries
 
@@ -459,6 +460,16 @@ class AdapterPool:
         self.touch(names)
         slots = [-1 if n is None else self._slot_of[n] for n in names]
         return torch.tensor(slots, dtype=torch.int32, device=self.device)
+
+    def batch_slots(self, names: Sequence[Optional[str]]) -> torch.Tensor:
+        """``(B,)`` int32 slot per name (None: -1) on the pool's device, for names that are
+        all loaded; the LRU order is left alone. The layers of one batch share one tensor
+        (the last batch's is kept), so a batch uploads its slots once, not once per layer."""
+        slots = [-1 if n is None else self._slot_of[n] for n in names]
+        last = self._last_batch_slots
+        if last is None or last[0] != slots:
+            last = self._last_batch_slots = (slots, torch.tensor(slots, dtype=torch.int32, device=self.device))
+        return last[1]
 
     def meta_for(self, names: Sequence[Optional[str]], x: torch.Tensor) -> MultiLoraMeta:
         """Metadata for a layer input ``x: (B, ..., K)`` whose batch rows use ``names``.
