@@ -457,7 +457,7 @@ class FastLoRALinear(AdapterLinear):
         """The stacks of :meth:`_batch_stacks`, built."""
         R = max(self.r[n] for n in names)
         # Built with autograd on when it is on, so that a backward through a mixed batch
-        # reaches the op and its clear "inference only" error; with autocast off, since
+        # reaches each adapter's own tensors through the stacks; with autocast off, since
         # stacking copies tensors in their own dtypes (CPU autocast refuses fp16 there).
         with torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else contextlib.nullcontext():
             lora_A = torch.stack([F.pad(self.lora_A_weights[n], (0, 0, 0, R - self.r[n])) for n in names])

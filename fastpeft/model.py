@@ -792,8 +792,10 @@ def batch_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator
     ``"__base__"``: the base model), as PEFT's ``model(..., adapter_names=names)``. Names
     may be the model's own adapters or those loaded in an attached ``AdapterPool``.
 
-    Eval mode only (dropout and gradients per row are not defined); adapters must be
-    unmerged. Every adapter layer's previous state is restored on exit, errors included.
+    Eval mode only (dropout per row is not defined); adapters must be unmerged.
+    Gradients flow through a mixed batch (to the inputs and each row's adapter, e.g.
+    for per-row losses or inspection), eager and under ``torch.compile``. Every adapter
+    layer's previous state is restored on exit, errors included.
     Pool adapters the batch uses are in use until it ends (not evicted; unloading
     them raises).
     """
