@@ -19,7 +19,6 @@ from numerics import rel_err
 from tiny_models import input_ids, tiny_llama
 
 import fastpeft as fp
-import fastpeft.ops_multi as ops_multi
 from fastpeft.bottleneck import BottleneckLinear
 from fastpeft.ia3 import IA3Linear
 from fastpeft.lora import FastLoRALinear
@@ -32,19 +31,6 @@ def _fresh_dynamo():
     yield
     torch._dynamo.reset()
 
-
-@pytest.fixture
-def launches(monkeypatch):
-    """Shapes of the mixed-adapter kernel's launches (it runs inside the custom op)."""
-    calls = []
-    real = ops_multi._kernels.multi_lora_linear_fwd
-
-    def spy(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ops_multi._kernels, "multi_lora_linear_fwd", spy)
-    return calls
 
 
 def _no_breaks(model: nn.Module, *args, **kwargs) -> None:

@@ -9,22 +9,9 @@ import torch.nn as nn
 from conftest import DEVICE, KERNEL_DTYPES
 from numerics import assert_matches_ref, rel_err
 
-import fastpeft.ops_multi as ops_multi
 from fastpeft.kernels.reference import lora_linear_ref
 from fastpeft.lora import FastLoRALinear
 
-
-@pytest.fixture
-def launches(monkeypatch):
-    calls = []
-    real = ops_multi._kernels.multi_lora_linear_fwd
-
-    def spy(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ops_multi._kernels, "multi_lora_linear_fwd", spy)
-    return calls
 
 
 def _layer(K, N, adapters, dtype=torch.float32, bias=True, lora_bias=()):
