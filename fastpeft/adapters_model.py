@@ -78,6 +78,25 @@ def _ia3_params(model: nn.Module, adapter_name: str, config: IA3Config) -> Dict[
     }
 
 
+def _ia3_check_shapes(config: IA3Config, source, targets, where: str) -> None:
+    """An ``ia3_l`` shaped for the other scaling mode: name the config's
+    ``feedforward_modules`` (not another base model) as the cause."""
+    for key, dst in targets.items():
+        src = source.get(key)
+        if not isinstance(src, torch.Tensor) or tuple(src.shape) == tuple(dst.shape) or dst.dim() != 2:
+            continue
+        if tuple(src.shape) == tuple(dst.shape)[::-1]:
+            path = key[: -len(".ia3_l")]
+            said, other = (
+                ("feed-forward (input scaling, (1, in))", "output scaling")
+                if dst.shape[0] == 1 else ("output scaling ((out, 1))", "feed-forward (input scaling)")
+            )
+            raise ValueError(
+                f"{where}: {key} has shape {tuple(src.shape)}, made for {other}, but the config's "
+                f"feedforward_modules make {path} {said}: the config and the weights do not belong together"
+            )
+
+
 def _ia3_check(config: IA3Config):
     problems = []
     if config.layers_to_transform is not None or config.layers_pattern is not None:
@@ -95,6 +114,7 @@ IA3_METHOD = register_method(
         add_to_layer=_ia3_add,
         param_map=_ia3_params,
         check_config=_ia3_check,
+        check_shapes=_ia3_check_shapes,
         default_targets=lambda model_type: (
             {"target_modules": found[0], "feedforward_modules": found[1]}
             if (found := default_ia3_targets(model_type))
@@ -139,6 +159,34 @@ def _bn_params(model: nn.Module, adapter_name: str, config: BottleneckConfig) ->
     return out
 
 
+def _bn_check_shapes(config: BottleneckConfig, source, targets, where: str) -> None:
+    """A bottleneck width other than the config's (``bottleneck_size``, or the features
+    over ``reduction_factor``), or a down- and up-projection of different widths: name
+    that, not another base model."""
+    for key, dst in targets.items():
+        if not key.endswith(".adapter_down.0.weight"):
+            continue
+        path = key[: -len(".adapter_down.0.weight")]
+        down, up = source.get(key), source.get(f"{path}.adapter_up.weight")
+        if not isinstance(down, torch.Tensor) or not isinstance(up, torch.Tensor) or down.dim() != 2 or up.dim() != 2:
+            continue
+        if down.shape[0] != up.shape[1]:
+            raise ValueError(
+                f"{where}: {key} has shape {tuple(down.shape)} (width {down.shape[0]}) but {path}.adapter_up.weight "
+                f"has shape {tuple(up.shape)} (width {up.shape[1]}): the two do not belong together"
+            )
+        width, features = dst.shape
+        if down.shape[0] != width and down.shape[1] == features and up.shape[0] == features:
+            said = (
+                f"bottleneck_size={config.bottleneck_size}" if config.bottleneck_size is not None
+                else f"reduction_factor={config.reduction_factor} (out_features {features} // {config.reduction_factor})"
+            )
+            raise ValueError(
+                f"{where}: {key} has shape {tuple(down.shape)}, a bottleneck width of {down.shape[0]}, but "
+                f"adapter_config.json gives {width} ({said}): the config and the weights do not belong together"
+            )
+
+
 BOTTLENECK_METHOD = register_method(
     MethodSpec(
         peft_type="BOTTLENECK",
@@ -148,5 +196,6 @@ BOTTLENECK_METHOD = register_method(
         build_layer=_bn_build,
         add_to_layer=_bn_add,
         param_map=_bn_params,
+        check_shapes=_bn_check_shapes,
     )
 )

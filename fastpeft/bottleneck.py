@@ -29,13 +29,13 @@ Parameter names follow AdapterHub's ``Adapter`` module: ``adapters.<name>.adapte
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastpeft.layers import AdapterLinear, TensorStamp
+from fastpeft.layers import AdapterLinear
 from fastpeft.ops import resolve_backend
 from fastpeft.ops_adapters import bottleneck_down_eff, bottleneck_linear, check_activation
 
@@ -209,8 +209,7 @@ class BottleneckLinear(AdapterLinear):
             init_weights, device=self.weight.device, dtype=self.weight.dtype,
         )
         self.adapters[adapter_name] = adapter
-        if self.active_adapter is None:
-            self.active_adapter = adapter_name
+        self._after_add(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._require(adapter_name)
@@ -221,26 +220,23 @@ class BottleneckLinear(AdapterLinear):
     # Bottleneck adapters are non-linear: nothing is ever folded into the base weight, so
     # ``merged_adapters`` stays empty and ``merged`` False.
 
-    def merge(self, adapter_name: Optional[str] = None) -> None:
+    def _check_mergeable(self, adapter_name: str) -> None:
         raise ValueError(
             "bottleneck adapters cannot be merged into the base weights (the adapter is non-linear); "
             "keep them unmerged, or unload the model without merging"
         )
 
-
     # ---------------------------------------------------------------- forward
 
     def _down_eff(self, name: str, adapter: BottleneckAdapter):
         """``(W_eff, b_eff)`` of an adapter, recomputed only when a tensor it depends on
-        changed (in-place updates, ``.data`` swaps, moves: see ``TensorStamp``)."""
+        changed (in-place updates, ``.data`` swaps, moves: see ``TensorStamp``); under
+        ``torch.compile``, traced from the weights on every call (``_kept``)."""
         down = adapter.down
-        tensors = (self.weight, self.bias, down.weight, down.bias)
-        hit = self._eff_cache.get(name)
-        if hit is not None and hit[0].matches(tensors):
-            return hit[1], hit[2]
-        w_eff, b_eff = bottleneck_down_eff(self.base_weight(), self.bias, down.weight, down.bias)
-        self._eff_cache[name] = (TensorStamp(tensors), w_eff, b_eff)
-        return w_eff, b_eff
+        return self._kept(
+            "_eff_cache", name, None, (self.weight, self.bias, down.weight, down.bias),
+            lambda: bottleneck_down_eff(self.base_weight(), self.bias, down.weight, down.bias),
+        )
 
     def _adapter_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
         adapter: BottleneckAdapter = self.adapters[name]
@@ -250,7 +246,7 @@ class BottleneckLinear(AdapterLinear):
             # The adapter runs in its own dtype (fp32 on a half model: autocast_adapter_dtype).
             return adapter(h.to(adapter.down.weight.dtype)).to(h.dtype)
         w_eff = b_eff = None
-        if resolve_backend(self.backend, x.device, x.dtype) == "triton" and not torch.compiler.is_compiling():
+        if resolve_backend(self.backend, x.device, x.dtype) == "triton":
             w_eff, b_eff = self._down_eff(name, adapter)
         down, up = adapter.down, adapter.up
         return bottleneck_linear(
@@ -262,14 +258,15 @@ class BottleneckLinear(AdapterLinear):
         self._check_input(x)
         weight = self.base_weight()
         if self.row_adapters is not None:
-            return self._mixed_forward(x, self.row_adapters)
+            return self._mixed_forward(x)
         if self.active_adapter is None:
             return F.linear(x, weight, self.bias)
         return self._adapter_forward(x, self.active_adapter)
 
-    def _mixed_forward(self, x: torch.Tensor, row_adapters: Sequence[Optional[str]]) -> torch.Tensor:
-        """Each batch row through its own adapter; ``None`` or an unknown name: base only."""
-        return self._forward_by_row_groups(x, row_adapters, self._adapter_forward)
+    def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Each batch row through its own adapter (``row_adapters``); ``None`` or an
+        unknown name: base only."""
+        return self._forward_by_row_groups(x, self._adapter_forward)
 
     def extra_repr(self) -> str:
         return (

@@ -7,19 +7,29 @@ paths under ``base_model.model.``, without the adapter name, e.g.
 modules appear under their own path (``base_model.model.lm_head.weight``).
 
 Loading validates everything first (the config, the file, the key set, every shape and
-dtype) and only then copies tensors in; any error leaves the model as it was.
+dtype) and only then copies tensors in; any error leaves the model as it was, with no
+trace (not even the ``fastpeft_config`` attribute on a model that had none). Saving
+replaces the adapter's files in the directory as one unit; any error leaves the
+directory as it was, with no temporary files.
+
+With ``bias="all"`` PEFT spells the bias of a module that another adapter wraps after
+the wrapper (``<path>.base_layer.bias``, ``<path>.original_module.bias``); such
+checkpoints load, and fastpeft saves every such bias under the module's own path
+(``<path>.bias``), as PEFT does for a model holding this adapter alone.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import tempfile
-from typing import Any, Dict, Union
+import secrets
+import warnings
+from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from fastpeft.model import _inject, _require_adapter, adapter_tensors, get_method
+from fastpeft.model import _inject, _require_adapter, adapter_tensors, get_method, optional_adapter_tensors
 
 __all__ = [
     "CONFIG_NAME",
@@ -166,7 +176,8 @@ def load_adapter(
     eval mode; ``autocast_adapter_dtype`` keeps an fp16/bf16 model's adapter in fp32, as
     PEFT does. Everything is checked before any tensor is copied: on any error (missing
     files, unknown or unsupported ``peft_type``, DoRA, targets that match nothing, keys
-    or shapes that do not fit) the model is left exactly as it was.
+    or shapes that do not fit, a failure while copying) the model is left exactly as it
+    was: the same modules, tensors, flags and modes, and no attribute added.
     """
     where = os.fspath(path)
     data = read_adapter_config(path)
@@ -179,14 +190,24 @@ def load_adapter(
     undo = _inject(model, config, adapter_name, backend, for_loading=True, autocast_adapter_dtype=autocast_adapter_dtype)
     try:
         targets = adapter_tensors(model, adapter_name)
-        _check_tensors(tensors, targets, where)
+        optional = optional_adapter_tensors(model, adapter_name)
+        tensors = _respell(tensors, targets, optional, where)
+        if spec.check_shapes is not None:
+            try:
+                spec.check_shapes(model.fastpeft_config[adapter_name], tensors, targets, where)
+            except ValueError as exc:
+                raise AdapterCheckpointError(str(exc)) from None
+        extras = {key: optional[key] for key in tensors if key not in targets and key in optional}
+        _check_tensors({k: v for k, v in tensors.items() if k not in extras}, targets, where)
+        _check_tensors({k: tensors[k] for k in extras}, extras, where)
+        to_copy = {**targets, **extras}
         # Tensors that belonged to the model before (e.g. base biases with bias="all")
         # are saved so that a failure while copying can still restore them.
         fresh = {id(t) for t in _fresh_tensors(model, adapter_name)}
-        saved = [(t, t.detach().clone()) for t in targets.values() if id(t) not in fresh]
+        saved = [(t, t.detach().clone()) for t in to_copy.values() if id(t) not in fresh]
         try:
             with torch.no_grad():
-                for key, dst in targets.items():
+                for key, dst in to_copy.items():
                     dst.copy_(tensors[key].to(device=dst.device, dtype=dst.dtype))
         except BaseException:
             with torch.no_grad():
@@ -202,6 +223,40 @@ def load_adapter(
                 t.requires_grad_(False)
         model.eval()
     return model
+
+
+def _bias_spellings(key: str) -> List[str]:
+    """Other keys under which PEFT saves the bias ``key`` (``<path>.bias``) when the
+    module was wrapped in the model it saved from: ``<path>.base_layer.bias`` (a LoRA
+    layer of another adapter) and ``<prefix>.original_module.<rest>.bias`` (inside a
+    ``modules_to_save`` wrapper of another adapter)."""
+    parts = key.split(".")
+    if parts[-1] != "bias":
+        return []
+    out = [".".join(parts[:-1] + ["base_layer", "bias"])]
+    out += [".".join(parts[:i] + ["original_module"] + parts[i:]) for i in range(1, len(parts))]
+    return out
+
+
+def _respell(
+    source: Dict[str, torch.Tensor],
+    targets: Dict[str, torch.Tensor],
+    optional: Dict[str, torch.Tensor],
+    where: str,
+) -> Dict[str, torch.Tensor]:
+    """``source`` with the biases PEFT spelled for a wrapped module renamed to the key
+    this model expects (see ``_bias_spellings``): which spelling PEFT writes depends on
+    the other adapters loaded when it saved, not on the adapter itself."""
+    out = dict(source)
+    for key in targets:
+        if key in out:
+            continue
+        found = [k for k in _bias_spellings(key) if k in out and k not in targets and k not in optional]
+        if len(found) > 1:
+            raise AdapterCheckpointError(f"{where}: the bias {key} is given more than once, as {found}")
+        if found:
+            out[key] = out.pop(found[0])
+    return out
 
 
 def _fresh_tensors(model: nn.Module, adapter_name: str):
@@ -223,11 +278,17 @@ def save_adapter(
     model: nn.Module, path: PathLike, adapter_name: str = "default", *, safe_serialization: bool = True
 ) -> None:
     """Write ``adapter_name`` as a PEFT adapter directory that ``peft.PeftModel.from_pretrained``
-    and ``fastpeft.load_adapter`` load. Files are written to temporaries and renamed, so
-    an error never leaves a half-written adapter behind."""
+    and ``fastpeft.load_adapter`` load.
+
+    All or nothing: the adapter's files (``adapter_config.json`` and the weights; an
+    older weights file of the other format is removed) are replaced as one unit. On any
+    error the directory is left exactly as it was (a directory this call created is
+    removed again) and no temporary file remains. Other files in the directory (a
+    README, a trainer's state) are left alone.
+    """
     config = _require_adapter(model, adapter_name)
     path = os.fspath(path)
-    if os.path.isfile(path):
+    if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(f"{path!r} is a file; save_adapter writes a directory")
     # Own copies: safetensors refuses tensors that share storage (e.g. tied weights).
     tensors = {
@@ -240,32 +301,133 @@ def save_adapter(
         data["base_model_name_or_path"] = name or None
     data["inference_mode"] = True
     config_blob = json.dumps(data, indent=2, sort_keys=True).encode()
-    os.makedirs(path, exist_ok=True)
-    # Weights first, config last: a failure in between leaves the old config with the
-    # old weights' format still readable, never a new config beside stale weights.
     if safe_serialization:
         from safetensors.torch import save
 
         blob = save(tensors, metadata={"format": "pt"})
-        _atomic_write(path, SAFETENSORS_NAME, lambda f: f.write(blob))
-        stale = BIN_NAME
+        weights, write_weights, stale = SAFETENSORS_NAME, (lambda f: f.write(blob)), BIN_NAME
     else:
-        _atomic_write(path, BIN_NAME, lambda f: torch.save(tensors, f))
-        stale = SAFETENSORS_NAME
-    # The reader prefers safetensors: an older file in the other format would shadow or
-    # contradict this save.
-    if os.path.exists(os.path.join(path, stale)):
-        os.unlink(os.path.join(path, stale))
-    _atomic_write(path, CONFIG_NAME, lambda f: f.write(config_blob))
+        weights, write_weights, stale = BIN_NAME, (lambda f: torch.save(tensors, f)), SAFETENSORS_NAME
+    created = _missing_dirs(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+        # The reader prefers safetensors: an older file in the other format would shadow
+        # or contradict this save, so it goes in the same step.
+        _replace_files(path, {weights: write_weights, CONFIG_NAME: lambda f: f.write(config_blob)}, remove=[stale])
+    except BaseException:
+        for directory in reversed(created):  # innermost first; only the (empty) ones made here
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+        raise
 
 
-def _atomic_write(directory: str, name: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
+def _missing_dirs(path: str) -> List[str]:
+    """``path`` and those of its parents that do not exist yet, outermost first."""
+    missing = []
+    head = os.path.abspath(path)
+    while not os.path.isdir(head):
+        missing.append(head)
+        parent = os.path.dirname(head)
+        if parent == head:
+            break
+        head = parent
+    return missing[::-1]
+
+
+def _replace_files(directory: str, writers: Dict[str, Callable[[Any], Any]], remove: Sequence[str]) -> None:
+    """Replace the files ``writers`` names (``name -> write(binary file)``) and delete
+    those in ``remove``, as one unit: after an error every file is as it was and no
+    temporary is left.
+
+    Steps: each new file is written (and synced) to a temporary beside its target; the
+    current files are renamed aside; the new ones renamed into place; the old ones
+    deleted. ``CONFIG_NAME`` goes aside first and comes back last, so that whenever a
+    config is present the weights beside it are its own: a process killed part-way
+    leaves a directory without a config (which nothing loads), never a config with the
+    other save's weights. An error before the last rename undoes the renames done so far.
+    """
+    order = sorted(writers, key=lambda n: n == CONFIG_NAME)  # the config last in, first out
+    staged: Dict[str, str] = {}
+    aside: Dict[str, str] = {}
+    placed: List[str] = []
+    try:
+        for name in order:
+            staged[name] = _write_temp(directory, name, writers[name])
+        for name in order[::-1] + [n for n in remove if n not in writers]:
+            if os.path.lexists(os.path.join(directory, name)):
+                aside[name] = _move_aside(directory, name)
+        for name in order:
+            os.replace(staged[name], os.path.join(directory, name))
+            del staged[name]
+            placed.append(name)
+    except BaseException as exc:
+        _roll_back(directory, staged, aside, placed, exc)
+        raise
+    for name, old in aside.items():
+        try:
+            os.unlink(old)
+        except OSError as exc:  # the save itself is complete: say what is left behind
+            warnings.warn(f"saved, but could not delete the previous {name} kept at {old!r}: {exc}", stacklevel=3)
+
+
+def _new_file(directory: str, name: str, suffix: str) -> Tuple[int, str]:
+    """A new empty file ``.<name>.<random><suffix>`` in ``directory``, open for writing.
+    Unlike ``mkstemp``'s 0600 its mode follows the umask, as a plain ``open`` (and
+    PEFT's ``save_pretrained``) would make it."""
+    while True:
+        tmp = os.path.join(directory, f".{name}.{secrets.token_hex(6)}{suffix}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def _write_temp(directory: str, name: str, write: Callable[[Any], Any]) -> str:
+    fd, tmp = _new_file(directory, name, ".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
-        os.replace(tmp, os.path.join(directory, name))
+            fh.flush()
+            os.fsync(fh.fileno())  # a full disk shows here, before anything is replaced
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    return tmp
+
+
+def _move_aside(directory: str, name: str) -> str:
+    """Rename ``directory/name`` to a new temporary name beside it; that name."""
+    fd, old = _new_file(directory, name, ".old")
+    os.close(fd)
+    try:
+        os.replace(os.path.join(directory, name), old)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(old)
+        raise
+    return old
+
+
+def _roll_back(
+    directory: str, staged: Dict[str, str], aside: Dict[str, str], placed: List[str], error: BaseException
+) -> None:
+    """Undo a part-done ``_replace_files``: the new files out, the old ones back (the
+    config last), the temporaries deleted. Steps that fail are named on ``error``."""
+    failed = []
+    for name in placed:
+        if name not in aside:
+            try:
+                os.unlink(os.path.join(directory, name))
+            except OSError as exc:
+                failed.append(f"remove the new {name} ({exc})")
+    for name in sorted(aside, key=lambda n: n == CONFIG_NAME):
+        try:
+            os.replace(aside[name], os.path.join(directory, name))
+        except OSError as exc:
+            failed.append(f"restore {name} from {aside[name]!r} ({exc})")
+    for tmp in staged.values():
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    if failed and hasattr(error, "add_note"):
+        error.add_note(f"save_adapter could not undo everything in {directory!r}: " + "; ".join(failed))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import List, Optional, Sequence
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -130,8 +130,7 @@ class IA3Linear(AdapterLinear):
         else:
             l = torch.randn(self.l_shape, device=self.weight.device).to(self.weight.dtype)
         self.ia3_l[adapter_name] = nn.Parameter(l)
-        if self.active_adapter is None:
-            self.active_adapter = adapter_name
+        self._after_add(adapter_name)
 
     def load_vector(self, adapter_name: str, value: torch.Tensor) -> None:
         """Copy a checkpoint's ``ia3_l`` into an adapter, after checking its shape.
@@ -154,7 +153,7 @@ class IA3Linear(AdapterLinear):
         """Remove an adapter; unmerges first if it is merged."""
         self._require(adapter_name)
         if adapter_name in self.merged_adapters:
-            self._scale_base(adapter_name, inverse=True)
+            self._undo_merge(adapter_name)
             self.merged_adapters.remove(adapter_name)
         del self.ia3_l[adapter_name]
         self._after_delete(adapter_name)
@@ -168,41 +167,35 @@ class IA3Linear(AdapterLinear):
 
     # ---------------------------------------------------------------- merge
 
-    def _scale_base(self, adapter_name: str, inverse: bool) -> None:
-        """``W *= l`` (rows for output scaling, columns for input scaling) and, for output
-        scaling, ``b *= l``; ``inverse`` divides. fp32 math, stored in the weight dtype."""
+    def _check_mergeable(self, adapter_name: str) -> None:
+        if not bool(torch.isfinite(self.ia3_l[adapter_name].detach()).all()):
+            raise ValueError(f"cannot merge adapter {adapter_name!r}: ia3_l holds NaN or inf")
+
+    def _fold(
+        self, adapter_name: str, weight: torch.Tensor, bias: Optional[torch.Tensor], inverse: bool = False
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``W * l`` (rows for output scaling, columns for input scaling) and, for output
+        scaling, ``b * l``; ``inverse`` divides. fp32 math, stored in the base dtypes, as
+        new tensors."""
         l = self.ia3_l[adapter_name].detach().float().reshape(-1)
         if inverse:
             if bool((l == 0).any()):
                 warnings.warn(
                     f"adapter {adapter_name!r} has zero entries in ia3_l: unmerge cannot restore the "
                     "weights it zeroed",
-                    stacklevel=3,
+                    stacklevel=4,
                 )
             l = torch.where(l == 0, torch.ones_like(l), 1.0 / l)
-        with torch.no_grad():
-            w = self.base_weight()  # (out, in) view
-            scale = l[None, :] if self.is_feedforward else l[:, None]
-            w.copy_((w.float() * scale).to(w.dtype))
-            if not self.is_feedforward and self.bias is not None:
-                self.bias.copy_((self.bias.float() * l).to(self.bias.dtype))
-
-    def merge(self, adapter_name: Optional[str] = None) -> None:
-        """Fold ``l`` of the active (or named) adapter into ``weight`` (and ``bias``)."""
-        name = adapter_name if adapter_name is not None else self.active_adapter
-        if name is None:
-            raise ValueError("no adapter to merge: this layer has no active adapter")
-        self._require(name)
-        if name in self.merged_adapters:
-            return
-        l = self.ia3_l[name].detach()
-        if not bool(torch.isfinite(l).all()):
-            raise ValueError(f"cannot merge adapter {name!r}: ia3_l holds NaN or inf")
-        self._scale_base(name, inverse=False)
-        self.merged_adapters.append(name)
+        w = weight.t() if self.fan_in_fan_out else weight  # (out, in) view
+        scale = l[None, :] if self.is_feedforward else l[:, None]
+        w = (w.float() * scale).to(weight.dtype)
+        weight = w.t() if self.fan_in_fan_out else w
+        if not self.is_feedforward and bias is not None:
+            bias = (bias.float() * l).to(bias.dtype)
+        return weight, bias
 
     def _undo_merge(self, adapter_name: str) -> None:
-        self._scale_base(adapter_name, inverse=True)
+        self._write_base(*self._fold(adapter_name, self.weight.detach(), self.bias, inverse=True))
 
     # ---------------------------------------------------------------- forward
 
@@ -214,22 +207,22 @@ class IA3Linear(AdapterLinear):
                 raise RuntimeError(
                     "mixed-adapter batches need unmerged adapters: call fastpeft.unmerge(model) first"
                 )
-            return self._mixed_forward(x, self.row_adapters)
+            return self._mixed_forward(x)
         name = self.active_adapter
         if name is None or self.merged:
             # Base only, or an adapter already folded into the weights: cuBLAS.
             return F.linear(x, weight, self.bias)
         return ia3_linear(x, weight, self.bias, self.ia3_l[name], self.is_feedforward, backend=self.backend)
 
-    def _mixed_forward(self, x: torch.Tensor, row_adapters: Sequence[Optional[str]]) -> torch.Tensor:
-        """Each batch row (``x``'s dim 0) through its own adapter; ``None`` or a name this
-        layer does not hold: the base only. One sub-batch per adapter."""
+    def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Each batch row (``x``'s dim 0) through its own adapter (``row_adapters``);
+        ``None`` or a name this layer does not hold: the base only. One sub-batch per adapter."""
         weight = self.base_weight()
 
         def run(rows: torch.Tensor, name: str) -> torch.Tensor:
             return ia3_linear(rows, weight, self.bias, self.ia3_l[name], self.is_feedforward, backend=self.backend)
 
-        return self._forward_by_row_groups(x, row_adapters, run)
+        return self._forward_by_row_groups(x, run)
 
     def extra_repr(self) -> str:
         return (

@@ -11,7 +11,7 @@ relies on (``adapter_names``, ``set_adapter``, ``merged``, ``to_base_module``,
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from fastpeft.ops import BACKENDS, autocast_dtype, check_linear_input
 
 __all__ = ["AdapterLinear", "TensorStamp"]
+
+T = TypeVar("T")
 
 
 def _frozen_parameter(t: torch.Tensor) -> nn.Parameter:
@@ -42,6 +44,10 @@ class TensorStamp:
     edit under ``torch.no_grad()`` instead, as optimizers and ``load_state_dict`` do), and
     in-place edits of tensors made under ``torch.inference_mode``, which have no version
     counter (replacing them is seen).
+
+    Eager mode only: ``torch.compile`` cannot trace version counters (nor
+    ``is_inference``), so under compile layers trace the derived value from the tensors
+    themselves instead of keeping it (``AdapterLinear._kept``).
     """
 
     __slots__ = ("_held", "_keys")
@@ -164,7 +170,40 @@ class AdapterLinear(nn.Module):
 
     def _apply(self, fn, recurse: bool = True):
         self._drop_caches()
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        self._plan_rows()  # the batch's row tensors follow the layer to its new device
+        return out
+
+    def _kept(
+        self,
+        cache_name: str,
+        entry: Hashable,
+        key: Any,
+        tensors: Sequence[Optional[torch.Tensor]],
+        build: Callable[[], T],
+    ) -> T:
+        """``build()``: a value derived from ``tensors`` (and from ``key``, whatever else
+        it depends on: scalings, which objects the tensors are), kept in
+        ``self.<cache_name>[entry]`` for the next forward while ``key`` is equal and
+        ``TensorStamp`` sees no tensor changed, so that decoding step after step builds
+        it once.
+
+        Under ``torch.compile`` nothing is kept: the value is traced from the tensors,
+        so the compiled graph reads them on every call (a change between calls is always
+        seen, with no guard to check) and dynamo never meets a version counter. A value
+        that holds an autograd graph is never kept either.
+        """
+        if torch.compiler.is_compiling():
+            return build()
+        cache = self.__dict__.setdefault(cache_name, {})
+        hit = cache.get(entry)
+        if hit is not None and hit[0] == key and hit[1].matches(tensors):
+            return hit[2]
+        value = build()
+        held = value if isinstance(value, (tuple, list)) else (value,)
+        if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in held):
+            cache[entry] = (key, TensorStamp(tensors), value)
+        return value
 
     def __getstate__(self):
         state = dict(super().__getstate__())
@@ -224,18 +263,116 @@ class AdapterLinear(nn.Module):
             self._require(adapter_name)
         self.active_adapter = adapter_name
 
+    def _after_add(self, adapter_name: str) -> None:
+        """A new adapter is active if none is; a running mixed batch sees it."""
+        if self.active_adapter is None:
+            self.active_adapter = adapter_name
+        self._plan_rows()
+
     def _after_delete(self, adapter_name: str) -> None:
-        """Hand the active role on when the active adapter was deleted."""
+        """Hand the active role on when the active adapter was deleted; a running mixed
+        batch stops using it."""
         if self.active_adapter == adapter_name:
             self.active_adapter = next(iter(self._adapter_store()), None)
+        self._plan_rows()
 
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
+    # Merging: subclasses say what one adapter does to the base (``_fold``) and when it
+    # cannot merge (``_check_mergeable``); ``merge`` and ``check_merge`` do the rest.
+
+    def _check_mergeable(self, adapter_name: str) -> None:
+        """Raise ``ValueError`` if ``adapter_name`` cannot be folded into this layer."""
+
+    def _fold(
+        self, adapter_name: str, weight: torch.Tensor, bias: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(weight, bias)`` (storage layout, the base's dtypes) with one adapter folded
+        in, as new tensors: the inputs and the layer are left unchanged."""
+        raise NotImplementedError
+
     def _undo_merge(self, adapter_name: str) -> None:
         """Take one merged adapter back out of the base weights (layers that merge)."""
         raise NotImplementedError
+
+    def _names_to_merge(self, adapter_name: Optional[str], adapter_names: Optional[Sequence[str]]) -> List[str]:
+        """The adapters a merge folds in, in order (default: the active one), less those
+        already merged; each checked with ``_check_mergeable``."""
+        if adapter_name is not None and adapter_names is not None:
+            raise TypeError("give adapter_name or adapter_names, not both")
+        if adapter_names is None:
+            adapter_names = [adapter_name if adapter_name is not None else self.active_adapter]
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names must be a list of names, got the string {adapter_names!r}")
+        names: List[str] = []
+        for name in adapter_names:
+            if name is None:
+                raise ValueError("no adapter to merge: this layer has no active adapter")
+            self._require(name)
+            if name not in self.merged_adapters and name not in names:
+                self._check_mergeable(name)
+                names.append(name)
+        return names
+
+    def _merged_base(self, names: Sequence[str], check_finite: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The base ``(weight, bias)`` with ``names`` folded in, computed aside. With
+        ``check_finite``, ``ValueError`` if the result holds NaN or inf."""
+        with torch.no_grad():
+            weight, bias = self.weight.detach(), None if self.bias is None else self.bias.detach()
+            for name in names:
+                weight, bias = self._fold(name, weight, bias)
+            if check_finite and not (
+                bool(torch.isfinite(weight).all()) and (bias is None or bool(torch.isfinite(bias).all()))
+            ):
+                raise ValueError(
+                    f"merging adapter(s) {list(names)} would put NaN or inf into the base weights (a broken "
+                    f"adapter, or values beyond the range of {self.weight.dtype}); nothing was merged"
+                )
+        return weight, bias
+
+    def check_merge(
+        self,
+        adapter_name: Optional[str] = None,
+        *,
+        adapter_names: Optional[Sequence[str]] = None,
+        check_finite: bool = True,
+    ) -> None:
+        """Raise ``ValueError`` if ``merge`` with these arguments would fail or, with
+        ``check_finite``, put NaN/inf into the weights (computed on a copy). Changes nothing."""
+        names = self._names_to_merge(adapter_name, adapter_names)
+        if check_finite and names:
+            self._merged_base(names, check_finite=True)
+
+    def merge(
+        self,
+        adapter_name: Optional[str] = None,
+        *,
+        safe_merge: bool = False,
+        adapter_names: Optional[Sequence[str]] = None,
+    ) -> None:
+        """Fold the active (or named) adapter(s) into the base ``weight`` and ``bias``.
+
+        ``adapter_names``: several adapters, folded in that order (PEFT's argument).
+        ``safe_merge`` (PEFT's option): the merged weights are computed on a copy and
+        checked first; NaN or inf raises ``ValueError`` and the layer stays unmerged.
+        Merging is all-or-nothing either way: the result is computed aside, then copied in.
+        """
+        names = self._names_to_merge(adapter_name, adapter_names)
+        if not names:
+            return
+        self._write_base(*self._merged_base(names, check_finite=safe_merge))
+        self.merged_adapters.extend(names)
+
+    def _write_base(self, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+        """Copy new values into the base ``weight`` (and ``bias``, unless None) in place,
+        so that tied and shared tensors follow. A model built under
+        ``torch.inference_mode`` holds inference tensors, written through ``.data``."""
+        with torch.no_grad():
+            for dst, value in ((self.weight, weight), (self.bias, bias)):
+                if value is not None:
+                    (dst.data if dst.is_inference() else dst).copy_(value)
 
     def unmerge(self, adapter_name: Optional[str] = None) -> None:
         """Undo merges (exact up to the weight dtype's rounding): every one, newest first,
@@ -255,6 +392,12 @@ class AdapterLinear(nn.Module):
         check_linear_input(x, self.base_weight(), type(self).__name__, check_dtype=amp is None)
 
     # ---------------------------------------------------------------- mixed batches
+    #
+    # The names of a mixed batch are turned into tensors once, when the batch starts
+    # (``row_adapters`` is set): the row plan. A forward reads only the plan's tensors,
+    # never the names, so it does no per-row Python work on each decode step, and under
+    # ``torch.compile`` the rows are graph inputs: one compiled graph serves every batch
+    # of the same size and structure, and nothing is specialised on the names.
 
     @property
     def row_adapters(self) -> Optional[List[Optional[str]]]:
@@ -267,6 +410,38 @@ class AdapterLinear(nn.Module):
         # batch sees weights changed in between, even through ``.data``.
         self.__dict__.pop("_stack_cache", None)
         self.__dict__["_row_adapters"] = None if names is None else list(names)
+        self._plan_rows()
+
+    def _plan_rows(self) -> Any:
+        """(Re)make the row plan of the current mixed batch (None without one) and return it.
+
+        Called when the names are set, and when adapters are added or deleted or the
+        layer is moved during a batch. Its tensors are ordinary ones even inside
+        ``torch.inference_mode`` (a forward outside it may use them).
+        """
+        names = self.row_adapters
+        if names is None:
+            plan = None
+        else:
+            with torch.inference_mode(False):
+                plan = self._make_row_plan(names)
+        self.__dict__["_row_plan"] = plan
+        return plan
+
+    def _make_row_plan(self, names: Sequence[Optional[str]]) -> Any:
+        """The plan of :meth:`_forward_by_row_groups`: ``((name, rows), ...)``, one entry
+        per adapter of this layer the batch names (in the layer's order, so that batches
+        that differ only in which rows use which adapter share a compiled graph), ``rows``
+        the int64 indices of its batch rows on the layer's device. ``None`` or a name
+        this layer does not hold: no entry (the base only, as in PEFT)."""
+        groups: Dict[str, List[int]] = {name: [] for name in self._adapter_store()}
+        for row, name in enumerate(names):
+            if name in groups:
+                groups[name].append(row)
+        device = self.weight.device
+        return tuple(
+            (name, torch.tensor(rows, device=device, dtype=torch.long)) for name, rows in groups.items() if rows
+        )
 
     @staticmethod
     def _check_rows(x: torch.Tensor, row_adapters: Sequence[Optional[str]]) -> None:
@@ -281,20 +456,13 @@ class AdapterLinear(nn.Module):
     def _forward_by_row_groups(
         self,
         x: torch.Tensor,
-        row_adapters: Sequence[Optional[str]],
         run_adapter: Callable[[torch.Tensor, str], torch.Tensor],
     ) -> torch.Tensor:
         """A mixed batch as one sub-batch per adapter: the base for every row, then
         ``run_adapter(rows of x, name)`` for the rows of each adapter this layer holds
         (``None`` or a name it does not hold: the base only, as in PEFT)."""
-        self._check_rows(x, row_adapters)
+        self._check_rows(x, self.row_adapters)
         out = F.linear(x, self.base_weight(), self.bias)
-        store = self._adapter_store()
-        groups: Dict[str, List[int]] = {}
-        for row, name in enumerate(row_adapters):
-            if name is not None and name in store:
-                groups.setdefault(name, []).append(row)
-        for name, rows in groups.items():
-            idx = torch.tensor(rows, device=x.device, dtype=torch.long)
+        for name, idx in self.__dict__["_row_plan"]:
             out = out.index_copy(0, idx, run_adapter(x.index_select(0, idx), name).to(out.dtype))
         return out

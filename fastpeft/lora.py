@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastpeft.layers import AdapterLinear, TensorStamp
+from fastpeft.layers import AdapterLinear
 from fastpeft.ops import autocast_cast, autocast_dtype, check_linear_input, lora_linear_unchecked
 
 __all__ = ["FastLoRALinear", "POOL_ATTR"]
@@ -29,6 +30,25 @@ __all__ = ["FastLoRALinear", "POOL_ATTR"]
 POOL_ATTR = "_fastpeft_pool_slots"
 
 InitSpec = Union[bool, str]
+
+
+@dataclass(frozen=True)
+class _LoraRowPlan:
+    """A mixed batch's rows for one LoRA layer (``FastLoRALinear._make_row_plan``).
+
+    ``slots``: the pool attached when the plan was made (None: none); ``from_pool``:
+    the rows use that pool's slots; ``row_slot``: ``(B,)`` int32 slot of each batch row
+    (-1: base only), None when the layer has no adapter to run; ``used``: some row has
+    an adapter here (eager runs a batch with none as a plain linear; a compiled graph
+    runs the mixed op for every batch, so that which rows use this layer stays data);
+    ``error``: why the batch cannot run (raised by the forward), else None.
+    """
+
+    slots: Any
+    from_pool: bool
+    row_slot: Optional[torch.Tensor]
+    used: bool
+    error: Optional[str]
 
 
 def _check_rank(r: int) -> int:
@@ -208,8 +228,7 @@ class FastLoRALinear(AdapterLinear):
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scalings[adapter_name] = scaling
-        if self.active_adapter is None:
-            self.active_adapter = adapter_name
+        self._after_add(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter; unmerges first if it is merged."""
@@ -255,32 +274,30 @@ class FastLoRALinear(AdapterLinear):
         B = self.lora_B_weights[adapter_name].detach().float()
         return (B @ A) * self.scalings[adapter_name]
 
+    def _fold(
+        self, adapter_name: str, weight: torch.Tensor, bias: Optional[torch.Tensor], sign: float = 1.0
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``W + sign * s B A`` (and ``b + sign * s lora_bias``): fp32 math, stored in
+        the base dtypes, as new tensors."""
+        delta = self.delta_weight(adapter_name)
+        if self.fan_in_fan_out:
+            delta = delta.t()
+        weight = (weight.float() + sign * delta).to(weight.dtype)
+        if adapter_name in self.lora_B_biases:
+            lb = self.lora_B_biases[adapter_name].detach().float() * self.scalings[adapter_name]
+            bias = (bias.float() + sign * lb).to(bias.dtype)
+        return weight, bias
+
     def _apply_delta(self, adapter_name: str, sign: float) -> None:
         with torch.no_grad():
-            delta = self.delta_weight(adapter_name)
-            if self.fan_in_fan_out:
-                delta = delta.t()
-            w = self.weight.data.float() + sign * delta
-            self.weight.data.copy_(w.to(self.weight.dtype))
-            if adapter_name in self.lora_B_biases:
-                lb = self.lora_B_biases[adapter_name].detach().float() * self.scalings[adapter_name]
-                b = self.bias.data.float() + sign * lb
-                self.bias.data.copy_(b.to(self.bias.dtype))
+            self._write_base(*self._fold(adapter_name, self.weight.detach(), self.bias, sign))
 
-    def merge(self, adapter_name: Optional[str] = None) -> None:
-        """Fold ``s * B A`` (and ``s * lora_bias``) of the active (or named) adapter into
-        ``weight`` (and ``bias``)."""
-        name = adapter_name if adapter_name is not None else self._active()
-        self._require(name)
-        if name in self.merged_adapters:
-            return
-        if name in self.lora_B_biases and self.bias is None:
+    def _check_mergeable(self, adapter_name: str) -> None:
+        if adapter_name in self.lora_B_biases and self.bias is None:
             # As PEFT: there is no base bias to fold lora_B.bias into.
             raise ValueError(
-                f"cannot merge adapter {name!r}: it has lora_bias=True but the base layer has no bias"
+                f"cannot merge adapter {adapter_name!r}: it has lora_bias=True but the base layer has no bias"
             )
-        self._apply_delta(name, +1.0)
-        self.merged_adapters.append(name)
 
     def _undo_merge(self, adapter_name: str) -> None:
         self._apply_delta(adapter_name, -1.0)
@@ -316,7 +333,7 @@ class FastLoRALinear(AdapterLinear):
                 raise RuntimeError(
                     "mixed-adapter batches need unmerged adapters: call fastpeft.unmerge(model) first"
                 )
-            return self._mixed_forward(x, self.row_adapters, weight, bias)
+            return self._mixed_forward(x, weight, bias)
         name = self.active_adapter
         if name is None or name in self.merged_adapters or self.merged:
             # The base (with any merged adapters folded in) is a plain linear: cuBLAS.
@@ -333,83 +350,114 @@ class FastLoRALinear(AdapterLinear):
         # checkpoint loading check them): skip the op's second round of checks.
         return lora_linear_unchecked(x, weight, eff_bias, lora_A, lora_B, self.scalings[name], x_lora, self.backend)
 
-    def _mixed_forward(
-        self,
-        x: torch.Tensor,
-        row_adapters: Sequence[Optional[str]],
-        weight: Optional[torch.Tensor] = None,
-        bias: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """Each batch row (``x``'s dim 0) through its own adapter; ``None``: base only.
-        ``weight``/``bias``: the base as ``forward`` casts it (autocast); default the layer's.
+    def _make_row_plan(self, names: Sequence[Optional[str]]) -> "_LoraRowPlan":
+        """Where the rows of a mixed batch take their adapters from, as tensors (made once
+        per batch; see ``AdapterLinear._plan_rows``).
 
-        One fused mixed-adapter kernel call (``fastpeft.ops_multi.multi_lora_linear``):
-
-        * with an ``AdapterPool`` attached (``fastpeft.serving``) and every name in the
-          pool, the pool's fixed slot stacks and its per-batch metadata (shared by all
-          layers) are used as they are;
-        * otherwise the adapters of this layer that the batch names are stacked (padded
-          to the largest rank among them; the kernels never read the padding). Names
-          this layer does not hold run the base, as in PEFT (the adapter did not target
-          this layer). A ``lora_bias`` adds ``s * lora_bias`` to its rows afterwards.
+        * With an ``AdapterPool`` attached and every name in it: the pool's slot of each
+          row (one tensor per batch, shared by the layers of that pool).
+        * Otherwise this layer's own adapters: the position of each row's adapter among
+          this layer's adapters (the order of ``self.r``, the order they are stacked in);
+          ``None`` or a name the layer does not hold: -1, the base only, as in PEFT (the
+          adapter did not target this layer).
         """
-        from fastpeft.ops_multi import multi_lora_linear, row_slots_for_tokens
-
-        self._check_rows(x, row_adapters)
-        if weight is None:
-            weight, bias = self.base_weight(), self.bias
         slots = getattr(self, POOL_ATTR, None)
-        wanted = {n for n in row_adapters if n is not None}
+        device = self.weight.device
+        wanted = {n for n in names if n is not None}
         if slots is not None:
             in_pool = {n for n in wanted if n in slots.pool}
             if in_pool and in_pool != wanted:
-                raise KeyError(
+                return _LoraRowPlan(slots, False, None, False, (
                     f"a mixed batch takes its adapters from the pool or from the layers, not both: "
                     f"{sorted(wanted - in_pool)} are not loaded in the pool ({slots.pool.adapters})"
-                )
+                ))
             if in_pool:
-                meta = slots.pool.meta_for(row_adapters, x)
-                return multi_lora_linear(
-                    x, weight, bias, slots.lora_A, slots.lora_B, slots.ranks, slots.scalings, meta,
-                    backend=self.backend, check=False,
-                )
-        stacks = self._batch_stacks(tuple(row_adapters), x.device)
-        if stacks is None:
+                return _LoraRowPlan(slots, True, slots.pool.batch_slots(names).to(device), True, None)
+        if not self.r:
+            return _LoraRowPlan(slots, False, None, False, None)
+        index = {n: i for i, n in enumerate(self.r)}
+        row_slot = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int32, device=device)
+        return _LoraRowPlan(slots, False, row_slot, any(n in index for n in wanted), None)
+
+    def _mixed_forward(
+        self,
+        x: torch.Tensor,
+        weight: Optional[torch.Tensor] = None,
+        bias: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Each batch row (``x``'s dim 0) through its own adapter (``row_adapters``);
+        ``None``: base only. ``weight``/``bias``: the base as ``forward`` casts it
+        (autocast); default the layer's.
+
+        One fused mixed-adapter kernel call (``fastpeft.ops_multi.multi_lora_linear``),
+        rows as the batch's row plan (:meth:`_make_row_plan`) says:
+
+        * from an attached ``AdapterPool``: the pool's fixed slot stacks, and its batch
+          metadata (eager: built once per batch and shared by every layer; compiled:
+          built in the graph from the plan's slots, so no names are baked into it);
+        * from this layer's own adapters: all of them stacked (padded to the largest
+          rank; the kernels never read the padding), each row indexing its own. A
+          ``lora_bias`` adds ``s * lora_bias`` to its rows afterwards.
+        """
+        from fastpeft.ops_multi import multi_lora_linear, row_slots_for_tokens
+
+        row_adapters = self.row_adapters
+        self._check_rows(x, row_adapters)
+        if weight is None:
+            weight, bias = self.base_weight(), self.bias
+        plan: Optional[_LoraRowPlan] = self.__dict__.get("_row_plan")
+        if plan is None or plan.slots is not getattr(self, POOL_ATTR, None):
+            plan = self._plan_rows()  # a pool was attached or detached during the batch
+        if plan.error is not None:
+            raise KeyError(plan.error)
+        # (is_compiling first: a compiled graph never reads, nor guards on, ``used``)
+        if plan.row_slot is None or not (torch.compiler.is_compiling() or plan.used):
             return F.linear(x, weight, bias)
-        lora_A, lora_B, ranks, scalings, batch_slot, bias_table = stacks
+        if plan.from_pool:
+            slots = plan.slots
+            if torch.compiler.is_compiling():
+                rows = row_slots_for_tokens(plan.row_slot, x)
+            else:
+                rows = slots.pool.meta_for(row_adapters, x)
+            return multi_lora_linear(
+                x, weight, bias, slots.lora_A, slots.lora_B, slots.ranks, slots.scalings, rows,
+                backend=self.backend, check=False,
+            )
+        lora_A, lora_B, ranks, scalings, bias_table = self._batch_stacks(x.device)
         out = multi_lora_linear(
-            x, weight, bias, lora_A, lora_B, ranks, scalings, row_slots_for_tokens(batch_slot, x),
+            x, weight, bias, lora_A, lora_B, ranks, scalings, row_slots_for_tokens(plan.row_slot, x),
             backend=self.backend, check=False,
         )
         if bias_table is not None:
-            # PEFT scales lora_B's output, bias included: add s_i * lora_bias_i to row i.
-            per_row = bias_table[torch.where(batch_slot < 0, bias_table.shape[0] - 1, batch_slot).long()]
+            # PEFT scales lora_B's output, bias included: add s_i * lora_bias_i to row i
+            # (the table's last row is zeros, for the rows with no adapter here).
+            slot = plan.row_slot.long()
+            per_row = bias_table[torch.where(slot < 0, bias_table.shape[0] - 1, slot)]
             out = out + per_row.to(out.dtype).reshape(x.shape[0], *([1] * (x.dim() - 2)), self.out_features)
         return out
 
-    def _batch_stacks(self, row_adapters: Tuple[Optional[str], ...], device: torch.device):
-        """The slot stacks of the adapters a mixed batch names (padded to the largest of
-        their ranks; the kernels never read the padding), the slot of each row, and the
-        per-slot ``s * lora_bias`` table (None without lora_bias); None when the batch
-        uses none of this layer's adapters.
+    def _batch_stacks(self, device: torch.device):
+        """``(lora_A, lora_B, ranks, scalings, bias_table)``: this layer's adapters stacked
+        in slots (in the order of ``self.r``, padded to the largest rank; the kernels never
+        read the padding), and the per-slot ``s * lora_bias`` table with a last row of
+        zeros (None without lora_bias).
 
-        Kept for the next forward while the batch's names and the adapters' tensors are
-        unchanged (``TensorStamp``: in-place updates, ``.data`` swaps), so decoding step after
-        step with one batch stacks and uploads once, not once per step and layer.
+        Kept for the next forward while the adapters' tensors and scalings are unchanged
+        (``AdapterLinear._kept``: in-place updates, ``.data`` swaps), so decoding step after
+        step with one batch stacks and uploads once, not once per step and layer; under
+        ``torch.compile`` the stacking is part of the graph.
         """
-        names = [n for n in dict.fromkeys(row_adapters) if n is not None and n in self.r]
-        if not names:
-            return None
+        names = list(self.r)
         tensors = [self.lora_A_weights[n] for n in names] + [self.lora_B_weights[n] for n in names]
         tensors += [self.lora_B_biases[n] for n in names if n in self.lora_B_biases]
-        key = (row_adapters, device, tuple(id(t) for t in tensors), tuple(self.scalings[n] for n in names))
-        cached = self.__dict__.get("_stack_cache")
-        if cached is not None and cached[0] == key and cached[1].matches(tensors):
-            return cached[2]
-        index = {n: i for i, n in enumerate(names)}
+        key = (tuple(id(t) for t in tensors), tuple(self.scalings[n] for n in names))
+        return self._kept("_stack_cache", device, key, tensors, lambda: self._stack(names, device))
+
+    def _stack(self, names: List[str], device: torch.device):
+        """The stacks of :meth:`_batch_stacks`, built."""
         R = max(self.r[n] for n in names)
         # Built with autograd on when it is on, so that a backward through a mixed batch
-        # reaches the op and its clear "inference only" error; with autocast off, since
+        # reaches each adapter's own tensors through the stacks; with autocast off, since
         # stacking copies tensors in their own dtypes (CPU autocast refuses fp16 there).
         with torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else contextlib.nullcontext():
             lora_A = torch.stack([F.pad(self.lora_A_weights[n], (0, 0, 0, R - self.r[n])) for n in names])
@@ -421,11 +469,7 @@ class FastLoRALinear(AdapterLinear):
                 bias_table = torch.stack([r.to(zero.dtype) for r in rows] + [zero])
         ranks = torch.tensor([self.r[n] for n in names], dtype=torch.int32, device=device)
         scalings = torch.tensor([self.scalings[n] for n in names], dtype=torch.float32, device=device)
-        batch_slot = torch.tensor([index.get(n, -1) for n in row_adapters], dtype=torch.int32, device=device)
-        stacks = (lora_A, lora_B, ranks, scalings, batch_slot, bias_table)
-        if not (lora_A.requires_grad or lora_B.requires_grad):  # never keep a graph alive
-            self.__dict__["_stack_cache"] = (key, TensorStamp(tensors), stacks)
-        return stacks
+        return lora_A, lora_B, ranks, scalings, bias_table
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}(r={r})" for n, r in self.r.items())

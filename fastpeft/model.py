@@ -10,12 +10,16 @@ From that, ``inject``, ``load_adapter``/``save_adapter`` (fastpeft.checkpoint),
 
 Injected layers follow a small protocol (``FastLoRALinear`` is the model):
 ``adapter_names`` (names it holds), ``set_adapter(name | None)``, ``merge(name)``,
-``unmerge()``, ``merged``, ``delete_adapter(name)``, ``to_base_module()`` (the plain
-module, with merged adapters folded in) and an attribute ``row_adapters``
-(``None``, or one adapter name or ``None`` per batch row).
+``check_merge(name, check_finite=...)`` (raise ``ValueError`` where ``merge`` would
+fail or, with ``check_finite``, give NaN/inf; changes nothing), ``unmerge()``,
+``merged``, ``delete_adapter(name)``, ``to_base_module()`` (the plain module, with
+merged adapters folded in) and an attribute ``row_adapters`` (``None``, or one adapter
+name or ``None`` per batch row).
 
 State kept on the model (plain attributes, not parameters): ``model.fastpeft_config``
-(``{adapter_name: config}``) and ``model.fastpeft_active`` (the active adapter name).
+(``{adapter_name: config}``) and ``model.fastpeft_active`` (the active adapter name),
+both added by the first successful ``inject``/``load_adapter``. A failed call leaves the
+model exactly as it was: modules, tensors, flags, modes and attributes.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 import torch.nn as nn
 
-from fastpeft.config import LORA_INIT_CHOICES, AdapterConfig, LoraConfig, config_to_plain
+from fastpeft.config import LORA_INIT_CHOICES, AdapterConfig, LoraConfig, config_to_plain, pattern_key
 from fastpeft.lora import POOL_ATTR, FastLoRALinear
 from fastpeft.targets import (
     default_lora_targets,
@@ -91,6 +95,14 @@ class MethodSpec:
             ``base_model.model.`` prefix (e.g. ``"model.layers.0.self_attn.q_proj.lora_A.weight"``),
             the value being the live model tensor to save from / copy into.
             ``modules_to_save`` keys are added by the generic code, not here.
+        optional_map: optional, same signature: tensors a checkpoint *may* hold beside
+            ``param_map``'s (extras PEFT writes in some cases); loaded when present.
+        check_shapes: optional ``(config, source, targets, where) -> None`` (``source``:
+            the checkpoint's tensors, ``targets``: ``param_map``'s, both keyed without
+            the prefix), run on a checkpoint before the generic shape check: raise
+            ``ValueError`` with the real cause of a mismatch the method can name (a
+            config whose rank differs from the tensors', two tensors that do not fit
+            each other), rather than the generic "other layer sizes".
         check_config: optional ``(config) -> list of problems``; non-empty refuses the
             config (unsupported feature) with those messages.
         default_targets: optional ``(model_type) -> {config field: value}`` filling a
@@ -106,6 +118,8 @@ class MethodSpec:
     add_to_layer: AddToLayer
     param_map: ParamMap
     check_config: Optional[Callable[[AdapterConfig], List[str]]] = None
+    optional_map: Optional[ParamMap] = None
+    check_shapes: Optional[Callable[..., None]] = None
     default_targets: Optional[Callable[[Optional[str]], Optional[Dict[str, Any]]]] = None
 
 
@@ -154,11 +168,10 @@ def as_config(config: Any) -> AdapterConfig:
 
 
 def _configs(model: nn.Module) -> Dict[str, AdapterConfig]:
+    """The model's ``{adapter name: config}`` (empty when it has none). Reading never
+    adds the attribute: only a successful injection does."""
     configs = model.__dict__.get("fastpeft_config")
-    if configs is None:
-        configs = {}
-        model.__dict__["fastpeft_config"] = configs
-    return configs
+    return {} if configs is None else configs
 
 
 def _all_layer_types() -> Tuple[type, ...]:
@@ -174,6 +187,17 @@ def _require_adapter(model: nn.Module, adapter_name: str) -> AdapterConfig:
     if adapter_name not in configs:
         raise KeyError(f"the model has no adapter named {adapter_name!r}; it has {sorted(configs)}")
     return configs[adapter_name]
+
+
+def optional_adapter_tensors(model: nn.Module, adapter_name: str) -> Dict[str, torch.Tensor]:
+    """Tensors a checkpoint of this adapter may hold beside ``adapter_tensors`` (same keys
+    convention); loaded when present, never saved."""
+    config = _require_adapter(model, adapter_name)
+    spec = get_method(config.peft_type)
+    if spec.optional_map is None:
+        return {}
+    required = adapter_tensors(model, adapter_name)
+    return {k: t for k, t in spec.optional_map(model, adapter_name, config).items() if k not in required}
 
 
 def adapter_tensors(model: nn.Module, adapter_name: str) -> Dict[str, torch.Tensor]:
@@ -228,7 +252,16 @@ class ModulesToSaveWrapper(nn.Module):
     # No merging: the copy simply replaces the original.
     merged = False
 
-    def merge(self, adapter_name: Optional[str] = None) -> None:
+    def merge(
+        self, adapter_name: Optional[str] = None, *, safe_merge: bool = False,
+        adapter_names: Optional[Sequence[str]] = None,
+    ) -> None:
+        return None
+
+    def check_merge(
+        self, adapter_name: Optional[str] = None, *, adapter_names: Optional[Sequence[str]] = None,
+        check_finite: bool = True,
+    ) -> None:
         return None
 
     def unmerge(self, adapter_name: Optional[str] = None) -> None:
@@ -312,8 +345,7 @@ def _inject(
     config = _with_task_modules(config)
     if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE or "." in adapter_name:
         raise ValueError(f"adapter_name must be a non-empty string without '.', not {BASE!r}; got {adapter_name!r}")
-    configs = _configs(model)
-    if adapter_name in configs:
+    if adapter_name in _configs(model):
         raise ValueError(
             f"the model already has an adapter named {adapter_name!r}; pick another name or "
             "fastpeft.delete_adapter(model, name) first"
@@ -359,9 +391,10 @@ def _inject(
         module.train(modules[name].training)
 
     undo = _Undo()
-    # Runs last on undo (steps run newest first): the layers' active adapter follows the
-    # model's again once every other step (deleted adapters included) is reversed.
-    undo.add(lambda: _sync_active(model))
+    # Runs last on undo (steps run newest first): every adapter layer gets back the
+    # active adapter it had, once every other step (deleted adapters included) is reversed.
+    actives = [(layer, layer.active_adapter) for _, layer in _adapter_layers(model)]
+    undo.add(lambda: [layer.set_adapter(name) for layer, name in actives])
     undo.add(restore_flags)
     try:
         old = replace_modules(model, {**new_modules, **save_new})
@@ -372,12 +405,16 @@ def _inject(
         for wrapper in save_existing:
             wrapper.add_adapter(adapter_name)
             undo.add(lambda w=wrapper: w.delete_adapter(adapter_name))
+        # The model's own attributes: set here, and removed again on undo if they were not
+        # there before, so that a failed call leaves no trace on the model at all.
+        undo.add(_attribute_restorer(model, "fastpeft_config"))
+        undo.add(_attribute_restorer(model, "fastpeft_active"))
+        configs = model.__dict__.setdefault("fastpeft_config", {})
         configs[adapter_name] = config
         undo.add(lambda: configs.pop(adapter_name, None))
         active = model.__dict__.get("fastpeft_active")
         if active is None or active not in configs:
             model.__dict__["fastpeft_active"] = adapter_name
-            undo.add(lambda: model.__dict__.__setitem__("fastpeft_active", active))
         _sync_active(model)
         if autocast_adapter_dtype:
             _upcast_adapter(model, adapter_name)
@@ -386,6 +423,21 @@ def _inject(
         undo()
         raise
     return undo
+
+
+def _attribute_restorer(model: nn.Module, name: str) -> Callable[[], None]:
+    """A step that puts ``model.__dict__[name]`` back as it is now: the same object, or
+    no attribute at all."""
+    missing = object()
+    before = model.__dict__.get(name, missing)
+
+    def restore() -> None:
+        if before is missing:
+            model.__dict__.pop(name, None)
+        else:
+            model.__dict__[name] = before
+
+    return restore
 
 
 def _build_targets(
@@ -582,7 +634,8 @@ def inject(
     the same method gets one more named adapter), every other parameter is frozen
     (``modules_to_save`` copies and, per ``bias``, biases stay trainable). The first
     adapter becomes the active one; later ones are added inactive (``set_adapter``).
-    All or nothing: on any error the model is left exactly as it was.
+    All or nothing: on any error the model is left exactly as it was (the same modules,
+    tensors, flags and modes, each layer's active adapter, and no attribute added).
     ``autocast_adapter_dtype`` (PEFT's default, True): on an fp16/bf16 model the adapter's
     own tensors are kept in fp32.
     """
@@ -630,20 +683,37 @@ def active_adapter(model: nn.Module) -> Optional[str]:
     return model.__dict__.get("fastpeft_active")
 
 
-def merge(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Module:
+def merge(model: nn.Module, adapter_name: Optional[str] = None, *, safe_merge: bool = False) -> nn.Module:
     """Fold ``adapter_name`` (default: the active adapter) into the base weights of every
-    layer that holds it. Outputs are unchanged; ``unmerge`` undoes it."""
+    layer that holds it. Outputs are unchanged; ``unmerge`` undoes it.
+
+    All layers or none: every layer is checked before any weight changes (an adapter
+    that cannot merge, e.g. ``lora_bias`` over a layer without bias, raises and merges
+    nothing). ``safe_merge=True`` (PEFT's option) also computes each layer's merged
+    weights on a copy first and raises ``ValueError`` naming the layer if any holds NaN
+    or inf (a broken adapter, or one that overflows the weights' dtype); the model is
+    then left exactly as it was, every layer unmerged.
+    """
     name = adapter_name if adapter_name is not None else active_adapter(model)
     if name is None:
         raise ValueError("no adapter is active and none was named: nothing to merge")
     _require_adapter(model, name)
-    layers = [layer for _, layer in _adapter_layers(model) if name in layer.adapter_names]
+    layers = [
+        (path, layer) for path, layer in _adapter_layers(model)
+        if name in layer.adapter_names and not isinstance(layer, ModulesToSaveWrapper)
+    ]
+    for path, layer in layers:
+        try:
+            # With safe_merge each layer's result is computed twice (checked here, then
+            # merged): one layer's copy in memory at a time, never the whole model's.
+            layer.check_merge(name, check_finite=safe_merge)
+        except ValueError as exc:
+            raise ValueError(f"layer {path!r}: {exc}") from None
     done = []
     try:
-        for layer in layers:
-            if not isinstance(layer, ModulesToSaveWrapper):
-                layer.merge(name)
-                done.append(layer)
+        for _, layer in layers:
+            layer.merge(name)
+            done.append(layer)
     except BaseException:
         for layer in done:
             layer.unmerge(name)  # only this adapter: earlier merges stay
@@ -658,12 +728,14 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def unload(model: nn.Module, merge_adapter: bool = True) -> nn.Module:
+def unload(model: nn.Module, merge_adapter: bool = True, *, safe_merge: bool = False) -> nn.Module:
     """Merge the active adapter (unless ``merge_adapter=False``) and put the plain modules
     back: the result has no fastpeft layers (PEFT's ``merge_and_unload``/``unload``).
-    ``modules_to_save`` modules are replaced by the active adapter's trained copy."""
+    ``modules_to_save`` modules are replaced by the active adapter's trained copy.
+    ``safe_merge``: as in :func:`merge`; a merge that fails leaves the model as it was
+    (nothing merged, nothing unloaded)."""
     if merge_adapter and active_adapter(model) is not None:
-        merge(model)
+        merge(model, safe_merge=safe_merge)
     layers = _adapter_layers(model)
     # Outermost first is not needed: adapted layers are never nested.
     replace_modules(model, {name: layer.to_base_module() for name, layer in layers})
@@ -720,8 +792,12 @@ def batch_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator
     ``"__base__"``: the base model), as PEFT's ``model(..., adapter_names=names)``. Names
     may be the model's own adapters or those loaded in an attached ``AdapterPool``.
 
-    Eval mode only (dropout and gradients per row are not defined); adapters must be
-    unmerged. Every adapter layer's previous state is restored on exit, errors included.
+    Eval mode only (dropout per row is not defined); adapters must be unmerged.
+    Gradients flow through a mixed batch (to the inputs and each row's adapter, e.g.
+    for per-row losses or inspection), eager and under ``torch.compile``. Every adapter
+    layer's previous state is restored on exit, errors included.
+    Pool adapters the batch uses are in use until it ends (not evicted; unloading
+    them raises).
     """
     if isinstance(names, str) or not isinstance(names, (list, tuple)):
         raise TypeError(f"batch_adapters expects a list with one adapter name (or None) per row, got {names!r}")
@@ -750,16 +826,20 @@ def batch_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator
         )
     if any(getattr(m, "merged", False) for m in layers):
         raise RuntimeError("batch_adapters needs unmerged adapters: call fastpeft.unmerge(model) first")
-    for pool in {id(p): p for p in _attached_pools(model)}.values():
-        pool.touch(rows)  # their LRU order follows use, whoever runs the batch
     previous = [(m, m.row_adapters) for m in layers]
-    try:
-        for m in layers:
-            m.row_adapters = list(rows)
-        yield model
-    finally:
-        for m, prev in previous:
-            m.row_adapters = prev
+    with contextlib.ExitStack() as in_use:
+        for pool in {id(p): p for p in _attached_pools(model)}.values():
+            pool.touch(rows)  # their LRU order follows use, whoever runs the batch
+            # The layers take the rows' slots once, at the start: no slot of the batch may
+            # be freed or reused before it ends.
+            in_use.enter_context(pool.in_use(rows))
+        try:
+            for m in layers:
+                m.row_adapters = list(rows)
+            yield model
+        finally:
+            for m, prev in previous:
+                m.row_adapters = prev
 
 
 # --------------------------------------------------------------------- counts
@@ -819,8 +899,7 @@ def _lora_add(name: str, layer: nn.Module, config: LoraConfig, adapter_name: str
 
 def _lora_param_map(model: nn.Module, adapter_name: str, config: LoraConfig) -> Dict[str, torch.Tensor]:
     out: Dict[str, torch.Tensor] = {}
-    lora_layers = named_modules_of(model, (FastLoRALinear,))
-    for name, layer in lora_layers:
+    for name, layer in named_modules_of(model, (FastLoRALinear,)):
         if adapter_name not in layer.adapter_names:
             continue
         out[f"{name}.lora_A.weight"] = layer.lora_A_weights[adapter_name]
@@ -830,34 +909,77 @@ def _lora_param_map(model: nn.Module, adapter_name: str, config: LoraConfig) -> 
         if config.bias == "lora_only" and layer.bias is not None:
             out[f"{name}.base_layer.bias"] = layer.bias
     if config.bias == "all":
-        # Every bias of the model, as PEFT (the adapted layers' under ``base_layer``).
-        wrappers = named_modules_of(model, (ModulesToSaveWrapper,))
-        skip = {n for n, _ in wrappers}
-        layer_types = _all_layer_types()
-        for name, wrapper in wrappers:
-            # PEFT saves these too (beside the wrapper's own ``<name>.bias``): the
-            # original's bias and the adapter copy's, with the adapter name removed.
-            for key, tensor in wrapper.state_dict(keep_vars=True).items():
-                if not (key == "bias" or key.endswith(".bias")):
-                    continue
-                parts = key.split(".")
-                if parts[0] == "modules_to_save" and parts[1] != adapter_name:
-                    continue
-                out[_without_adapter_name(f"{name}.{key}", adapter_name)] = tensor
-        for name, module in model.named_modules():
-            if any(name == s or name.startswith(s + ".") for s in skip):
-                continue
-            if isinstance(module, layer_types):
-                if isinstance(module, FastLoRALinear) and module.bias is not None:
-                    out[f"{name}.base_layer.bias"] = module.bias
-                continue
-            if any(name.startswith(p + ".") for p, _ in lora_layers):
-                continue
-            bias = module._parameters.get("bias")
-            if bias is None and "bias" in module._buffers and "bias" not in module._non_persistent_buffers_set:
-                bias = module._buffers["bias"]
-            if isinstance(bias, torch.Tensor):
-                out[f"{name}.bias" if name else "bias"] = bias
+        out.update(_all_biases(model, adapter_name))
+    return out
+
+
+def _all_biases(model: nn.Module, adapter_name: str) -> Dict[str, torch.Tensor]:
+    """Every bias of the model, keyed as PEFT saves them with ``bias="all"`` when this
+    adapter is the model's only one: the layers it adapts hold theirs under
+    ``base_layer``, its ``modules_to_save`` wrappers under ``original_module`` and
+    ``modules_to_save`` (beside the copy's own keys, added by ``adapter_tensors``), and
+    every other module under its own path, whether or not another adapter wraps it now.
+    So the file does not depend on which other adapters happen to be loaded; the other
+    spellings PEFT writes for those (``<path>.base_layer.bias``,
+    ``<path>.original_module.bias``) load too (``fastpeft.checkpoint``).
+    """
+    out: Dict[str, torch.Tensor] = {}
+    wrappers = named_modules_of(model, (ModulesToSaveWrapper,))
+    layers = named_modules_of(model, _all_layer_types())
+    for name, wrapper in wrappers:
+        if adapter_name in wrapper.modules_to_save:
+            # The original's biases and this adapter's copy's, with PEFT's removal of the
+            # adapter name (only right before the last part: nested keys keep it).
+            for key, tensor in _module_biases(wrapper.original_module).items():
+                out[f"{name}.original_module.{key}"] = tensor
+            for key, tensor in _module_biases(wrapper.modules_to_save[adapter_name]).items():
+                out[_without_adapter_name(f"{name}.modules_to_save.{adapter_name}.{key}", adapter_name)] = tensor
+        else:
+            # Another adapter's wrapper: the module as if unwrapped (the original runs).
+            for key, tensor in _module_biases(wrapper.original_module).items():
+                out[f"{name}.{key}"] = tensor
+    for name, layer in layers:
+        if layer.bias is not None:
+            own = isinstance(layer, FastLoRALinear) and adapter_name in layer.adapter_names
+            out[f"{name}.base_layer.bias" if own else f"{name}.bias"] = layer.bias
+    # Anything inside an adapter layer (other adapters' tensors) or a wrapper is done above.
+    done = [n for n, _ in wrappers] + [n for n, _ in layers]
+    for key, tensor in _module_biases(model).items():
+        if not any(key.startswith(d + ".") for d in done):
+            out[key] = tensor
+    return out
+
+
+def _module_biases(module: nn.Module) -> Dict[str, torch.Tensor]:
+    """``{"<path>.bias": tensor}`` for each submodule's own ``bias`` (a parameter, or a
+    persistent buffer), as PEFT picks them from the state dict (``"bias"`` at the root)."""
+    out: Dict[str, torch.Tensor] = {}
+    for name, sub in module.named_modules():
+        bias = sub._parameters.get("bias")
+        if bias is None and "bias" in sub._buffers and "bias" not in sub._non_persistent_buffers_set:
+            bias = sub._buffers["bias"]
+        if isinstance(bias, torch.Tensor):
+            out[f"{name}.bias" if name else "bias"] = bias
+    return out
+
+
+def _lora_optional_map(model: nn.Module, adapter_name: str, config: LoraConfig) -> Dict[str, torch.Tensor]:
+    """PEFT's ``bias="lora_only"`` saves (and trains) the base bias of every LoRA layer
+    of the model, other adapters' included, as ``<path>.base_layer.bias``: such keys for
+    modules this adapter does not adapt are accepted and loaded into that module's bias
+    (what PEFT does when the model holds those other adapters too)."""
+    if config.bias != "lora_only":
+        return {}
+    out: Dict[str, torch.Tensor] = {}
+    inside = [n for n, _ in _adapter_layers(model)]  # other adapters' own modules are no targets
+    for name, module in named_modules_of(model, linear_types() + (FastLoRALinear,)):
+        if isinstance(module, FastLoRALinear) and adapter_name in module.adapter_names:
+            continue
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            out[f"{name}.base_layer.bias"] = bias
     return out
 
 
@@ -869,6 +991,48 @@ def _without_adapter_name(key: str, adapter_name: str) -> str:
     if head.endswith(f".{adapter_name}"):
         head = head[: -len(adapter_name) - 1]
     return f"{head}.{suffix}"
+
+
+def _lora_check_shapes(
+    config: LoraConfig, source: Dict[str, torch.Tensor], targets: Dict[str, torch.Tensor], where: str
+) -> None:
+    """Name the real cause when a layer's ``lora_A``/``lora_B`` do not fit: A and B of
+    different ranks (they do not belong together), or a rank other than the one the
+    config (``r``, or its ``rank_pattern`` entry) gives this module. Sizes that differ
+    from the layer's are left to the generic check (another base model)."""
+    for key, dst_a in targets.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        path = key[: -len(".lora_A.weight")]
+        key_b = f"{path}.lora_B.weight"
+        A, B = source.get(key), source.get(key_b)
+        if key_b not in targets or not isinstance(A, torch.Tensor) or not isinstance(B, torch.Tensor):
+            continue
+        if A.dim() != 2 or B.dim() != 2:
+            raise ValueError(
+                f"{where}: {path}: lora_A and lora_B must be 2-D, got shapes {tuple(A.shape)} and {tuple(B.shape)}"
+            )
+        rank_a, rank_b = A.shape[0], B.shape[1]
+        if rank_a != rank_b:
+            raise ValueError(
+                f"{where}: {key} has shape {tuple(A.shape)} (rank {rank_a}) but {key_b} has shape "
+                f"{tuple(B.shape)} (rank {rank_b}): the two tensors do not belong together (a damaged or "
+                "mixed-up checkpoint)"
+            )
+        r = dst_a.shape[0]
+        fits = A.shape[1] == dst_a.shape[1] and B.shape[0] == targets[key_b].shape[0]
+        if rank_a != r and fits:
+            pattern = pattern_key(config.rank_pattern, path)
+            if pattern is not None:
+                said = f"rank_pattern[{pattern!r}] = {r} for this module"
+            elif config.rank_pattern:
+                said = f"r={r} (no rank_pattern entry matches this module)"
+            else:
+                said = f"r={r}"
+            raise ValueError(
+                f"{where}: {path}: lora_A/lora_B have rank {rank_a} but adapter_config.json says {said}: "
+                "the config and the weights do not belong together"
+            )
 
 
 def _lora_check(config: LoraConfig) -> List[str]:
@@ -884,6 +1048,8 @@ register_method(
         build_layer=_lora_build,
         add_to_layer=_lora_add,
         param_map=_lora_param_map,
+        optional_map=_lora_optional_map,
+        check_shapes=_lora_check_shapes,
         check_config=_lora_check,
         default_targets=lambda model_type: (
             {"target_modules": targets} if (targets := default_lora_targets(model_type)) else None

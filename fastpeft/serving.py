@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import os
 import re
 from collections import OrderedDict
@@ -37,10 +38,10 @@ import torch
 import torch.nn as nn
 
 from fastpeft.kernels.multi_lora_meta import MultiLoraMeta
-from fastpeft.checkpoint import read_adapter_config, read_adapter_weights
+from fastpeft.checkpoint import CONFIG_NAME, read_adapter_config, read_adapter_weights
 from fastpeft.config import LoraConfig, pattern_key
 from fastpeft.lora import POOL_ATTR, FastLoRALinear, lora_scaling
-from fastpeft.model import batch_adapters
+from fastpeft.model import batch_adapters, registered_methods
 from fastpeft.ops_multi import build_meta, row_slots_for_tokens
 
 __all__ = ["AdapterPool", "AdapterError", "PoolFullError", "ServingEngine", "GenerationOutput"]
@@ -72,6 +73,15 @@ class LayerSlots:
     scalings: torch.Tensor
     ranks_host: List[int]
     pool: "AdapterPool" = field(repr=False)
+
+
+@dataclass
+class _Pair:
+    """One layer's LoRA factors as given, and the source keys they came from (for messages)."""
+
+    A: Any
+    B: Any
+    keys: Tuple[str, ...]
 
 
 @dataclass
@@ -160,6 +170,7 @@ class AdapterPool:
         self._pinned: set = set()
         self._in_use: Dict[str, int] = {}
         self._meta_cache: Dict[Tuple, MultiLoraMeta] = {}
+        self._last_batch_slots: Optional[Tuple[List[int], torch.Tensor]] = None
 
     # ---------------------------------------------------------------- queries
 
@@ -218,8 +229,13 @@ class AdapterPool:
 
         Each layer's scaling is ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), with
         ``rank_pattern`` / ``alpha_pattern`` of the config applied per layer as PEFT does.
-        Returns the slot. Raises :class:`AdapterError` (pool unchanged) for a bad adapter
-        and :class:`PoolFullError` when every slot is pinned or in use.
+        Returns the slot. Raises :class:`AdapterError` (pool unchanged: slots, names, LRU
+        order and pins, and no adapter evicted) for a bad adapter: shapes or ranks that do
+        not fit the layers or the config, NaN/inf weights or values past the range of the
+        pool's dtype (checked as the slots would hold them), tensors of several adapters or
+        of one layer twice, another PEFT method ((IA)^3, bottleneck, ...) or LoRA features
+        the kernels do not run (DoRA, lora_bias). Raises :class:`PoolFullError` when every
+        slot is pinned or in use.
         """
         if not isinstance(name, str) or not name:
             raise AdapterError(f"adapter name must be a non-empty string, got {name!r}")
@@ -308,49 +324,43 @@ class AdapterPool:
     def _stage(self, name, source, config, lora_alpha, scaling, use_rslora) -> _Staged:
         cfg: Optional[Dict[str, Any]] = None
         if isinstance(source, (str, os.PathLike)):
-            cfg_dict, tensors = read_peft_dir(source)
-            cfg = cfg_dict
+            cfg, tensors = read_peft_dir(source)
+            origin = f"{CONFIG_NAME} of {os.fspath(source)!r}"
             if config is not None:
-                cfg = _config_dict(config)
-            pairs = _pairs_from_state_dict(tensors, f"adapter {name!r} ({os.fspath(source)})")
+                cfg, origin = _config_dict(config), "the config passed"
+            _check_config(name, cfg, origin)
+            pairs = _pairs_from_state_dict(tensors, name, os.fspath(source))
         elif isinstance(source, Mapping):
             if config is not None:
                 cfg = _config_dict(config)
+                _check_config(name, cfg, "the config passed")
             if source and all(isinstance(v, (tuple, list)) for v in source.values()):
                 pairs = {}
                 for k, v in source.items():
                     if len(v) != 2:
                         raise AdapterError(f"adapter {name!r}: layer {k!r} must map to (A, B), got {len(v)} items")
-                    pairs[str(k)] = (v[0], v[1])
+                    pairs[str(k)] = _Pair(v[0], v[1], (str(k),))
             else:
-                pairs = _pairs_from_state_dict(source, f"adapter {name!r}")
+                pairs = _pairs_from_state_dict(source, name)
         else:
             raise AdapterError(
                 f"adapter {name!r}: source must be a PEFT directory path or a mapping of tensors, "
                 f"got {type(source).__name__}"
             )
-        if cfg is not None:
-            problems = []
-            if cfg.get("peft_type") not in (None, "LORA"):
-                problems.append(f"peft_type {cfg.get('peft_type')!r} (the pool serves LoRA adapters)")
-            if cfg.get("lora_bias"):
-                problems.append("lora_bias=True")
-            if cfg.get("peft_type") in (None, "LORA"):
-                # What no fastpeft LoRA layer runs either: DoRA, variants, base-rewriting inits.
-                try:
-                    problems += LoraConfig.from_dict({**cfg, "peft_type": "LORA"}).unsupported()
-                except (TypeError, ValueError) as exc:
-                    problems.append(f"an invalid config ({exc})")
-            if problems:
-                raise AdapterError(f"adapter {name!r} cannot be served from the pool: {', '.join(problems)}")
         if not pairs:
             raise AdapterError(f"adapter {name!r} holds no LoRA weights (no lora_A/lora_B tensors)")
 
         staged: Dict[str, Tuple[torch.Tensor, torch.Tensor, float]] = {}
-        for key, (A, B) in pairs.items():
+        keys_of: Dict[str, Tuple[str, ...]] = {}
+        for key, pair in pairs.items():
+            A, B = pair.A, pair.B
             lname = self._match_layer(key, name)
             if lname in staged:
-                raise AdapterError(f"adapter {name!r}: two entries map to layer {lname!r} (one is {key!r})")
+                raise AdapterError(
+                    f"adapter {name!r}: {_keys(keys_of[lname])} and {_keys(pair.keys)} both map to layer "
+                    f"{lname!r}; give each layer's weights once"
+                )
+            keys_of[lname] = pair.keys
             ls = self.layers[lname]
             where = f"adapter {name!r}, layer {lname!r}"
             for what, t in (("lora_A", A), ("lora_B", B)):
@@ -362,26 +372,29 @@ class AdapterPool:
                     f"{where}: lora_A has shape {tuple(A.shape)} but the layer has in_features "
                     f"{ls.in_features} (expected (r, {ls.in_features})): adapter made for another base model?"
                 )
-            if B.shape != (ls.out_features, r):
+            if B.shape[1] != r:
                 raise AdapterError(
-                    f"{where}: lora_B has shape {tuple(B.shape)}, expected ({ls.out_features}, {r}) "
-                    f"to match lora_A {tuple(A.shape)}"
+                    f"{where}: lora_A has rank {r} (shape {tuple(A.shape)}) but lora_B has rank {B.shape[1]} "
+                    f"(shape {tuple(B.shape)}): the two factors do not belong together"
+                )
+            if B.shape[0] != ls.out_features:
+                raise AdapterError(
+                    f"{where}: lora_B has shape {tuple(B.shape)} but the layer has out_features "
+                    f"{ls.out_features} (expected ({ls.out_features}, r)): adapter made for another base model?"
                 )
             if not 1 <= r <= self.max_rank:
                 raise AdapterError(f"{where}: rank {r} is outside 1..{self.max_rank} (the pool's max_rank)")
-            if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-                raise AdapterError(f"{where}: weights hold NaN or inf")
             s = self._scaling(lname, key, r, cfg, lora_alpha, scaling, use_rslora, where)
-            dt = ls.lora_A.dtype
-            staged[lname] = (A.detach().to(ls.lora_A.device, dt), B.detach().to(ls.lora_B.device, dt), s)
+            # Checked as the slots will hold them: finite fp32 values can overflow fp16/bf16 slots.
+            A_slot = A.detach().to(ls.lora_A.device, ls.lora_A.dtype)
+            B_slot = B.detach().to(ls.lora_B.device, ls.lora_B.dtype)
+            _check_finite(where, "lora_A", A, A_slot)
+            _check_finite(where, "lora_B", B, B_slot)
+            staged[lname] = (A_slot, B_slot, s)
         return _Staged(staged)
 
     def _match_layer(self, key: str, adapter: str) -> str:
-        path = key
-        for prefix in ("base_model.model.", "base_model."):
-            if path.startswith(prefix):
-                path = path[len(prefix):]
-                break
+        path = _strip_model_prefix(key)
         if path in self.layers:
             return path
         hits = [n for n in self.layers if n.endswith("." + path) or path.endswith("." + n)]
@@ -395,8 +408,20 @@ class AdapterPool:
             )
         raise AdapterError(f"adapter {adapter!r}: {key!r} matches several pool layers {hits}; use full layer names")
 
+    @classmethod
+    def _scaling(cls, lname, key, r, cfg, lora_alpha, scaling, use_rslora, where) -> float:
+        try:
+            s = cls._raw_scaling(lname, key, r, cfg, lora_alpha, scaling, use_rslora, where)
+        except AdapterError:
+            raise
+        except (TypeError, ValueError) as exc:  # float() of a non-number, lora_scaling's alpha check
+            raise AdapterError(f"{where}: cannot compute the scaling: {exc}") from None
+        if not math.isfinite(s):
+            raise AdapterError(f"{where}: the scaling is {s} (from scaling= / lora_alpha / the config); it must be finite")
+        return s
+
     @staticmethod
-    def _scaling(lname, key, r, cfg, lora_alpha, scaling, use_rslora, where) -> float:
+    def _raw_scaling(lname, key, r, cfg, lora_alpha, scaling, use_rslora, where) -> float:
         if scaling is not None:
             if isinstance(scaling, Mapping):
                 for k in (lname, key):
@@ -408,10 +433,7 @@ class AdapterPool:
         if cfg is not None:
             alpha = cfg.get("lora_alpha", 8)
             rslora = bool(cfg.get("use_rslora", use_rslora))
-            module = key
-            for prefix in ("base_model.model.", "base_model."):
-                if module.startswith(prefix):
-                    module = module[len(prefix):]
+            module = _strip_model_prefix(key)
             rank_pat = _pattern_value(cfg.get("rank_pattern") or {}, module)
             expected_r = rank_pat if rank_pat is not None else cfg.get("r")
             if expected_r is not None and int(expected_r) != r:
@@ -438,6 +460,16 @@ class AdapterPool:
         self.touch(names)
         slots = [-1 if n is None else self._slot_of[n] for n in names]
         return torch.tensor(slots, dtype=torch.int32, device=self.device)
+
+    def batch_slots(self, names: Sequence[Optional[str]]) -> torch.Tensor:
+        """``(B,)`` int32 slot per name (None: -1) on the pool's device, for names that are
+        all loaded; the LRU order is left alone. The layers of one batch share one tensor
+        (the last batch's is kept), so a batch uploads its slots once, not once per layer."""
+        slots = [-1 if n is None else self._slot_of[n] for n in names]
+        last = self._last_batch_slots
+        if last is None or last[0] != slots:
+            last = self._last_batch_slots = (slots, torch.tensor(slots, dtype=torch.int32, device=self.device))
+        return last[1]
 
     def meta_for(self, names: Sequence[Optional[str]], x: torch.Tensor) -> MultiLoraMeta:
         """Metadata for a layer input ``x: (B, ..., K)`` whose batch rows use ``names``.
@@ -482,7 +514,26 @@ class AdapterPool:
 
 # --------------------------------------------------------------------------- PEFT input
 
-_LORA_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+_LORA_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+_MODEL_PREFIXES = ("base_model.model.", "base_model.")
+
+# How other PEFT methods name adapters (peft_type) and their tensors (as saved, or with the
+# adapter-name segment of an in-memory state dict), for messages that say what an adapter
+# is rather than which of its tensors is not lora_A/lora_B. Matched only against keys
+# that are not LoRA keys: a LoRA target may itself be a module called ``adapter_up``.
+_METHOD_NAMES = {
+    "IA3": "an (IA)^3", "BOTTLENECK": "a bottleneck", "ADALORA": "an AdaLoRA", "LOHA": "a LoHa",
+    "LOKR": "a LoKr", "OFT": "an OFT", "BOFT": "a BOFT", "VERA": "a VeRA", "PROMPT_TUNING": "a prompt-tuning",
+    "P_TUNING": "a p-tuning", "PREFIX_TUNING": "a prefix-tuning", "ADAPTION_PROMPT": "an adaption-prompt",
+}
+_METHOD_TENSORS = (
+    (re.compile(r"\.ia3_l(\.[^.]+)?$"), "IA3"),
+    (re.compile(r"\.(adapter_down\.0|adapter_up)\.(weight|bias)$"), "BOTTLENECK"),
+    (re.compile(r"\.lora_E(\.[^.]+)?$"), "ADALORA"),
+    (re.compile(r"\.hada_[wt][12]_[ab](\.[^.]+)?$"), "LOHA"),
+    (re.compile(r"\.lokr_[wt][12](_[ab])?(\.[^.]+)?$"), "LOKR"),
+    (re.compile(r"\.vera_lambda_[bd](\.[^.]+)?$"), "VERA"),
+)
 
 
 def _describe(t: Any) -> str:
@@ -491,9 +542,83 @@ def _describe(t: Any) -> str:
     return type(t).__name__
 
 
-def _pairs_from_state_dict(tensors: Mapping[str, Any], where: str) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-    """``{module path: (A, B)}`` from PEFT state-dict keys; anything else is an error."""
-    halves: Dict[str, Dict[str, torch.Tensor]] = {}
+def _keys(keys: Sequence[str]) -> str:
+    return " / ".join(repr(k) for k in keys)
+
+
+def _strip_model_prefix(path: str) -> str:
+    """A module path without PEFT's ``base_model.model.`` wrapper prefix."""
+    for prefix in _MODEL_PREFIXES:
+        if path.startswith(prefix):
+            return path[len(prefix):]
+    return path
+
+
+def _not_lora(peft_type: str, name: str, evidence: str) -> AdapterError:
+    """The error for an adapter of another PEFT method: what it is, and where it runs."""
+    kind = _METHOD_NAMES.get(peft_type, f"a non-LoRA ({peft_type})")
+    hint = ""
+    if peft_type in registered_methods():
+        hint = f"; fastpeft runs {kind.split(' ', 1)[1]} adapters in the model itself (fastpeft.load_adapter)"
+    return AdapterError(
+        f"adapter {name!r} is {kind} adapter ({evidence}), and the pool serves LoRA adapters only "
+        f"(lora_A/lora_B weights){hint}"
+    )
+
+
+def _check_config(name: str, cfg: Mapping[str, Any], origin: str) -> None:
+    """Refuse a config the pool cannot serve: another PEFT method, or LoRA features no
+    fastpeft LoRA layer runs (DoRA, variants, base-rewriting inits, lora_bias)."""
+    peft_type = cfg.get("peft_type")
+    peft_type = getattr(peft_type, "value", peft_type)  # a PeftType in a dict config
+    if peft_type is not None and str(peft_type).upper() != "LORA":
+        raise _not_lora(str(peft_type).upper(), name, f"peft_type {peft_type!r} in {origin}")
+    problems = []
+    if cfg.get("lora_bias"):
+        problems.append("lora_bias=True")
+    try:
+        problems += LoraConfig.from_dict({**cfg, "peft_type": "LORA"}).unsupported()
+    except (TypeError, ValueError) as exc:
+        problems.append(f"an invalid config ({exc})")
+    if problems:
+        raise AdapterError(f"adapter {name!r} cannot be served from the pool ({origin}): {', '.join(problems)}")
+
+
+def _check_finite(where: str, what: str, given: torch.Tensor, stored: torch.Tensor) -> None:
+    """Refuse a factor that is not finite as the slots store it (``stored``: ``given``
+    cast to the pool's dtype): NaN/inf given, or finite values past the slot dtype's
+    largest value, which the cast turns into inf (then the kernels serve NaN rows).
+    Values that underflow to zero are kept: they change the update by less than one
+    unit in the last place of the slot dtype."""
+    if bool(torch.isfinite(stored).all()):
+        return
+    if not bool(torch.isfinite(given).all()):
+        raise AdapterError(f"{where}: {what} holds NaN or inf")
+    biggest = float(given.detach().abs().max())
+    raise AdapterError(
+        f"{where}: {what} holds values up to {biggest:.4g} in magnitude, past the largest {stored.dtype} "
+        f"({torch.finfo(stored.dtype).max:.6g}), the dtype of the pool's slots: stored there they would be inf. "
+        f"Rescale the adapter (A * c with B / c is the same update) or build the pool with a wider dtype "
+        f"(AdapterPool(..., dtype=torch.float32))"
+    )
+
+
+def _pairs_from_state_dict(tensors: Mapping[str, Any], name: str, origin: str = "") -> Dict[str, _Pair]:
+    """``{module path: (A, B, their keys)}`` from the PEFT state-dict keys of one adapter.
+
+    Paths lose PEFT's ``base_model.model.`` prefix; anything but one ``lora_A`` and one
+    ``lora_B`` weight per module is an error: other methods' tensors, a module given
+    twice (``x.lora_A.weight`` and ``base_model.model.x.lora_A.weight``), or tensors of
+    several adapters (``lora_A.default.weight`` and ``lora_A.other.weight``).
+    """
+    where = f"adapter {name!r}" + (f" ({origin})" if origin else "")
+    for key in tensors:
+        if _LORA_KEY.match(str(key)) is None:
+            for pattern, peft_type in _METHOD_TENSORS:
+                if pattern.search(str(key)):
+                    raise _not_lora(peft_type, name, f"its tensors include {key!r}")
+    halves: Dict[str, Dict[str, Tuple[str, Any]]] = {}
+    adapters: Dict[str, str] = {}  # adapter-name segment -> first key that has it
     for key, t in tensors.items():
         m = _LORA_KEY.match(str(key))
         if m is None:
@@ -511,13 +636,29 @@ def _pairs_from_state_dict(tensors: Mapping[str, Any], where: str) -> Dict[str, 
                 f"{where}: tensor {key!r} is not a LoRA A/B weight ({kind}); pass only the adapter's "
                 "tensors (what PEFT saves: peft.get_peft_model_state_dict), not a whole model's state dict"
             )
-        halves.setdefault(m.group("path"), {})[m.group("ab")] = t
+        path, ab = _strip_model_prefix(m.group("path")), m.group("ab")
+        seen = halves.setdefault(path, {}).get(ab)
+        if seen is not None:
+            raise AdapterError(
+                f"{where}: {seen[0]!r} and {key!r} are both the lora_{ab} weight of {path!r}, so it is "
+                "ambiguous which one to serve; pass the tensors of one adapter, each once"
+            )
+        halves[path][ab] = (str(key), t)
+        if m.group("adapter") is not None:
+            adapters.setdefault(m.group("adapter"), str(key))
+    if len(adapters) > 1:
+        (n1, k1), (n2, k2) = list(adapters.items())[:2]
+        raise AdapterError(
+            f"{where}: the tensors belong to several adapters ({sorted(adapters)}), e.g. {k1!r} ({n1!r}) and "
+            f"{k2!r} ({n2!r}); pass one adapter's tensors (peft.get_peft_model_state_dict(model, adapter_name=...))"
+        )
     pairs = {}
     for path, h in halves.items():
         if set(h) != {"A", "B"}:
-            missing = "lora_B" if "A" in h else "lora_A"
-            raise AdapterError(f"{where}: layer {path!r} has no {missing} weight")
-        pairs[path] = (h["A"], h["B"])
+            have, missing = ("lora_A", "lora_B") if "A" in h else ("lora_B", "lora_A")
+            raise AdapterError(f"{where}: layer {path!r} has a {have} weight ({next(iter(h.values()))[0]!r}) "
+                               f"but no {missing} weight")
+        pairs[path] = _Pair(h["A"][1], h["B"][1], (h["A"][0], h["B"][0]))
     return pairs
 
 
@@ -527,8 +668,8 @@ def _config_dict(config: Any) -> Dict[str, Any]:
     to_dict = getattr(config, "to_dict", None)
     if callable(to_dict):
         d = dict(to_dict())
-        if "peft_type" in d and not isinstance(d["peft_type"], str):
-            d["peft_type"] = getattr(d["peft_type"], "value", str(d["peft_type"]))
+        if "peft_type" in d:  # peft's PeftType is a str Enum: str() would give "PeftType.LORA"
+            d["peft_type"] = getattr(d["peft_type"], "value", d["peft_type"])
         return d
     raise AdapterError(f"config must be a LoraConfig (fastpeft or peft) or a dict, got {type(config).__name__}")
 

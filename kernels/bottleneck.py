@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .autotune import INTERPRETER_CONFIG, KernelConfig, LibraryGemm, Variant, m_bucket, pick, tiles_and_library
-from .runtime import Rows, input_precision, interpreter_active, on_device, output_for, rows_view
+from .runtime import Rows, check_interpretable, input_precision, interpreter_active, on_device, output_for, rows_view
 from .tiles import ACTIVATIONS, activation, add_bias, gemm_k_loop, row_offsets, tile_offsets
 
 __all__ = ["ACTIVATIONS", "BLOCK_D", "EPILOGUE_CONFIG", "bottleneck_linear_fwd", "bottleneck_down_eff"]
@@ -82,7 +82,8 @@ def _bottleneck_linear_fwd_kernel(
     K loop; else ``acc = y`` (``h``, bias included, which the library GEMM wrote; each
     program reads its own tile and overwrites it, so in place is safe). The epilogue
     walks D in chunks of ``BLOCK_D``: ``a = f(z + b_eff)`` (fp32), rounded to the input
-    dtype, ``up = a Wu^T + bu``; then ``acc += s * up`` and ``acc += b``.
+    dtype, ``up = a Wu^T + bu``; then ``acc += s * up`` and ``acc += b``. Rows of ``x``
+    holding inf or NaN get a NaN ``z``, as the reference's ``h Wd^T`` gives them.
     """
     pid = tl.program_id(axis=0)
     offs_m, offs_n, mask_m, mask_n = tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -95,6 +96,14 @@ def _bottleneck_linear_fwd_kernel(
             acc, x_ptr, row_offsets(offs_m64, M_INNER, stride_xm0, stride_xm1), mask_m, w_ptr, offs_n, mask_n,
             0, K, stride_xk, stride_wn, stride_wk, BLOCK_K, INPUT_PRECISION,
         )
+        # A row of x holding inf or NaN makes every column of its h non-finite (it meets
+        # every column of W). The reference's z = h Wd^T sums those N values, which gives
+        # NaN unless all their signs agree; x W_eff^T, with Wd folded into W first, gives
+        # +-inf instead (one inf times each column of W_eff). Give such rows a NaN z, the
+        # reference's. Found from the fp32 h tile, so h rounding past fp16's range (a
+        # finite x) does not count.
+        nonfinite = tl.sum(tl.where(tl.abs(acc) < float("inf"), 0, 1), axis=1)
+        row_nan = tl.where(nonfinite > 0, float("nan"), 0.0)
     else:
         acc = tl.load(y_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
 
@@ -106,7 +115,10 @@ def _bottleneck_linear_fwd_kernel(
         z_ptrs = z_ptr + offs_m64[:, None] * stride_zm + (d0 + offs_d)[None, :] * stride_zd
         z_tile = tl.load(z_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
         b_eff = tl.load(beff_ptr + d0 + offs_d, mask=mask_d, other=0.0)
-        a_tile = activation(z_tile + b_eff[None, :], ACTIVATION)
+        z_tile = z_tile + b_eff[None, :]
+        if HAS_GEMM:
+            z_tile = z_tile + row_nan[:, None]
+        a_tile = activation(z_tile, ACTIVATION)
         # Padded columns (d >= D) may hold f(0) != 0; the zeroed Wu^T rows cancel them.
         a_lp = a_tile.to(x_ptr.dtype.element_ty)
         ut_ptrs = up_ptr + offs_n[None, :] * stride_un + (d0 + offs_d)[:, None] * stride_ud
@@ -177,8 +189,10 @@ def bottleneck_linear_fwd(
     b_eff``, then one kernel for the GEMM and the epilogue; with ``W_eff`` itself when not
     cached) against ``LIBRARY_GEMM`` (:func:`_run_library`), each with its whole cost.
 
-    Callers validate shapes and dtypes (the op layer does); this function trusts them.
+    Callers validate shapes and dtypes (the op layer does); this function trusts them,
+    but refuses bf16 under the interpreter (:func:`runtime.check_interpretable`).
     """
+    check_interpretable(x.dtype)
     N, K = weight.shape
     y = output_for(x, N, out)
     rows = rows_view(x)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .autotune import KernelConfig, LibraryGemm, Variant, m_bucket, pick, tiles_and_library
-from .runtime import Rows, input_precision, on_device, output_for, rows_view
+from .runtime import Rows, check_interpretable, input_precision, on_device, output_for, rows_view
 from .tiles import add_bias, gemm_k_loop, row_offsets, scale_columns, tile_offsets
 
 __all__ = ["ia3_linear_fwd"]
@@ -98,8 +98,10 @@ def ia3_linear_fwd(
     Returns:
         ``y`` of shape ``(..., N)``, contiguous, in ``x``'s dtype.
 
-    Callers validate shapes and dtypes (the op layer does); this function trusts them.
+    Callers validate shapes and dtypes (the op layer does); this function trusts them,
+    but refuses bf16 under the interpreter (:func:`runtime.check_interpretable`).
     """
+    check_interpretable(x.dtype)
     N, K = weight.shape
     # PEFT stores l as (N, 1) or (1, K): read it as a 1-D view (no copy for either).
     ia3_l = ia3_l.reshape(-1)

@@ -31,7 +31,17 @@ import triton.language as tl
 
 from . import lora_tma
 from .autotune import INTERPRETER_CONFIG, TMA_MIN_M, KernelConfig, lora_candidates, m_bucket, pick
-from .runtime import Rows, as_2d, input_precision, interpreter_active, on_device, output_for, rows_view
+from .runtime import (
+    Rows,
+    as_2d,
+    check_interpretable,
+    input_precision,
+    interpreter_active,
+    lora_in_fp32,
+    on_device,
+    output_for,
+    rows_view,
+)
 from .tiles import (
     add_bias,
     gemm_k_loop,
@@ -42,7 +52,7 @@ from .tiles import (
     tile_offsets,
 )
 
-__all__ = ["MAX_IN_LOOP_RANK", "lora_linear_fwd"]
+__all__ = ["MAX_IN_LOOP_RANK", "lora_linear_fwd", "lora_shrink"]
 
 # Largest padded rank kept in registers by the in-loop shrink; larger ranks use the
 # precomputed-xa epilogue, which walks R in chunks of _EPILOGUE_BLOCK_R.
@@ -80,6 +90,7 @@ def _lora_linear_fwd_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
+    LORA_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """One ``(BLOCK_M, BLOCK_N)`` tile of ``y = x W^T + b + s * xa B^T``.
@@ -87,8 +98,9 @@ def _lora_linear_fwd_kernel(
     ``acc = sum_k x[m, k] W[n, k]`` over the K loop (fp32). With ``SHRINK_IN_LOOP`` the
     same loop also accumulates ``xa[m, j] = sum_k x[m, k] A[j, k]`` for ``j < BLOCK_R``
     (``BLOCK_R >= R``); otherwise ``xa`` is read from ``xa_ptr`` in ``BLOCK_R`` chunks.
-    Epilogue: ``acc += xa (s B)^T`` (xa rounded to the input dtype first, as an unfused
-    low-precision LoRA branch would), ``acc += b``, store in ``y``'s dtype.
+    Epilogue: ``acc += xa (s B)^T``, ``acc += b``, store in ``y``'s dtype. The branch's
+    dots round their operands to the input dtype, as an unfused low-precision LoRA branch
+    would, or keep fp32 range with ``LORA_FP32`` (see ``tiles.lora_dot``).
 
     Split-K (``SPLIT_K > 1``, small M): program ``(tile, k)`` covers K columns
     ``[k * K_PER_SPLIT, (k + 1) * K_PER_SPLIT)`` and writes its fp32 partial sum (no bias)
@@ -109,7 +121,7 @@ def _lora_linear_fwd_kernel(
     if SHRINK_IN_LOOP:
         acc, xa = gemm_shrink_k_loop(
             acc, x_ptr, row_off, mask_m, w_ptr, offs_n, mask_n, a_ptr, R, k_start, k_end,
-            stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, BLOCK_K, BLOCK_R, INPUT_PRECISION,
+            stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, BLOCK_K, BLOCK_R, LORA_FP32, INPUT_PRECISION,
         )
     else:
         acc = gemm_k_loop(
@@ -121,13 +133,13 @@ def _lora_linear_fwd_kernel(
         if SHRINK_IN_LOOP:
             acc = lora_expand_resident(
                 acc, xa, b_ptr, offs_n, mask_n, R, stride_bn, stride_br, scaling, x_ptr.dtype.element_ty,
-                BLOCK_R, INPUT_PRECISION,
+                BLOCK_R, LORA_FP32, INPUT_PRECISION,
             )
         elif pid_k == 0:
             acc = lora_expand_from_memory(
                 acc, xa_ptr, b_ptr, offs_m64, offs_n, mask_m, mask_n, R,
                 stride_xam, stride_xar, stride_bn, stride_br, scaling, x_ptr.dtype.element_ty,
-                BLOCK_R, INPUT_PRECISION,
+                BLOCK_R, LORA_FP32, INPUT_PRECISION,
             )
 
     y_ptrs = y_ptr + pid_k * stride_ps + offs_m64[:, None] * stride_ym + offs_n[None, :] * stride_yn
@@ -189,16 +201,19 @@ def lora_linear_fwd(
         weight: ``(N, K)`` in ``x``'s dtype. bias: ``(N,)`` or None.
         lora_A: ``(r, K)``; lora_B: ``(N, r)``; both None for the base GEMM alone.
         scaling: ``s``.
-        xa: optional precomputed ``x_l A^T`` of shape ``(M, r)`` (M = rows of ``x``):
-            selects the epilogue-only variant (needed for dropout, any rank).
+        xa: optional precomputed ``x_l A^T`` of shape ``(M, r)`` (M = rows of ``x``), as
+            :func:`lora_shrink` computes it: selects the epilogue-only variant (needed
+            for dropout, any rank).
         config: force a launch config (benchmarks); default: tuned per shape.
         out: optional preallocated contiguous output of shape ``(..., N)``.
 
     Returns:
         ``y`` of shape ``(..., N)``, contiguous, in ``x``'s dtype.
 
-    Callers validate shapes and dtypes (the op layer does); this function trusts them.
+    Callers validate shapes and dtypes (the op layer does); this function trusts them,
+    but refuses bf16 under the interpreter (:func:`runtime.check_interpretable`).
     """
+    check_interpretable(x.dtype)
     N, K = weight.shape
     y = output_for(x, N, out)
     rows = rows_view(x)
@@ -259,13 +274,14 @@ def _launch(
     in_loop = lora_A is not None and xa is None
     R = lora_A.shape[0] if lora_A is not None else 0
     block_r = max(16, triton.next_power_of_2(R)) if in_loop else _EPILOGUE_BLOCK_R
+    lora_fp32 = lora_A is not None and lora_in_fp32(rows.x.dtype, lora_A.dtype)
     if cfg.tma:
-        _launch_tma(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r)
+        _launch_tma(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r, lora_fp32)
     else:
-        _launch_tiles(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r)
+        _launch_tiles(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r, lora_fp32)
 
 
-def _launch_tma(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r) -> None:
+def _launch_tma(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r, lora_fp32) -> None:
     """:func:`_launch` on the persistent TMA kernel (its inputs must be descriptor-ready)."""
     x2 = as_2d(rows, weight.shape[1])
     if not lora_tma.tma_eligible(x2, weight, lora_A, weight.shape[0], lora_A is not None and xa is None):
@@ -275,11 +291,11 @@ def _launch_tma(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r
         )
     lora_tma.lora_linear_tma_launch(
         x2=x2, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, xa=xa, scaling=scaling, y=y,
-        cfg=cfg, block_r=block_r, input_precision=input_precision(rows.x.dtype),
+        cfg=cfg, block_r=block_r, lora_fp32=lora_fp32, input_precision=input_precision(rows.x.dtype),
     )
 
 
-def _launch_tiles(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r) -> None:
+def _launch_tiles(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r, lora_fp32) -> None:
     """:func:`_launch` on the tiled kernel; split-K partial sums reduced into ``y`` after."""
     M, (N, K) = rows.M, weight.shape
     # Unused pointers still need a tensor; ``weight`` is a safe placeholder.
@@ -308,6 +324,7 @@ def _launch_tiles(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block
         SHRINK_IN_LOOP=lora_A is not None and xa is None,
         SPLIT_K=split,
         BLOCK_R=block_r,
+        LORA_FP32=lora_fp32,
         INPUT_PRECISION=input_precision(rows.x.dtype),
         **cfg.meta,
     )
@@ -315,14 +332,26 @@ def _launch_tiles(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block
         _reduce_splits(out, bias, y)
 
 
+def lora_shrink(x2: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
+    """``xa = x A^T`` (``x2``: ``(M, K)``), the precomputed shrink the epilogue reads: in
+    ``x``'s dtype, or in fp32 (``x`` upcast, as PEFT's fp32 branch upcasts it) when
+    :func:`runtime.lora_in_fp32`."""
+    dtype = torch.float32 if lora_in_fp32(x2.dtype, lora_A.dtype) else x2.dtype
+    return torch.nn.functional.linear(x2.to(dtype), lora_A.to(dtype))
+
+
 def _shrink(rows: Rows, lora_A: torch.Tensor) -> torch.Tensor:
-    """``xa = x A^T``, ``(M, r)`` in ``x``'s dtype, without copying ``x``: cuBLAS when
-    the rows have one stride (a strided 2-D view), else this module's kernel as a plain
-    GEMM over the two row strides (a transposed ``(T, B, K)`` input, say)."""
-    A = lora_A.to(rows.x.dtype)
-    x2 = as_2d(rows, A.shape[1])
+    """``xa = x A^T``, ``(M, r)`` as :func:`lora_shrink` computes it, without copying
+    ``x`` where the branch runs in ``x``'s dtype: cuBLAS when the rows have one stride (a
+    strided 2-D view), else this module's kernel as a plain GEMM over the two row
+    strides (a transposed ``(T, B, K)`` input, say)."""
+    M, K = rows.M, lora_A.shape[1]
+    x2 = as_2d(rows, K)
     if x2 is not None:
-        return torch.nn.functional.linear(x2, A)
+        return lora_shrink(x2, lora_A)
+    if lora_in_fp32(rows.x.dtype, lora_A.dtype):  # upcast anyway: one copy of the rows
+        return lora_shrink(rows.x.reshape(M, K), lora_A)
+    A = lora_A.to(rows.x.dtype)
     xa = torch.empty((rows.M, A.shape[0]), device=rows.x.device, dtype=rows.x.dtype)
     cfg = INTERPRETER_CONFIG if interpreter_active() else _SHRINK_CONFIG
     _launch(cfg, rows, A, None, None, None, None, 0.0, xa)

@@ -26,7 +26,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .autotune import KernelConfig
 from .runtime import Rows, as_2d, interpreter_active
-from .tiles import add_bias, grouped_tile, lora_expand_from_memory, lora_expand_resident
+from .tiles import add_bias, grouped_tile, lora_dot, lora_expand_from_memory, lora_expand_resident
 
 __all__ = ["tma_eligible", "tma_fits", "lora_linear_tma_launch"]
 
@@ -59,6 +59,7 @@ def _lora_linear_tma_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
+    LORA_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """Persistent tiles of ``y = x W^T + b + s * xa B^T``.
@@ -67,8 +68,8 @@ def _lora_linear_tma_kernel(
     boxes of ``x`` and ``W``; with ``SHRINK_IN_LOOP`` the same loop accumulates
     ``xa[m, j] = sum_k x[m, k] A[j, k]`` from TMA boxes of ``A`` (``BLOCK_R >= R`` rows,
     the ones past ``R`` read as zeros), else ``xa`` is read in ``BLOCK_R`` chunks.
-    Epilogue: ``acc += xa (s B)^T`` with ``xa`` rounded to the input dtype (as the unfused
-    low-precision branch rounds it), ``acc += b``, TMA store in ``y``'s dtype.
+    Epilogue: ``acc += xa (s B)^T`` (operands rounded as ``tiles.lora_dot`` says: to the
+    input dtype, or fp32 range with ``LORA_FP32``), ``acc += b``, TMA store in ``y``'s dtype.
     """
     start = tl.program_id(axis=0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -88,7 +89,7 @@ def _lora_linear_tma_kernel(
             acc = tl.dot(x_tile, w_tile.T, acc, input_precision=INPUT_PRECISION)
             if SHRINK_IN_LOOP:
                 a_tile = a_desc.load([0, k0])
-                xa = tl.dot(x_tile, a_tile.T.to(x_tile.dtype), xa, input_precision=INPUT_PRECISION)
+                xa = lora_dot(x_tile, a_tile.T, xa, x_tile.dtype, LORA_FP32, INPUT_PRECISION)
 
         offs_m = off_m + tl.arange(0, BLOCK_M)
         offs_n = off_n + tl.arange(0, BLOCK_N)
@@ -97,12 +98,14 @@ def _lora_linear_tma_kernel(
         if HAS_LORA:
             if SHRINK_IN_LOOP:
                 acc = lora_expand_resident(
-                    acc, xa, b_ptr, offs_n, mask_n, R, stride_bn, stride_br, scaling, dtype, BLOCK_R, INPUT_PRECISION
+                    acc, xa, b_ptr, offs_n, mask_n, R, stride_bn, stride_br, scaling, dtype, BLOCK_R, LORA_FP32,
+                    INPUT_PRECISION,
                 )
             else:
                 acc = lora_expand_from_memory(
                     acc, xa_ptr, b_ptr, offs_m.to(tl.int64), offs_n, mask_m, mask_n, R,
-                    stride_xam, stride_xar, stride_bn, stride_br, scaling, dtype, BLOCK_R, INPUT_PRECISION,
+                    stride_xam, stride_xar, stride_bn, stride_br, scaling, dtype, BLOCK_R, LORA_FP32,
+                    INPUT_PRECISION,
                 )
         if HAS_BIAS:
             acc = add_bias(acc, bias_ptr, offs_n, mask_n)
@@ -181,11 +184,12 @@ def lora_linear_tma_launch(
     y: torch.Tensor,
     cfg: KernelConfig,
     block_r: int,
+    lora_fp32: bool,
     input_precision: str,
 ) -> None:
     """Launch the persistent TMA kernel on a ``tma_eligible`` call (``y``: ``(M, N)``,
     contiguous) with ``cfg``'s tiles. ``xa`` given: epilogue-only LoRA; ``lora_A`` None:
-    base GEMM only."""
+    base GEMM only; ``lora_fp32``: the branch keeps fp32 range (``runtime.lora_in_fp32``)."""
     M, K = x2.shape
     N = weight.shape[0]
     has_lora = lora_A is not None and lora_A.shape[0] > 0
@@ -211,6 +215,7 @@ def lora_linear_tma_launch(
         HAS_LORA=has_lora,
         SHRINK_IN_LOOP=in_loop,
         BLOCK_R=block_r,
+        LORA_FP32=lora_fp32,
         INPUT_PRECISION=input_precision,
         **cfg.meta,
     )

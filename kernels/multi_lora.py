@@ -49,16 +49,12 @@ import triton.language as tl
 
 from .autotune import KernelConfig, gemm_candidates, m_bucket, pick, will_time
 from .multi_lora_meta import (
-    FUSE_BASE_MAX_M,
-    GATHER_MAX_M,
-    MultiLoraLaunch,
-    MultiLoraMeta,
-    block_r_for_dot,
-    gather_block_r,
-    launch_trials,
+    FUSE_BASE_MAX_M, GATHER_MAX_M, MultiLoraLaunch, MultiLoraMeta, block_r_for_dot, gather_block_r, launch_trials,
     shrink_plan,
 )
-from .runtime import Rows, input_precision, interpreter_active, on_device, output_for, rows_view
+from .runtime import (
+    Rows, check_interpretable, input_precision, interpreter_active, lora_in_fp32, on_device, output_for, rows_view,
+)
 from .tiles import add_bias, gemm_k_loop, grouped_tile, lora_expand_gathered, lora_expand_segments, row_offsets
 
 __all__ = ["multi_lora_linear_fwd"]
@@ -81,12 +77,14 @@ def _mlora_shrink_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    LORA_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """``xa[k, p, j] = sum_{kk in split k} x[row(p), kk] A[i, j, kk]`` for ``j < r_i``.
 
     ``p`` runs over the sorted positions of slot ``i``'s segment (this program's row
-    tile of it); ``k`` is this program's K split. Accumulates in fp32 and stores fp32.
+    tile of it); ``k`` is this program's K split. Accumulates in fp32 and stores fp32;
+    the dot's operands are rounded as ``tiles.lora_dot`` says.
     """
     pid_m = tl.program_id(axis=0)
     slot = tl.program_id(axis=1)
@@ -112,7 +110,7 @@ def _mlora_shrink_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         acc = gemm_k_loop(
             acc, x_ptr, row_off, mask_m, a_base, offs_r, mask_r, k_start, k_end,
-            stride_xk, stride_ar, stride_ak, BLOCK_K, INPUT_PRECISION,
+            stride_xk, stride_ar, stride_ak, BLOCK_K, INPUT_PRECISION, LORA_FP32=LORA_FP32,
         )
         xa_ptrs = xa_ptr + pid_k * stride_xas + offs_p[:, None] * stride_xap + offs_r[None, :] * stride_xar
         tl.store(xa_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
@@ -142,6 +140,7 @@ def _mlora_expand_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
+    LORA_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """One ``(BLOCK_M, BLOCK_N)`` tile, rows in sorted order: base plus each segment's expand.
@@ -150,7 +149,8 @@ def _mlora_expand_kernel(
     each sorted position ``p`` of slot ``i >= 0`` in the tile and each rank chunk
     ``j0 < r_i``: ``acc[p] += xa[p, j0:j0+BLOCK_R] (s_i B[i, :, j0:j0+BLOCK_R])^T`` (``xa``
     summed over its K splits, then rounded to the input dtype, as an unfused
-    low-precision LoRA branch would), by :func:`~tiles.lora_expand_gathered` (``GATHER``) or
+    low-precision LoRA branch would; kept in fp32 with ``LORA_FP32``, see
+    ``tiles.lora_dot``), by :func:`~tiles.lora_expand_gathered` (``GATHER``) or
     :func:`~tiles.lora_expand_segments`. Stored at ``row(p)``.
     """
     pid = tl.program_id(axis=0)
@@ -185,13 +185,14 @@ def _mlora_expand_kernel(
         acc = lora_expand_gathered(
             acc, dtype, b_ptr, xa_ptr, sorted_slot_ptr, rank_ptr, scaling_ptr, offs_p, mask_p, offs_n, mask_n,
             stride_bs, stride_bn, stride_br, stride_xas, stride_xap, stride_xar, SPLIT_K, BLOCK_M, BLOCK_R,
+            LORA_FP32,
         )
     else:
         acc = lora_expand_segments(
             acc, dtype, b_ptr, xa_ptr, sorted_slot_ptr, seg_end_ptr, rank_ptr, scaling_ptr,
             tile_start, tile_end, offs_p, offs_n, mask_n,
             stride_bs, stride_bn, stride_br, stride_xas, stride_xap, stride_xar,
-            SPLIT_K, BLOCK_M, BLOCK_R, INPUT_PRECISION,
+            SPLIT_K, BLOCK_M, BLOCK_R, LORA_FP32, INPUT_PRECISION,
         )
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
 
@@ -230,8 +231,10 @@ def multi_lora_linear_fwd(
     Returns:
         ``y`` of shape ``(..., N)``, contiguous, in ``x``'s dtype.
 
-    Callers validate shapes and dtypes (the op layer does); this function trusts them.
+    Callers validate shapes and dtypes (the op layer does); this function trusts them,
+    but refuses bf16 under the interpreter (:func:`runtime.check_interpretable`).
     """
+    check_interpretable(x.dtype)
     launch = launch or MultiLoraLaunch()
     N = weight.shape[0]
     if out is not None:
@@ -298,11 +301,12 @@ def _forward(
             y2.copy_(torch.nn.functional.linear(rows.x.reshape(M, K), weight, bias))
         return y
 
-    xa = _launch_shrink(rows, lora_A, ranks, meta, launch)
+    lora_fp32 = lora_in_fp32(x.dtype, lora_A.dtype)
+    xa = _launch_shrink(rows, lora_A, ranks, meta, launch, lora_fp32)
 
     def run(cfg: KernelConfig) -> None:
         _launch_expand(cfg, rows, weight, bias, lora_B, xa, ranks, scalings, meta, y2,
-                       fuse=fuse, gather=gather, launch=launch)
+                       fuse=fuse, gather=gather, launch=launch, lora_fp32=lora_fp32)
 
     if config is None:
         config = _expand_config(x, weight, bias, lora_A, lora_B, xa, y2, run, fuse=fuse, gather=gather)
@@ -331,7 +335,7 @@ def _expand_config(x, weight, bias, lora_A, lora_B, xa, y2, run, *, fuse: bool, 
 
 
 def _launch_shrink(
-    rows: Rows, lora_A: torch.Tensor, ranks: torch.Tensor, meta: MultiLoraMeta, launch: MultiLoraLaunch
+    rows: Rows, lora_A: torch.Tensor, ranks: torch.Tensor, meta: MultiLoraMeta, launch: MultiLoraLaunch, lora_fp32: bool
 ) -> torch.Tensor:
     """``xa``: the shrink's fp32 partials per K split, ``(split_k, M, max_rank)``, in sorted
     row order (never zeroed: the expand reads only the positions and ranks it wrote)."""
@@ -351,6 +355,7 @@ def _launch_shrink(
         BLOCK_M=block_m,
         BLOCK_K=block_k,
         BLOCK_R=block_r_for_dot(launch.block_r),
+        LORA_FP32=lora_fp32,
         INPUT_PRECISION=input_precision(rows.x.dtype),
         num_warps=1 if interp else 4,
         num_stages=1 if interp else 3,
@@ -373,6 +378,7 @@ def _launch_expand(
     fuse: bool,
     gather: bool,
     launch: MultiLoraLaunch,
+    lora_fp32: bool,
 ) -> None:
     """One launch of the base + expand kernel with ``cfg``'s tiles, into ``y2`` (``(M, N)``)."""
     M, (N, K) = rows.M, weight.shape
@@ -396,6 +402,7 @@ def _launch_expand(
         GATHER=gather,
         SPLIT_K=xa.shape[0],
         BLOCK_R=block_r,
+        LORA_FP32=lora_fp32,
         INPUT_PRECISION=input_precision(rows.x.dtype),
         **cfg.meta,
     )

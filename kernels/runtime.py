@@ -17,8 +17,10 @@ __all__ = [
     "Rows",
     "as_2d",
     "capturing",
+    "check_interpretable",
     "input_precision",
     "interpreter_active",
+    "lora_in_fp32",
     "on_device",
     "output_for",
     "rows_view",
@@ -55,12 +57,36 @@ def interpreter_active() -> bool:
     return not isinstance(_probe, JITFunction)
 
 
+def check_interpretable(dtype: torch.dtype) -> None:
+    """Raise when the kernels would compute inputs of ``dtype`` wrong: the Triton
+    interpreter's ``tl.dot`` has no bfloat16 (it multiplies the raw bits), so under
+    ``TRITON_INTERPRET=1`` a bf16 kernel returns garbage without any error."""
+    if dtype == torch.bfloat16 and interpreter_active():
+        raise RuntimeError(
+            "the Triton kernels cannot run bfloat16 under the Triton interpreter (TRITON_INTERPRET=1): "
+            "its tl.dot has no bf16 support and would return wrong numbers. Use backend='auto' or "
+            "backend='torch' (the PyTorch reference), fp16/fp32 inputs, or a CUDA GPU without TRITON_INTERPRET"
+        )
+
+
 def input_precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s ``input_precision`` for inputs of ``dtype``: fp32 follows PyTorch's own
     matmul setting (ieee under "highest", else tf32), as a drop-in for nn.Linear must."""
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
         return "tf32"
     return "ieee"
+
+
+def lora_in_fp32(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> bool:
+    """Whether the LoRA branch keeps fp32 range for inputs of ``x_dtype``: adapters kept
+    in another dtype than a 16-bit input (PEFT's fp32 adapters on a half model).
+
+    PEFT runs that branch in the adapters' dtype (``lora_B(lora_A(x.to(A.dtype)))``), so
+    its ``x A^T`` never rounds to fp16, where it would overflow (``|x A^T| > 65504``)
+    although ``y`` is finite. The kernels then keep ``xa`` in fp32 and run the branch's
+    dots in tf32 (fp16's 10 mantissa bits, fp32's range; see ``tiles.lora_dot``).
+    """
+    return x_dtype != torch.float32 and adapter_dtype != x_dtype
 
 
 class Rows(NamedTuple):

@@ -43,3 +43,20 @@ def triton_tiles_only(monkeypatch):
     monkeypatch.setattr(ia3, "tiles_and_library", autotune.gemm_candidates)
     monkeypatch.setattr(bottleneck, "tiles_and_library", autotune.gemm_candidates)
     monkeypatch.setattr(autotune, "TUNED", {})
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Input shapes of the mixed-adapter kernel's launches (it runs inside the custom op):
+    a test proves the fused kernel ran, not the reference."""
+    from fastpeft import ops_multi  # after TRITON_INTERPRET is set above
+
+    calls = []
+    real = ops_multi._kernels.multi_lora_linear_fwd
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops_multi._kernels, "multi_lora_linear_fwd", spy)
+    return calls
