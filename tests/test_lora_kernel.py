@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import DEVICE, KERNEL_DTYPES
 from numerics import assert_matches_ref, rel_err
 
-import fastpeft.ops as ops
+import fastpeft.methods.lora.op as ops
 from fastpeft.kernels import lora as lora_kernels
 from fastpeft.kernels.reference import lora_linear_ref
 

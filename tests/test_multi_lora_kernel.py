@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import DEVICE, KERNEL_DTYPES
 from numerics import assert_matches_ref, rel_err
 
-import fastpeft.ops_multi as ops_multi
+import fastpeft.methods.lora.multi_op as ops_multi
 from fastpeft.kernels import multi_lora as ml
 from fastpeft.kernels.multi_lora import MultiLoraLaunch, MultiLoraMeta
 from fastpeft.kernels.reference import lora_linear_ref, multi_lora_linear_ref

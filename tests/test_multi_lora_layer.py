@@ -9,9 +9,9 @@ import torch.nn as nn
 from conftest import DEVICE, KERNEL_DTYPES
 from numerics import assert_matches_ref, rel_err
 
-import fastpeft.ops_multi as ops_multi
+import fastpeft.methods.lora.multi_op as ops_multi
 from fastpeft.kernels.reference import lora_linear_ref
-from fastpeft.lora import FastLoRALinear
+from fastpeft.methods.lora.layer import FastLoRALinear
 
 
 @pytest.fixture
@@ -45,12 +45,12 @@ def _alone64(layer, x, names):
     out = []
     for b, name in enumerate(names):
         xb = x[b : b + 1].double()
-        if name is None or name not in layer.r:
+        if name is None or name not in layer.adapters:
             out.append(torch.nn.functional.linear(xb, d(layer.weight), d(layer.bias)))
             continue
         bias = d(layer._effective_bias(name))
-        out.append(lora_linear_ref(xb, d(layer.weight), bias, d(layer.lora_A_weights[name]),
-                                   d(layer.lora_B_weights[name]), layer.scalings[name]))
+        out.append(lora_linear_ref(xb, d(layer.weight), bias, d(layer.adapters[name].lora_A),
+                                   d(layer.adapters[name].lora_B), layer.adapters[name].scaling))
     return torch.cat(out)
 
 
@@ -101,7 +101,7 @@ def test_lora_bias_rows_of_a_half_layer_under_cpu_autocast():
     """fp16 layer, fp32 adapters and lora_bias, CPU autocast in bf16: the stacks are built
     with autocast off (CPU autocast refuses to stack fp16), the batch runs in bf16."""
     layer = _layer(24, 20, [("a", 3, 6), ("b", 8, 8)], dtype=torch.float16, lora_bias=("a", "b"))
-    for p in list(layer.lora_A_weights.values()) + list(layer.lora_B_weights.values()):
+    for p in [t for a in layer.adapters.values() for t in (a.lora_A, a.lora_B)]:
         p.data = p.data.float()
     layer.row_adapters = ["b", "a", None]
     x = torch.randn(3, 24, dtype=torch.float16)
@@ -144,12 +144,12 @@ def test_batch_stacks_are_reused_until_names_or_weights_change(monkeypatch):
         first = layer(x)
         n = len(stacked)
         assert torch.equal(layer(x), first) and len(stacked) == n  # reused
-        layer.lora_B_weights["a"].mul_(2.0)  # in place: the cache must notice
+        layer.adapters["a"].lora_B.mul_(2.0)  # in place: the cache must notice
         changed = layer(x)
         assert len(stacked) > n
         assert rel_err(changed, _alone64(layer, x, names)) < 1e-5
         assert not torch.equal(changed[2], first[2]) and torch.equal(changed[1], first[1])
-        layer.lora_B_biases["b"].add_(1.0)
+        layer.adapters["b"].lora_bias.add_(1.0)
         assert rel_err(layer(x), _alone64(layer, x, names)) < 1e-5
         layer.row_adapters = ["a", "a", None]
         assert rel_err(layer(x), _alone64(layer, x, ["a", "a", None])) < 1e-5

@@ -1,4 +1,4 @@
-"""Op layer for mixed-adapter batches: every row with its own LoRA adapter (or none).
+"""LoRA's mixed-adapter op: every row with its own LoRA adapter (or none).
 
 ``multi_lora_linear`` validates its inputs, builds (or takes) the batch metadata
 (:class:`fastpeft.kernels.multi_lora.MultiLoraMeta`), picks a backend and calls the custom
@@ -9,14 +9,14 @@ per batch with ``set_adapter``).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
 from fastpeft.kernels import multi_lora as _kernels
 from fastpeft.kernels.multi_lora import MultiLoraMeta
 from fastpeft.kernels.reference import multi_lora_linear_ref
-from fastpeft.ops import check_bias, check_linear_input, resolve_backend
+from fastpeft.core.dispatch import check_bias, check_linear_input, resolve_backend
 
 __all__ = ["MultiLoraMeta", "multi_lora_linear", "build_meta", "row_slots_for_tokens"]
 
@@ -107,6 +107,25 @@ def row_slots_for_tokens(batch_slot: torch.Tensor, x: torch.Tensor) -> torch.Ten
     return batch_slot if per_row == 1 else batch_slot.repeat_interleave(per_row)
 
 
+def _check_stacks(x, weight, bias, lora_A, lora_B) -> Tuple[int, int]:
+    """``(S, max_rank)`` of slot stacks that fit ``x`` and ``weight`` (else a clear error)."""
+    N, K = weight.shape
+    if bias is not None and bias.dtype != x.dtype:
+        raise ValueError(f"bias must be a {x.dtype} tensor of shape ({N},), got {bias.dtype} {tuple(bias.shape)}")
+    if lora_A.dim() != 3 or lora_A.shape[2] != K:
+        raise ValueError(f"lora_A must be a slot stack of shape (S, max_rank, {K}), got {tuple(lora_A.shape)}")
+    S, max_rank = lora_A.shape[0], lora_A.shape[1]
+    if lora_B.shape != (S, N, max_rank):
+        raise ValueError(
+            f"lora_B must be a slot stack of shape ({S}, {N}, {max_rank}) to match lora_A "
+            f"{tuple(lora_A.shape)}, got {tuple(lora_B.shape)}"
+        )
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if not t.dtype.is_floating_point or t.device != x.device:
+            raise ValueError(f"{name} must be a floating tensor on {x.device}, got {t.dtype} on {t.device}")
+    return S, max_rank
+
+
 def multi_lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -131,28 +150,15 @@ def multi_lora_linear(
         scalings: ``(S,)`` scaling ``s_i`` of each slot.
         rows: ``(M,)`` slot of each row (``-1``: base only), or a prebuilt
             :class:`MultiLoraMeta` (build it once per batch and share it across layers).
-        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``fastpeft.ops.resolve_backend``).
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``fastpeft.core.dispatch.resolve_backend``).
         check: verify the values of ``ranks`` and ``rows`` (host syncs); callers that own
             them (the adapter pool) pass False on the hot path.
 
     Returns ``(..., N)`` in ``x``'s dtype. Inference only: backward raises.
     """
     check_linear_input(x, weight, "multi_lora_linear")
-    N, K = weight.shape
     check_bias(bias, weight, x, "multi_lora_linear")
-    if bias is not None and bias.dtype != x.dtype:
-        raise ValueError(f"bias must be a {x.dtype} tensor of shape ({N},), got {bias.dtype} {tuple(bias.shape)}")
-    if lora_A.dim() != 3 or lora_A.shape[2] != K:
-        raise ValueError(f"lora_A must be a slot stack of shape (S, max_rank, {K}), got {tuple(lora_A.shape)}")
-    S, max_rank = lora_A.shape[0], lora_A.shape[1]
-    if lora_B.shape != (S, N, max_rank):
-        raise ValueError(
-            f"lora_B must be a slot stack of shape ({S}, {N}, {max_rank}) to match lora_A "
-            f"{tuple(lora_A.shape)}, got {tuple(lora_B.shape)}"
-        )
-    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
-        if not t.dtype.is_floating_point or t.device != x.device:
-            raise ValueError(f"{name} must be a floating tensor on {x.device}, got {t.dtype} on {t.device}")
+    S, max_rank = _check_stacks(x, weight, bias, lora_A, lora_B)
     # The kernels read one entry per slot with unit stride.
     ranks = torch.as_tensor(ranks, device=x.device).to(torch.int32).contiguous()
     scalings = torch.as_tensor(scalings, device=x.device).to(torch.float32).contiguous()

@@ -7,19 +7,25 @@ paths under ``base_model.model.``, without the adapter name, e.g.
 modules appear under their own path (``base_model.model.lm_head.weight``).
 
 Loading validates everything first (the config, the file, the key set, every shape and
-dtype) and only then copies tensors in; any error leaves the model as it was.
+dtype) and only then copies tensors in; any error leaves the model as it was. The keys
+each method writes and reads are its own key map (``Method.save_keys`` /
+``Method.load_keys``). This is the one reader of PEFT directories: the serving pool reads
+them through :func:`read_adapter` too.
 """
 from __future__ import annotations
 
 import json
 import os
 import tempfile
-from typing import Any, Dict, Union
+from typing import Any, Dict, Mapping, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from fastpeft.model import _inject, _require_adapter, adapter_tensors, get_method
+from fastpeft.core.inject import inject_with_undo
+from fastpeft.core.method import get_method
+from fastpeft.core.modules_to_save import ModulesToSaveWrapper
+from fastpeft.core.state import adapter_layers, adapter_tensors, require_adapter
 
 __all__ = [
     "CONFIG_NAME",
@@ -29,6 +35,8 @@ __all__ = [
     "AdapterCheckpointError",
     "read_adapter_config",
     "read_adapter_weights",
+    "read_adapter",
+    "strip_prefix",
     "load_adapter",
     "save_adapter",
 ]
@@ -105,13 +113,32 @@ def read_adapter_weights(path: PathLike) -> Dict[str, torch.Tensor]:
     return tensors
 
 
-def _strip_prefix(tensors: Dict[str, torch.Tensor], where: str) -> Dict[str, torch.Tensor]:
-    bad = [k for k in tensors if not k.startswith(PREFIX)]
-    if bad:
-        raise AdapterCheckpointError(
-            f"{where}: {len(bad)} key(s) do not start with {PREFIX!r} as PEFT writes them, e.g. {bad[:3]}"
-        )
-    return {k[len(PREFIX):]: v for k, v in tensors.items()}
+def strip_prefix(tensors: Mapping[str, Any], where: str, *, strict: bool = True) -> Dict[str, Any]:
+    """The tensors keyed without PEFT's ``base_model.model.`` prefix. ``strict``: every key
+    must have it (a saved directory); otherwise (an in-memory state dict) keys may have it,
+    or ``base_model.`` alone, or neither."""
+    if strict:
+        bad = [k for k in tensors if not k.startswith(PREFIX)]
+        if bad:
+            raise AdapterCheckpointError(
+                f"{where}: {len(bad)} key(s) do not start with {PREFIX!r} as PEFT writes them, e.g. {bad[:3]}"
+            )
+        return {k[len(PREFIX):]: v for k, v in tensors.items()}
+    out = {}
+    for key, t in tensors.items():
+        key = str(key)
+        for prefix in (PREFIX, "base_model."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                break
+        out[key] = t
+    return out
+
+
+def read_adapter(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """``(config dict, tensors keyed without the prefix)`` of a PEFT adapter directory."""
+    data = read_adapter_config(path)
+    return data, strip_prefix(read_adapter_weights(path), os.fspath(path))
 
 
 def _list(keys, limit: int = 5) -> str:
@@ -169,16 +196,14 @@ def load_adapter(
     or shapes that do not fit) the model is left exactly as it was.
     """
     where = os.fspath(path)
-    data = read_adapter_config(path)
-    spec = get_method(data["peft_type"])
-    config = spec.config_cls.from_dict(data)
+    data, tensors = read_adapter(path)
+    config = get_method(data["peft_type"]).config_cls.from_dict(data)
     # As PEFT's from_pretrained: the saved inference_mode gives way to is_trainable.
     config.inference_mode = not is_trainable
-    tensors = _strip_prefix(read_adapter_weights(path), where)
 
-    undo = _inject(model, config, adapter_name, backend, for_loading=True, autocast_adapter_dtype=autocast_adapter_dtype)
+    undo = inject_with_undo(model, config, adapter_name, backend, autocast_adapter_dtype)
     try:
-        targets = adapter_tensors(model, adapter_name)
+        targets = adapter_tensors(model, adapter_name, loading=True)
         _check_tensors(tensors, targets, where)
         # Tensors that belonged to the model before (e.g. base biases with bias="all")
         # are saved so that a failure while copying can still restore them.
@@ -206,10 +231,8 @@ def load_adapter(
 
 def _fresh_tensors(model: nn.Module, adapter_name: str):
     """Tensors created for this adapter (its own weights and modules_to_save copies)."""
-    from fastpeft.model import ModulesToSaveWrapper, _adapter_layers
-
     out = []
-    for _, layer in _adapter_layers(model):
+    for _, layer in adapter_layers(model):
         if isinstance(layer, ModulesToSaveWrapper):
             if adapter_name in layer.modules_to_save:
                 out.extend(layer.modules_to_save[adapter_name].state_dict(keep_vars=True).values())
@@ -225,7 +248,7 @@ def save_adapter(
     """Write ``adapter_name`` as a PEFT adapter directory that ``peft.PeftModel.from_pretrained``
     and ``fastpeft.load_adapter`` load. Files are written to temporaries and renamed, so
     an error never leaves a half-written adapter behind."""
-    config = _require_adapter(model, adapter_name)
+    config = require_adapter(model, adapter_name)
     path = os.fspath(path)
     if os.path.isfile(path):
         raise NotADirectoryError(f"{path!r} is a file; save_adapter writes a directory")

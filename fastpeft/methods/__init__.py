@@ -1,0 +1,12 @@
+"""The methods: one package each (``config``, ``op``, ``layer``, ``method``).
+
+:data:`BUILTIN` lists the methods fastpeft ships; ``fastpeft/__init__.py`` registers
+them with :func:`fastpeft.core.method.register_method`.
+"""
+from fastpeft.methods.bottleneck.method import BOTTLENECK
+from fastpeft.methods.ia3.method import IA3
+from fastpeft.methods.lora.method import LORA
+
+BUILTIN = (LORA, IA3, BOTTLENECK)
+
+__all__ = ["BUILTIN"]
