@@ -510,3 +510,35 @@ def test_batch_adapters_accepts_pool_adapters(model, launches):
         with fp.batch_adapters(model, ["zz", None, "a"]):
             pass
     assert pool.adapters  # the pool is untouched by the refused call
+
+
+def test_one_plan_per_generate_metadata_once_per_row_shape(model, monkeypatch):
+    """A generate call asks the pool once (one LRU touch) and builds the mixed-batch
+    metadata once per row-token shape (prompt, then one token), shared by every layer,
+    instead of once per layer and step."""
+    import fastpeft.methods.lora.stacks as stacks
+
+    pool = _pool_with_three(model)
+    touches, builds = [], []
+    real_touch, real_build = pool.touch, stacks.build_meta
+    monkeypatch.setattr(pool, "touch", lambda names: touches.append(list(names)) or real_touch(names))
+    monkeypatch.setattr(stacks, "build_meta", lambda *a, **k: builds.append(a[0].shape) or real_build(*a, **k))
+    names = ["a", "b", None, "c"]
+    ServingEngine(model, pool, eos_token_id=None).generate(PROMPTS, names, max_new_tokens=3)
+    assert touches == [names]
+    assert builds == [(4 * 6,), (4,)]  # 6 prompt tokens per row (left-padded), then 1
+
+
+def test_layers_own_adapters_share_metadata_across_layers(model, monkeypatch):
+    import fastpeft.methods.lora.stacks as stacks
+
+    layers = [m for m in model.modules() if isinstance(m, FastLoRALinear)]
+    for layer in layers:
+        layer.add_adapter("x", 3, 6, init_lora_weights=False)
+    builds = []
+    real_build = stacks.build_meta
+    monkeypatch.setattr(stacks, "build_meta", lambda *a, **k: builds.append(1) or real_build(*a, **k))
+    ids = torch.tensor([PROMPTS[0], PROMPTS[2][:4]], device=DEVICE)
+    with torch.no_grad(), fp.batch_adapters(model, ["x", None]):
+        model(ids)
+    assert len(layers) == 6 and len(builds) == 1

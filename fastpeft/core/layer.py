@@ -89,9 +89,10 @@ class AdapterLayer(PlanReader, nn.Module):
 
     adapters: nn.ModuleDict
 
-    # Values derived from the tensors, kept for the next forward (dicts keyed by adapter
-    # name); never copied with the layer (deepcopy, pickling) and dropped when it is
-    # moved or cast, so a cache never holds on to an old copy of a weight.
+    # Values derived from the tensors, kept for the next forward (dicts; an entry keyed
+    # by an adapter's name goes with the adapter); never copied with the layer
+    # (deepcopy, pickling) and dropped when it is moved or cast, so a cache never holds
+    # on to an old copy of a weight.
     _CACHES: Tuple[str, ...] = ()
 
     def _init_adapters(self) -> None:
