@@ -19,7 +19,8 @@ import fastpeft as fp
 import fastpeft.core.inject as core_inject
 from fastpeft.core import method as core_method
 from fastpeft.core.config import AdapterConfig
-from fastpeft.core.layer import AdapterLinear, HookedLayer, ModuleWrapper
+from fastpeft.core.layer import HookedLayer, ModuleWrapper
+from fastpeft.core.linear import AdapterLinear
 from fastpeft.core.method import Attach, Method
 from fastpeft.core.state import adapter_layers, adapter_loss, adapter_step
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Collection, Dict, Hashable, Iterator, Mapping,
 
 import torch.nn as nn
 
-__all__ = ["BatchPlan", "BatchProvider"]
+__all__ = ["BatchPlan", "BatchProvider", "check_rows"]
 
 Rows = Tuple[Optional[str], ...]
 
@@ -46,6 +46,16 @@ class BatchProvider(Protocol):
         """A context that, while a plan is alive, keeps ``rows``'s adapters available
         and yields ``{layer module: payload}`` (what each layer reads from the plan)."""
         ...
+
+
+def check_rows(x: Any, num_rows: int) -> None:
+    """A mixed batch of ``num_rows`` names one adapter per row of ``x``'s first dim."""
+    if x.dim() < 2 or x.shape[0] != num_rows:
+        raise ValueError(
+            f"batch_adapters got {num_rows} adapter names but this layer's input has "
+            f"batch size {x.shape[0] if x.dim() else 'none'} (shape {tuple(x.shape)}); "
+            "give one name (or None) per batch row"
+        )
 
 
 class BatchPlan:
@@ -68,12 +78,7 @@ class BatchPlan:
 
     def check_batch(self, x: Any) -> None:
         """A mixed batch names one adapter per row of ``x``'s first dim."""
-        if x.dim() < 2 or x.shape[0] != len(self.rows):
-            raise ValueError(
-                f"batch_adapters got {len(self.rows)} adapter names but this layer's input has "
-                f"batch size {x.shape[0] if x.dim() else 'none'} (shape {tuple(x.shape)}); "
-                "give one name (or None) per batch row"
-            )
+        check_rows(x, len(self.rows))
 
     def __repr__(self) -> str:
         return f"BatchPlan(rows={list(self.rows)}, provided_layers={len(self.provided)})"

@@ -7,23 +7,32 @@ paths under ``base_model.model.``, without the adapter name, e.g.
 modules appear under their own path (``base_model.model.lm_head.weight``).
 
 Loading validates everything first (the config, the file, the key set, every shape and
-dtype) and only then copies tensors in; any error leaves the model as it was. The keys
-each method writes and reads are its own key map (``Method.save_keys`` /
-``Method.load_keys``). This is the one reader of PEFT directories: the serving pool reads
+dtype) and only then copies tensors in; any error leaves the model as it was, with no
+trace (not even the ``fastpeft_config`` attribute on a model that had none). Saving
+replaces the adapter's files in the directory as one unit (``fastpeft.core.files``);
+any error leaves the directory as it was, with no temporary files. The keys each method
+writes and reads are its own key map (``Method.save_keys`` / ``load_keys`` /
+``optional_keys``). This is the one reader of PEFT directories: the serving pool reads
 them through :func:`read_adapter` too.
+
+With ``bias="all"`` PEFT spells the bias of a module that another adapter wraps after
+the wrapper (``<path>.base_layer.bias``, ``<path>.original_module.bias``); such
+checkpoints load, and fastpeft saves every such bias under the module's own path
+(``<path>.bias``), as PEFT does for a model holding this adapter alone.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import tempfile
-from typing import Any, Dict, Mapping, Tuple, Union
+from typing import Any, Dict, List, Mapping, Tuple, Union
 
 import torch
 import torch.nn as nn
 
+from fastpeft.core.files import missing_dirs, replace_files
 from fastpeft.core.inject import inject_with_undo
-from fastpeft.core.method import get_method
+from fastpeft.core.method import get_method, method_of
 from fastpeft.core.modules_to_save import ModulesToSaveWrapper
 from fastpeft.core.state import adapter_layers, adapter_tensors, require_adapter
 
@@ -37,6 +46,7 @@ __all__ = [
     "read_adapter_weights",
     "read_adapter",
     "strip_prefix",
+    "strip_model_prefix",
     "load_adapter",
     "save_adapter",
 ]
@@ -113,26 +123,23 @@ def read_adapter_weights(path: PathLike) -> Dict[str, torch.Tensor]:
     return tensors
 
 
-def strip_prefix(tensors: Mapping[str, Any], where: str, *, strict: bool = True) -> Dict[str, Any]:
-    """The tensors keyed without PEFT's ``base_model.model.`` prefix. ``strict``: every key
-    must have it (a saved directory); otherwise (an in-memory state dict) keys may have it,
-    or ``base_model.`` alone, or neither."""
-    if strict:
-        bad = [k for k in tensors if not k.startswith(PREFIX)]
-        if bad:
-            raise AdapterCheckpointError(
-                f"{where}: {len(bad)} key(s) do not start with {PREFIX!r} as PEFT writes them, e.g. {bad[:3]}"
-            )
-        return {k[len(PREFIX):]: v for k, v in tensors.items()}
-    out = {}
-    for key, t in tensors.items():
-        key = str(key)
-        for prefix in (PREFIX, "base_model."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-                break
-        out[key] = t
-    return out
+def strip_model_prefix(path: str) -> str:
+    """A key or module path without PEFT's ``base_model.model.`` (or ``base_model.``) prefix."""
+    for prefix in (PREFIX, "base_model."):
+        if path.startswith(prefix):
+            return path[len(prefix):]
+    return path
+
+
+def strip_prefix(tensors: Mapping[str, Any], where: str) -> Dict[str, Any]:
+    """A saved directory's tensors keyed without PEFT's ``base_model.model.`` prefix,
+    which every key must have."""
+    bad = [k for k in tensors if not k.startswith(PREFIX)]
+    if bad:
+        raise AdapterCheckpointError(
+            f"{where}: {len(bad)} key(s) do not start with {PREFIX!r} as PEFT writes them, e.g. {bad[:3]}"
+        )
+    return {k[len(PREFIX):]: v for k, v in tensors.items()}
 
 
 def read_adapter(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
@@ -193,7 +200,8 @@ def load_adapter(
     eval mode; ``autocast_adapter_dtype`` keeps an fp16/bf16 model's adapter in fp32, as
     PEFT does. Everything is checked before any tensor is copied: on any error (missing
     files, unknown or unsupported ``peft_type``, DoRA, targets that match nothing, keys
-    or shapes that do not fit) the model is left exactly as it was.
+    or shapes that do not fit, a failure while copying) the model is left exactly as it
+    was: the same modules, tensors, flags and modes, and no attribute added.
     """
     where = os.fspath(path)
     data, tensors = read_adapter(path)
@@ -203,21 +211,8 @@ def load_adapter(
 
     undo = inject_with_undo(model, config, adapter_name, backend, autocast_adapter_dtype)
     try:
-        targets = adapter_tensors(model, adapter_name, loading=True)
-        _check_tensors(tensors, targets, where)
-        # Tensors that belonged to the model before (e.g. base biases with bias="all")
-        # are saved so that a failure while copying can still restore them.
-        fresh = {id(t) for t in _fresh_tensors(model, adapter_name)}
-        saved = [(t, t.detach().clone()) for t in targets.values() if id(t) not in fresh]
-        try:
-            with torch.no_grad():
-                for key, dst in targets.items():
-                    dst.copy_(tensors[key].to(device=dst.device, dtype=dst.dtype))
-        except BaseException:
-            with torch.no_grad():
-                for t, value in saved:
-                    t.copy_(value)
-            raise
+        tensors, targets = _checked_tensors(model, adapter_name, tensors, where)
+        _copy_in(model, adapter_name, tensors, targets)
     except BaseException:
         undo()
         raise
@@ -227,6 +222,75 @@ def load_adapter(
                 t.requires_grad_(False)
         model.eval()
     return model
+
+
+def _checked_tensors(
+    model: nn.Module, adapter_name: str, tensors: Dict[str, torch.Tensor], where: str
+) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """``(tensors, {key: destination})``: the checkpoint's tensors (respelled where PEFT
+    spelled a wrapped module's bias otherwise) and where each goes, after the method's
+    own check and the generic one (keys, shapes, dtypes)."""
+    config = model.fastpeft_config[adapter_name]
+    method = method_of(config)
+    targets = adapter_tensors(model, adapter_name, loading=True)
+    optional = {k: t for k, t in method.optional_keys(model, adapter_name, config).items() if k not in targets}
+    tensors = _respell(tensors, targets, optional, where)
+    try:
+        method.check_checkpoint(config, tensors, targets, where)
+    except ValueError as exc:
+        raise AdapterCheckpointError(str(exc)) from None
+    extras = {key: optional[key] for key in tensors if key not in targets and key in optional}
+    _check_tensors({k: v for k, v in tensors.items() if k not in extras}, targets, where)
+    _check_tensors({k: tensors[k] for k in extras}, extras, where)
+    return tensors, {**targets, **extras}
+
+
+def _copy_in(model: nn.Module, adapter_name: str, tensors: Dict[str, torch.Tensor], targets: Dict[str, torch.Tensor]) -> None:
+    """Copy the checkpoint in. Tensors that belonged to the model before (e.g. base
+    biases with bias="all") are saved first, so that a failure while copying can still
+    restore them."""
+    fresh = {id(t) for t in _fresh_tensors(model, adapter_name)}
+    saved = [(t, t.detach().clone()) for t in targets.values() if id(t) not in fresh]
+    try:
+        with torch.no_grad():
+            for key, dst in targets.items():
+                dst.copy_(tensors[key].to(device=dst.device, dtype=dst.dtype))
+    except BaseException:
+        with torch.no_grad():
+            for t, value in saved:
+                t.copy_(value)
+        raise
+
+
+def _bias_spellings(key: str) -> List[str]:
+    """Other keys under which PEFT saves the bias ``key`` (``<path>.bias``) when the
+    module was wrapped in the model it saved from: ``<path>.base_layer.bias`` (a LoRA
+    layer of another adapter) and ``<prefix>.original_module.<rest>.bias`` (inside a
+    ``modules_to_save`` wrapper of another adapter)."""
+    parts = key.split(".")
+    if parts[-1] != "bias":
+        return []
+    out = [".".join(parts[:-1] + ["base_layer", "bias"])]
+    out += [".".join(parts[:i] + ["original_module"] + parts[i:]) for i in range(1, len(parts))]
+    return out
+
+
+def _respell(
+    source: Dict[str, torch.Tensor], targets: Dict[str, torch.Tensor], optional: Dict[str, torch.Tensor], where: str
+) -> Dict[str, torch.Tensor]:
+    """``source`` with the biases PEFT spelled for a wrapped module renamed to the key
+    this model expects (see ``_bias_spellings``): which spelling PEFT writes depends on
+    the other adapters loaded when it saved, not on the adapter itself."""
+    out = dict(source)
+    for key in targets:
+        if key in out:
+            continue
+        found = [k for k in _bias_spellings(key) if k in out and k not in targets and k not in optional]
+        if len(found) > 1:
+            raise AdapterCheckpointError(f"{where}: the bias {key} is given more than once, as {found}")
+        if found:
+            out[key] = out.pop(found[0])
+    return out
 
 
 def _fresh_tensors(model: nn.Module, adapter_name: str):
@@ -246,11 +310,17 @@ def save_adapter(
     model: nn.Module, path: PathLike, adapter_name: str = "default", *, safe_serialization: bool = True
 ) -> None:
     """Write ``adapter_name`` as a PEFT adapter directory that ``peft.PeftModel.from_pretrained``
-    and ``fastpeft.load_adapter`` load. Files are written to temporaries and renamed, so
-    an error never leaves a half-written adapter behind."""
+    and ``fastpeft.load_adapter`` load.
+
+    All or nothing: the adapter's files (``adapter_config.json`` and the weights; an
+    older weights file of the other format is removed) are replaced as one unit. On any
+    error the directory is left exactly as it was (a directory this call created is
+    removed again) and no temporary file remains. Other files in the directory (a
+    README, a trainer's state) are left alone.
+    """
     config = require_adapter(model, adapter_name)
     path = os.fspath(path)
-    if os.path.isfile(path):
+    if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(f"{path!r} is a file; save_adapter writes a directory")
     # Own copies: safetensors refuses tensors that share storage (e.g. tied weights).
     tensors = {
@@ -263,32 +333,22 @@ def save_adapter(
         data["base_model_name_or_path"] = name or None
     data["inference_mode"] = True
     config_blob = json.dumps(data, indent=2, sort_keys=True).encode()
-    os.makedirs(path, exist_ok=True)
-    # Weights first, config last: a failure in between leaves the old config with the
-    # old weights' format still readable, never a new config beside stale weights.
     if safe_serialization:
         from safetensors.torch import save
 
         blob = save(tensors, metadata={"format": "pt"})
-        _atomic_write(path, SAFETENSORS_NAME, lambda f: f.write(blob))
-        stale = BIN_NAME
+        weights, write_weights, stale = SAFETENSORS_NAME, (lambda f: f.write(blob)), BIN_NAME
     else:
-        _atomic_write(path, BIN_NAME, lambda f: torch.save(tensors, f))
-        stale = SAFETENSORS_NAME
-    # The reader prefers safetensors: an older file in the other format would shadow or
-    # contradict this save.
-    if os.path.exists(os.path.join(path, stale)):
-        os.unlink(os.path.join(path, stale))
-    _atomic_write(path, CONFIG_NAME, lambda f: f.write(config_blob))
-
-
-def _atomic_write(directory: str, name: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
+        weights, write_weights, stale = BIN_NAME, (lambda f: torch.save(tensors, f)), SAFETENSORS_NAME
+    created = missing_dirs(path)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, os.path.join(directory, name))
+        os.makedirs(path, exist_ok=True)
+        # The reader prefers safetensors: an older file in the other format would shadow
+        # or contradict this save, so it goes in the same step.
+        writers = {weights: write_weights, CONFIG_NAME: lambda f: f.write(config_blob)}
+        replace_files(path, writers, remove=[stale], last=CONFIG_NAME)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for directory in reversed(created):  # innermost first; only the (empty) ones made here
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
         raise

@@ -16,10 +16,10 @@ from typing import Any, Callable, Dict, List, Tuple
 import torch.nn as nn
 
 from fastpeft.core.config import AdapterConfig
-from fastpeft.core.layer import AdapterLinear
+from fastpeft.core.linear import AdapterLinear
 from fastpeft.core.method import Attach, Method, adapter_configs, all_layer_types, as_config, method_of
 from fastpeft.core.modules_to_save import ModulesToSaveWrapper
-from fastpeft.core.state import BASE, mark_trainable, sync_active, upcast_adapter
+from fastpeft.core.state import BASE, adapter_layers, mark_trainable, sync_active, upcast_adapter
 from fastpeft.core.targets import model_type_of, replace_modules
 
 __all__ = ["Undo", "inject", "inject_with_undo"]
@@ -54,7 +54,8 @@ def inject(
     the same method gets one more named adapter), every other parameter is frozen
     (``modules_to_save`` copies and, per ``bias``, biases stay trainable). The first
     adapter becomes the active one; later ones are added inactive (``set_adapter``).
-    All or nothing: on any error the model is left exactly as it was.
+    All or nothing: on any error the model is left exactly as it was (the same modules,
+    tensors, flags and modes, each layer's active adapter, and no attribute added).
     ``autocast_adapter_dtype`` (PEFT's default, True): on an fp16/bf16 model the adapter's
     own tensors are kept in fp32.
     """
@@ -106,9 +107,10 @@ def inject_with_undo(
         module.train(modules.get(name, model).training)
 
     undo = Undo()
-    # Runs last on undo (steps run newest first): the layers' active adapter follows the
-    # model's again once every other step (deleted adapters included) is reversed.
-    undo.add(lambda: sync_active(model))
+    # Runs last on undo (steps run newest first): every adapter layer gets back the
+    # active adapter it had, once every other step (deleted adapters included) is reversed.
+    actives = [(layer, layer.active_adapter) for _, layer in adapter_layers(model)]
+    undo.add(lambda: [layer.set_adapter(name) for layer, name in actives])
     undo.add(restore_flags)
     try:
         _place(model, {**new_layers, **save_new}, undo)
@@ -129,15 +131,33 @@ def inject_with_undo(
 
 
 def _record(model: nn.Module, config: AdapterConfig, adapter_name: str, undo: Undo) -> None:
-    """Keep the config on the model; the first adapter becomes the active one."""
-    configs = adapter_configs(model)
+    """Keep the config on the model; the first adapter becomes the active one. The
+    model's own attributes are set here and removed again on undo if they were not there
+    before, so that a failed call leaves no trace on the model at all."""
+    undo.add(_attribute_restorer(model, "fastpeft_config"))
+    undo.add(_attribute_restorer(model, "fastpeft_active"))
+    configs = model.__dict__.setdefault("fastpeft_config", {})
     configs[adapter_name] = config
     undo.add(lambda: configs.pop(adapter_name, None))
     active = model.__dict__.get("fastpeft_active")
     if active is None or active not in configs:
         model.__dict__["fastpeft_active"] = adapter_name
-        undo.add(lambda: model.__dict__.__setitem__("fastpeft_active", active))
     sync_active(model)
+
+
+def _attribute_restorer(model: nn.Module, name: str) -> Callable[[], None]:
+    """A step that puts ``model.__dict__[name]`` back as it is now: the same object, or
+    no attribute at all."""
+    missing = object()
+    before = model.__dict__.get(name, missing)
+
+    def restore() -> None:
+        if before is missing:
+            model.__dict__.pop(name, None)
+        else:
+            model.__dict__[name] = before
+
+    return restore
 
 
 def _refuse(method: Method, config: AdapterConfig) -> None:

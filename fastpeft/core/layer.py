@@ -1,29 +1,26 @@
-"""Adapter layers: what every method's layer is to the core, and the frozen-linear base.
+"""Adapter layers: what every method's layer is to the core.
 
 :class:`AdapterLayer` is the layer protocol the model-level API (inject, state,
 checkpoint, batch plans) works through, whatever the method: named adapters, one module
 per adapter in ``self.adapters`` (created with the adapter, removed with it), one of them
 active, merged ones, the batch plan of a mixed batch, and ``to_base_module()`` (what
-``unload`` puts back). A method's layer subclasses it and adds its forward, and, if the
-method merges, ``merge``/``_undo_merge``.
-
-:class:`AdapterLinear` adds a frozen base linear (an ``nn.Linear``, or a GPT-2 style
-``Conv1D`` kept in its own ``(in, out)`` layout and handed to the kernels as a transposed
-*view*, never copied): the base of the layers that swap a leaf linear module.
+``unload`` puts back). A method's layer subclasses it (or one of the bases for each way
+of attaching: ``fastpeft.core.linear.AdapterLinear`` for a swapped leaf linear,
+:class:`ModuleWrapper` for a wrapped module, :class:`HookedLayer` for forward hooks) and
+adds its forward, and, if the method merges, ``merge``/``_undo_merge``.
 """
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Hashable, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fastpeft.core.batch import BatchPlan
-from fastpeft.core.dispatch import BACKENDS, autocast_dtype, check_linear_input
 
-__all__ = ["AdapterLayer", "AdapterLinear", "HookedLayer", "ModuleWrapper", "PlanReader", "TensorStamp"]
+__all__ = ["AdapterLayer", "HookedLayer", "ModuleWrapper", "PlanReader", "TensorStamp"]
+
+T = TypeVar("T")
 
 
 class TensorStamp:
@@ -39,6 +36,10 @@ class TensorStamp:
     edit under ``torch.no_grad()`` instead, as optimizers and ``load_state_dict`` do), and
     in-place edits of tensors made under ``torch.inference_mode``, which have no version
     counter (replacing them is seen).
+
+    Eager mode only: ``torch.compile`` cannot trace version counters (nor
+    ``is_inference``), so under compile layers trace the derived value from the tensors
+    themselves instead of keeping it (``AdapterLayer._kept``).
     """
 
     __slots__ = ("_held", "_keys")
@@ -61,9 +62,24 @@ class TensorStamp:
 
 
 class PlanReader:
-    """The batch plan of a mixed batch, as a layer reads it (None: no mixed batch)."""
+    """A layer that takes part in mixed batches: the batch plan (None: no mixed batch)
+    and the layer's own *row plan*, made from it once when the batch starts.
 
-    batch_plan: Optional[BatchPlan] = None
+    The row plan holds what the forward reads, as tensors (each row's slot, each
+    adapter's rows), so a forward does no per-row Python work on each decode step, and
+    under ``torch.compile`` the rows are graph inputs: one compiled graph serves every
+    batch of the same size and structure, and nothing is specialised on the names. It is
+    made again when the layer's adapters change or the layer moves during a batch.
+    """
+
+    @property
+    def batch_plan(self) -> Optional[BatchPlan]:
+        return self.__dict__.get("_batch_plan")
+
+    @batch_plan.setter
+    def batch_plan(self, plan: Optional[BatchPlan]) -> None:
+        self.__dict__["_batch_plan"] = plan
+        self._plan_rows()
 
     @property
     def row_adapters(self) -> Optional[List[Optional[str]]]:
@@ -76,6 +92,23 @@ class PlanReader:
         """A mixed batch over this layer alone (no provider): ``fastpeft.batch_adapters``
         sets one plan on every layer of a model instead."""
         self.batch_plan = None if names is None else BatchPlan(names)
+
+    def _plan_rows(self) -> Any:
+        """(Re)make the row plan of the current batch (None without one) and return it.
+        Its tensors are ordinary ones even inside ``torch.inference_mode`` (a forward
+        outside it may use them)."""
+        plan = self.batch_plan
+        if plan is None:
+            rows = None
+        else:
+            with torch.inference_mode(False):
+                rows = self._make_row_plan(plan)
+        self.__dict__["_row_plan"] = rows
+        return rows
+
+    def _make_row_plan(self, plan: BatchPlan) -> Any:
+        """What this layer's forward reads of a batch plan (default: the plan itself)."""
+        return plan
 
 
 class AdapterLayer(PlanReader, nn.Module):
@@ -99,7 +132,6 @@ class AdapterLayer(PlanReader, nn.Module):
         self.adapters = nn.ModuleDict()
         self.active_adapter: Optional[str] = None
         self.merged_adapters: List[str] = []
-        self.batch_plan = None
         for name in self._CACHES:
             self.__dict__[name] = {}
 
@@ -108,7 +140,36 @@ class AdapterLayer(PlanReader, nn.Module):
     def _apply(self, fn, recurse: bool = True):
         for name in self._CACHES:
             self.__dict__.get(name, {}).clear()
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        self._plan_rows()  # the batch's row tensors follow the layer to its new device
+        return out
+
+    def _kept(
+        self, cache_name: str, entry: Hashable, key: Any, tensors: Sequence[Optional[torch.Tensor]],
+        build: Callable[[], T],
+    ) -> T:
+        """``build()``: a value derived from ``tensors`` (and from ``key``, whatever else
+        it depends on: scalings, which objects the tensors are), kept in
+        ``self.<cache_name>[entry]`` for the next forward while ``key`` is equal and
+        ``TensorStamp`` sees no tensor changed, so that decoding step after step builds
+        it once.
+
+        Under ``torch.compile`` nothing is kept: the value is traced from the tensors,
+        so the compiled graph reads them on every call (a change between calls is always
+        seen, with no guard to check) and dynamo never meets a version counter. A value
+        that holds an autograd graph is never kept either.
+        """
+        if torch.compiler.is_compiling():
+            return build()
+        cache = self.__dict__.setdefault(cache_name, {})
+        hit = cache.get(entry)
+        if hit is not None and hit[0] == key and hit[1].matches(tensors):
+            return hit[2]
+        value = build()
+        held = value if isinstance(value, (tuple, list)) else (value,)
+        if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in held):
+            cache[entry] = (key, TensorStamp(tensors), value)
+        return value
 
     def __getstate__(self):
         state = dict(super().__getstate__())
@@ -143,10 +204,12 @@ class AdapterLayer(PlanReader, nn.Module):
             raise ValueError(f"adapter {adapter_name!r} already exists in this layer")
 
     def _added(self, adapter_name: str, adapter: nn.Module) -> None:
-        """Store a new adapter's module; the first one becomes active."""
+        """Store a new adapter's module; the first one becomes active; a running mixed
+        batch sees it."""
         self.adapters[adapter_name] = adapter
         if self.active_adapter is None:
             self.active_adapter = adapter_name
+        self._plan_rows()
 
     def set_adapter(self, adapter_name: Optional[str]) -> None:
         """Make ``adapter_name`` the active adapter; ``None`` runs the base layer only."""
@@ -171,6 +234,7 @@ class AdapterLayer(PlanReader, nn.Module):
             self.__dict__.get(name, {}).pop(adapter_name, None)
         if self.active_adapter == adapter_name:
             self.active_adapter = next(iter(self.adapters), None)
+        self._plan_rows()  # a running mixed batch stops using it
 
     # ---------------------------------------------------------------- merge
 
@@ -178,7 +242,12 @@ class AdapterLayer(PlanReader, nn.Module):
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
-    def merge(self, adapter_name: Optional[str] = None) -> None:
+    def merge(self, adapter_name: Optional[str] = None, **kwargs: Any) -> None:
+        """Fold adapters into the base weights (layers that merge: ``AdapterLinear``)."""
+        self.check_merge(adapter_name, **kwargs)
+
+    def check_merge(self, adapter_name: Optional[str] = None, **kwargs: Any) -> None:
+        """Raise ``ValueError`` if ``merge`` with these arguments would fail. Changes nothing."""
         raise ValueError(f"{type(self).__name__} adapters cannot be merged into the base weights")
 
     def _undo_merge(self, adapter_name: str) -> None:
@@ -207,127 +276,6 @@ class AdapterLayer(PlanReader, nn.Module):
 
     def detach(self) -> None:
         """Called by the core before this layer leaves the model (undo, unload)."""
-
-
-class AdapterLinear(AdapterLayer):
-    """Adapter layer over a frozen base linear: ``weight``/``bias`` plus named adapters.
-
-    Subclasses call :meth:`_init_base` first.
-    """
-
-    in_features: int
-    out_features: int
-
-    def _init_base(
-        self,
-        weight: torch.Tensor,
-        bias: Optional[torch.Tensor],
-        *,
-        fan_in_fan_out: bool = False,
-        base_cls: type = nn.Linear,
-        backend: str = "auto",
-    ) -> None:
-        """Adopt ``weight`` (``(out, in)``; ``(in, out)`` with ``fan_in_fan_out``) and
-        ``bias`` as the frozen base, sharing their storage."""
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.fan_in_fan_out = fan_in_fan_out
-        self.base_cls = base_cls
-        if fan_in_fan_out:
-            self.in_features, self.out_features = weight.shape
-        else:
-            self.out_features, self.in_features = weight.shape
-        self.backend = backend
-        # New frozen Parameters sharing the storage: the source module keeps its own
-        # Parameter, flag, dtype and device (``layer.half()`` does not convert it).
-        # Injection into a model adopts the source's Parameters instead (adopt_base_of).
-        self.weight = nn.Parameter(weight.detach(), requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        self._init_adapters()
-
-    @staticmethod
-    def _new_linear_tensors(
-        in_features: int, out_features: int, bias: bool, device: Any = None, dtype: Any = None
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """A fresh ``(weight, bias)`` initialised as ``nn.Linear`` does, so a layer built
-        from sizes is a usable linear layer before any checkpoint is loaded."""
-        factory = {"device": device, "dtype": dtype}
-        weight = torch.empty(out_features, in_features, **factory)
-        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-        b = None
-        if bias:
-            bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
-            b = torch.empty(out_features, **factory).uniform_(-bound, bound)
-        return weight, b
-
-    @staticmethod
-    def base_parts(module: nn.Module) -> Tuple[Tuple[torch.Tensor, Optional[torch.Tensor]], bool, type]:
-        """``((weight, bias), fan_in_fan_out, base class)`` of an ``nn.Linear`` or a
-        transformers ``Conv1D`` (``y = x W + b``, ``W: (in, out)``: always fan_in_fan_out,
-        whatever a config says, as PEFT); a clear error for anything else."""
-        if isinstance(module, nn.Linear):
-            return (module.weight, module.bias), False, nn.Linear
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not hasattr(module, "nf"):
-            raise TypeError(
-                f"expected an nn.Linear or a transformers Conv1D (weight (in, out), attribute nf), "
-                f"got {type(module).__name__}"
-            )
-        return (weight, getattr(module, "bias", None)), True, type(module)
-
-    def adopt_base_of(self, module: nn.Module) -> None:
-        """Hold ``module``'s own ``weight``/``bias`` Parameter objects (the ones this layer
-        shares storage with) instead of new ones, so that replacing ``module`` in a model
-        keeps a tied weight (lm_head and embed_tokens) one parameter, counted, cast and
-        moved once. ``fastpeft.inject`` calls it on the layers that swap a module."""
-        for name in ("weight", "bias"):
-            mine, theirs = getattr(self, name), getattr(module, name, None)
-            if (
-                isinstance(mine, nn.Parameter) and isinstance(theirs, nn.Parameter)
-                and theirs.shape == mine.shape and theirs.dtype == mine.dtype
-                and theirs.data_ptr() == mine.data_ptr()
-            ):
-                theirs.requires_grad_(False)
-                setattr(self, name, theirs)
-
-    def base_weight(self) -> torch.Tensor:
-        """The base weight as ``(out_features, in_features)``: a transposed view for Conv1D."""
-        return self.weight.t() if self.fan_in_fan_out else self.weight
-
-    def to_base_module(self) -> nn.Module:
-        """The plain layer this one wraps (``nn.Linear``, or a ``Conv1D`` in its own layout),
-        sharing ``weight``/``bias`` tensors; adapters not merged are dropped."""
-        with torch.device("meta"):  # no throw-away allocation: the tensors are replaced below
-            if self.fan_in_fan_out:
-                base = self.base_cls(self.out_features, self.in_features)  # Conv1D(nf, nx)
-            else:
-                base = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        base.weight = self.weight
-        base.bias = self.bias
-        return base
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        """``x`` fits the base; under ``torch.autocast`` its dtype may differ (the ops and
-        ``F.linear`` cast both sides to the autocast dtype, as for ``nn.Linear``)."""
-        amp = autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
-        check_linear_input(x, self.base_weight(), type(self).__name__, check_dtype=amp is None)
-
-    def _forward_by_row_groups(
-        self, x: torch.Tensor, plan: BatchPlan, run_adapter: Callable[[torch.Tensor, str], torch.Tensor]
-    ) -> torch.Tensor:
-        """A mixed batch as one sub-batch per adapter: the base for every row, then
-        ``run_adapter(rows of x, name)`` for the rows of each adapter this layer holds
-        (``None`` or a name it does not hold: the base only, as in PEFT)."""
-        plan.check_batch(x)
-        out = F.linear(x, self.base_weight(), self.bias)
-        groups: Dict[str, List[int]] = {}
-        for row, name in enumerate(plan.rows):
-            if name is not None and name in self.adapters:
-                groups.setdefault(name, []).append(row)
-        for name, rows in groups.items():
-            idx = torch.tensor(rows, device=x.device, dtype=torch.long)
-            out = out.index_copy(0, idx, run_adapter(x.index_select(0, idx), name).to(out.dtype))
-        return out
 
 
 class ModuleWrapper(AdapterLayer):

@@ -16,7 +16,10 @@ batch plans) runs every method through it and imports none. A method says:
   made before; inject places layers all or nothing, with undo, for all three;
 * its checkpoint key map both ways: ``save_keys`` (model tensors under the keys PEFT
   writes, without ``base_model.model.``) and ``load_keys`` (where each key of a
-  checkpoint is copied; by default the same map; keys need not end in ``.weight``);
+  checkpoint is copied; by default the same map; keys need not end in ``.weight``),
+  ``optional_keys`` (tensors a checkpoint may hold beside those, loaded when present)
+  and ``check_checkpoint`` (names the real cause of a mismatch it can explain: a
+  config whose rank differs from the tensors', two tensors that do not fit each other);
 * which parameters train (``trainable``), training hooks (``extra_loss``: a loss term
   to add, e.g. an orthogonality regulariser; ``on_step``: a per-step callback, e.g. a
   rank allocator), whether it merges (``merges``) and whether it takes part in mixed
@@ -133,6 +136,19 @@ class Method:
         """Where each checkpoint key is copied on load (live model tensors)."""
         return self.save_keys(model, adapter_name, config)
 
+    def optional_keys(self, model: nn.Module, adapter_name: str, config: AdapterConfig) -> Dict[str, torch.Tensor]:
+        """Tensors a checkpoint *may* hold beside ``load_keys``' (extras PEFT writes in
+        some cases), keyed and loaded the same way when present; never saved."""
+        return {}
+
+    def check_checkpoint(
+        self, config: AdapterConfig, source: Dict[str, torch.Tensor], targets: Dict[str, torch.Tensor], where: str
+    ) -> None:
+        """Run on a checkpoint's tensors (``source``) against ``load_keys``' (``targets``),
+        both keyed without the prefix, before the generic shape check: raise
+        ``ValueError`` naming the real cause of a mismatch the method can explain, rather
+        than the generic "other layer sizes"."""
+
     # ---------------------------------------------------------------- training
 
     def trainable(self, model: nn.Module, adapter_name: str, config: AdapterConfig) -> List[nn.Parameter]:
@@ -237,11 +253,10 @@ def as_config(config: Any) -> AdapterConfig:
 
 def adapter_configs(model: nn.Module) -> Dict[str, AdapterConfig]:
     """``{adapter name: config}`` of the adapters injected into ``model``, in the order
-    they were added (a plain attribute ``model.fastpeft_config``, not a parameter)."""
+    they were added (a plain attribute ``model.fastpeft_config``, not a parameter; empty
+    when it has none). Reading never adds the attribute: only a successful injection does."""
     configs = model.__dict__.get("fastpeft_config")
-    if configs is None:
-        configs = model.__dict__["fastpeft_config"] = {}
-    return configs
+    return {} if configs is None else configs
 
 
 def method_of(config: AdapterConfig) -> Method:

@@ -8,7 +8,7 @@ adapter; the copy of the active adapter runs. State-dict keys are PEFT's
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -55,7 +55,16 @@ class ModulesToSaveWrapper(PlanReader, nn.Module):
     # No merging: the copy simply replaces the original.
     merged = False
 
-    def merge(self, adapter_name: Optional[str] = None) -> None:
+    def merge(
+        self, adapter_name: Optional[str] = None, *, safe_merge: bool = False,
+        adapter_names: Optional[Sequence[str]] = None,
+    ) -> None:
+        return None
+
+    def check_merge(
+        self, adapter_name: Optional[str] = None, *, adapter_names: Optional[Sequence[str]] = None,
+        check_finite: bool = True,
+    ) -> None:
         return None
 
     def unmerge(self, adapter_name: Optional[str] = None) -> None:

@@ -212,9 +212,17 @@ def adapter_names(model: nn.Module) -> List[str]:
     return list(adapter_configs(model))
 
 
-def merge(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Module:
+def merge(model: nn.Module, adapter_name: Optional[str] = None, *, safe_merge: bool = False) -> nn.Module:
     """Fold ``adapter_name`` (default: the active adapter) into the base weights of every
-    layer that holds it. Outputs are unchanged; ``unmerge`` undoes it."""
+    layer that holds it. Outputs are unchanged; ``unmerge`` undoes it.
+
+    All layers or none: every layer is checked before any weight changes (an adapter
+    that cannot merge, e.g. ``lora_bias`` over a layer without bias, raises and merges
+    nothing). ``safe_merge=True`` (PEFT's option) also computes each layer's merged
+    weights on a copy first and raises ``ValueError`` naming the layer if any holds NaN
+    or inf (a broken adapter, or one that overflows the weights' dtype); the model is
+    then left exactly as it was, every layer unmerged.
+    """
     name = adapter_name if adapter_name is not None else active_adapter(model)
     if name is None:
         raise ValueError("no adapter is active and none was named: nothing to merge")
@@ -224,13 +232,22 @@ def merge(model: nn.Module, adapter_name: Optional[str] = None) -> nn.Module:
             f"{method.peft_type} adapters cannot be merged into the base weights; keep them unmerged, "
             "or unload the model without merging (fastpeft.unload(model, merge_adapter=False))"
         )
-    layers = [layer for _, layer in adapter_layers(model) if name in layer.adapter_names]
+    layers = [
+        (path, layer) for path, layer in adapter_layers(model)
+        if name in layer.adapter_names and not isinstance(layer, ModulesToSaveWrapper)
+    ]
+    for path, layer in layers:
+        try:
+            # With safe_merge each layer's result is computed twice (checked here, then
+            # merged): one layer's copy in memory at a time, never the whole model's.
+            layer.check_merge(name, check_finite=safe_merge)
+        except ValueError as exc:
+            raise ValueError(f"layer {path!r}: {exc}") from None
     done = []
     try:
-        for layer in layers:
-            if not isinstance(layer, ModulesToSaveWrapper):
-                layer.merge(name)
-                done.append(layer)
+        for _, layer in layers:
+            layer.merge(name)
+            done.append(layer)
     except BaseException:
         for layer in done:
             layer.unmerge(name)  # only this adapter: earlier merges stay
@@ -245,13 +262,15 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
-def unload(model: nn.Module, merge_adapter: bool = True) -> nn.Module:
+def unload(model: nn.Module, merge_adapter: bool = True, *, safe_merge: bool = False) -> nn.Module:
     """Merge the active adapter (unless ``merge_adapter=False``) and put the plain modules
     back: the result has no fastpeft layers (PEFT's ``merge_and_unload``/``unload``).
     ``modules_to_save`` modules are replaced by the active adapter's trained copy; layers
-    that joined through hooks leave with their hooks."""
+    that joined through hooks leave with their hooks. ``safe_merge``: as in
+    :func:`merge`; a merge that fails leaves the model as it was (nothing merged, nothing
+    unloaded)."""
     if merge_adapter and active_adapter(model) is not None:
-        merge(model)
+        merge(model, safe_merge=safe_merge)
     layers = adapter_layers(model)  # never nested: inject refuses to adapt inside a layer
     for _, layer in layers:
         layer.detach()

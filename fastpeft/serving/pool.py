@@ -31,17 +31,20 @@ import torch
 import torch.nn as nn
 
 from fastpeft.core.batch import add_provider, remove_provider
+from fastpeft.core.checkpoint import strip_model_prefix
 from fastpeft.kernels.multi_lora import MultiLoraMeta
 from fastpeft.methods.lora.layer import FastLoRALinear
 from fastpeft.methods.lora.multi_op import build_meta, row_slots_for_tokens
-from fastpeft.methods.lora.stacks import SlotStacks
+from fastpeft.methods.lora.stacks import SlotRows, SlotStacks
 from fastpeft.serving.staging import (
     AdapterError,
     Source,
     Staged,
+    check_finite,
     check_pair,
+    finite_scaling,
+    keys_text,
     layer_scaling,
-    lora_config_of,
     read_source,
 )
 
@@ -208,8 +211,13 @@ class AdapterPool:
 
         Each layer's scaling is ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), with
         ``rank_pattern`` / ``alpha_pattern`` of the config applied per layer as PEFT does.
-        Returns the slot. Raises :class:`AdapterError` (pool unchanged) for a bad adapter
-        and :class:`PoolFullError` when every slot is pinned or in use.
+        Returns the slot. Raises :class:`AdapterError` (pool unchanged: slots, names, LRU
+        order and pins, and no adapter evicted) for a bad adapter: shapes or ranks that do
+        not fit the layers or the config, NaN/inf weights or values past the range of the
+        pool's dtype (checked as the slots would hold them), tensors of several adapters or
+        of one layer twice, another PEFT method ((IA)^3, bottleneck, ...) or LoRA features
+        the kernels do not run (DoRA, lora_bias). Raises :class:`PoolFullError` when every
+        slot is pinned or in use.
         """
         if not isinstance(name, str) or not name:
             raise AdapterError(f"adapter name must be a non-empty string, got {name!r}")
@@ -283,38 +291,47 @@ class AdapterPool:
     # ---------------------------------------------------------------- validation
 
     def _stage(self, name, source, config, lora_alpha, scaling, use_rslora) -> Staged:
-        cfg, pairs = read_source(name, source, config)
-        lora_config = None if cfg is None else lora_config_of(name, cfg)
+        cfg, lora_config, pairs = read_source(name, source, config)
         if not pairs:
             raise AdapterError(f"adapter {name!r} holds no LoRA weights (no lora_A/lora_B tensors)")
         staged: Dict[str, Tuple[torch.Tensor, torch.Tensor, float]] = {}
-        for key, (A, B) in pairs.items():
+        keys_of: Dict[str, Tuple[str, ...]] = {}
+        for key, pair in pairs.items():
             lname = self._match_layer(key, name)
             if lname in staged:
-                raise AdapterError(f"adapter {name!r}: two entries map to layer {lname!r} (one is {key!r})")
+                raise AdapterError(
+                    f"adapter {name!r}: {keys_text(keys_of[lname])} and {keys_text(pair.keys)} both map to layer "
+                    f"{lname!r}; give each layer's weights once"
+                )
+            keys_of[lname] = pair.keys
             ls = self.layers[lname]
             where = f"adapter {name!r}, layer {lname!r}"
-            r = check_pair(A, B, ls.in_features, ls.out_features, self.max_rank, where)
+            r = check_pair(pair.A, pair.B, ls.in_features, ls.out_features, self.max_rank, where)
             if scaling is not None:
                 s = self._given_scaling(scaling, lname, key, where)
             else:
                 s = layer_scaling(key, r, cfg, lora_config, lora_alpha, use_rslora, where)
-            dt = ls.lora_A.dtype
-            staged[lname] = (A.detach().to(ls.lora_A.device, dt), B.detach().to(ls.lora_B.device, dt), s)
+            # Checked as the slots will hold them: finite fp32 values can overflow fp16/bf16 slots.
+            A_slot = pair.A.detach().to(ls.lora_A.device, ls.lora_A.dtype)
+            B_slot = pair.B.detach().to(ls.lora_B.device, ls.lora_B.dtype)
+            check_finite(where, "lora_A", pair.A, A_slot)
+            check_finite(where, "lora_B", pair.B, B_slot)
+            staged[lname] = (A_slot, B_slot, s)
         return Staged(staged)
 
     @staticmethod
     def _given_scaling(scaling: Union[float, Mapping[str, float]], lname: str, key: str, where: str) -> float:
         if not isinstance(scaling, Mapping):
-            return float(scaling)
+            return finite_scaling(scaling, where)
         for k in (lname, key):
             if k in scaling:
-                return float(scaling[k])
+                return finite_scaling(scaling[k], where)
         raise AdapterError(f"{where}: no scaling given for this layer (scaling= has {sorted(scaling)})")
 
-    def _match_layer(self, path: str, adapter: str) -> str:
+    def _match_layer(self, key: str, adapter: str) -> str:
         """The pool layer that a checkpoint's module path names (equal, or one path ends
         with the other)."""
+        path = strip_model_prefix(key)
         if path in self.layers:
             return path
         hits = [n for n in self.layers if n.endswith("." + path) or path.endswith("." + n)]
@@ -323,10 +340,10 @@ class AdapterPool:
         if not hits:
             sample = sorted(self.layers)[:6]
             raise AdapterError(
-                f"adapter {adapter!r}: weights for {path!r} match no layer of the pool (layers: {sample}"
+                f"adapter {adapter!r}: weights for {key!r} match no layer of the pool (layers: {sample}"
                 f"{' ...' if len(self.layers) > 6 else ''}); adapter made for another model or target set?"
             )
-        raise AdapterError(f"adapter {adapter!r}: {path!r} matches several pool layers {hits}; use full layer names")
+        raise AdapterError(f"adapter {adapter!r}: {key!r} matches several pool layers {hits}; use full layer names")
 
     # ---------------------------------------------------------------- batches
 
@@ -367,7 +384,7 @@ class AdapterPool:
         return self.adapters
 
     @contextlib.contextmanager
-    def provide(self, rows: Sequence[Optional[str]]) -> Iterator[Dict[nn.Module, SlotStacks]]:
+    def provide(self, rows: Sequence[Optional[str]]) -> Iterator[Dict[nn.Module, SlotRows]]:
         """The slot stacks of every attached layer for a batch whose rows use ``rows``
         (marked used once: the LRU follows use), held in use while the plan lives."""
         slots = self._slots(rows)
@@ -377,9 +394,9 @@ class AdapterPool:
             yield {module: self._stacks(self.layers[name], batch_slot, key) for name, module in self._modules.items()}
 
     @staticmethod
-    def _stacks(ls: LayerSlots, batch_slot: torch.Tensor, key: Any) -> SlotStacks:
-        return SlotStacks(lora_A=ls.lora_A, lora_B=ls.lora_B, ranks=ls.ranks, scalings=ls.scalings,
-                          batch_slot=batch_slot, key=key)
+    def _stacks(ls: LayerSlots, batch_slot: torch.Tensor, key: Any) -> SlotRows:
+        stacks = SlotStacks(lora_A=ls.lora_A, lora_B=ls.lora_B, ranks=ls.ranks, scalings=ls.scalings)
+        return SlotRows(stacks=stacks, batch_slot=batch_slot, key=key)
 
     def detach(self) -> None:
         """Stop serving: the model's mixed batches go back to the layers' own adapters."""

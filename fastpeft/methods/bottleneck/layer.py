@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastpeft.core.dispatch import resolve_backend
-from fastpeft.core.layer import AdapterLinear, TensorStamp
+from fastpeft.core.linear import AdapterLinear
 from fastpeft.methods.bottleneck.config import check_activation
 from fastpeft.methods.bottleneck.op import bottleneck_down_eff, bottleneck_linear
 
@@ -212,7 +212,7 @@ class BottleneckLinear(AdapterLinear):
     # Bottleneck adapters are non-linear: nothing is ever folded into the base weight, so
     # ``merged_adapters`` stays empty and ``merged`` False.
 
-    def merge(self, adapter_name: Optional[str] = None) -> None:
+    def _check_mergeable(self, adapter_name: str) -> None:
         raise ValueError(
             "bottleneck adapters cannot be merged into the base weights (the adapter is non-linear); "
             "keep them unmerged, or unload the model without merging"
@@ -222,15 +222,13 @@ class BottleneckLinear(AdapterLinear):
 
     def _down_eff(self, name: str, adapter: BottleneckAdapter):
         """``(W_eff, b_eff)`` of an adapter, recomputed only when a tensor it depends on
-        changed (in-place updates, ``.data`` swaps, moves: see ``TensorStamp``)."""
+        changed (in-place updates, ``.data`` swaps, moves: see ``TensorStamp``); under
+        ``torch.compile``, traced from the weights on every call (``_kept``)."""
         down = adapter.down
-        tensors = (self.weight, self.bias, down.weight, down.bias)
-        hit = self._eff_cache.get(name)
-        if hit is not None and hit[0].matches(tensors):
-            return hit[1], hit[2]
-        w_eff, b_eff = bottleneck_down_eff(self.base_weight(), self.bias, down.weight, down.bias)
-        self._eff_cache[name] = (TensorStamp(tensors), w_eff, b_eff)
-        return w_eff, b_eff
+        return self._kept(
+            "_eff_cache", name, None, (self.weight, self.bias, down.weight, down.bias),
+            lambda: bottleneck_down_eff(self.base_weight(), self.bias, down.weight, down.bias),
+        )
 
     def _adapter_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
         adapter: BottleneckAdapter = self.adapters[name]
@@ -240,7 +238,7 @@ class BottleneckLinear(AdapterLinear):
             # The adapter runs in its own dtype (fp32 on a half model: autocast_adapter_dtype).
             return adapter(h.to(adapter.down.weight.dtype)).to(h.dtype)
         w_eff = b_eff = None
-        if resolve_backend(self.backend, x.device, x.dtype) == "triton" and not torch.compiler.is_compiling():
+        if resolve_backend(self.backend, x.device, x.dtype) == "triton":
             w_eff, b_eff = self._down_eff(name, adapter)
         down, up = adapter.down, adapter.up
         return bottleneck_linear(
@@ -250,8 +248,8 @@ class BottleneckLinear(AdapterLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        if self.batch_plan is not None:
-            return self._forward_by_row_groups(x, self.batch_plan, self._adapter_forward)
+        if self.__dict__.get("_row_plan") is not None:
+            return self._forward_by_row_groups(x, self._adapter_forward)
         if self.active_adapter is None:
             return F.linear(x, self.base_weight(), self.bias)
         return self._adapter_forward(x, self.active_adapter)

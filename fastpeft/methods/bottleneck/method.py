@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
+import torch
 import torch.nn as nn
 
 from fastpeft.core.method import Method
@@ -59,6 +60,34 @@ class BottleneckMethod(Method):
         if isinstance(module, nn.Linear):
             return BottleneckLinear.from_linear(module, adapter_name=adapter_name, backend=backend, **_options(config))
         return BottleneckLinear.from_conv1d(module, adapter_name=adapter_name, backend=backend, **_options(config))
+
+    def check_checkpoint(self, config: BottleneckConfig, source: Dict[str, torch.Tensor],
+                         targets: Dict[str, torch.Tensor], where: str) -> None:
+        """A bottleneck width other than the config's (``bottleneck_size``, or the features
+        over ``reduction_factor``), or a down- and up-projection of different widths: name
+        that, not another base model."""
+        for key, dst in targets.items():
+            if not key.endswith(".adapter_down.0.weight"):
+                continue
+            path = key[: -len(".adapter_down.0.weight")]
+            down, up = source.get(key), source.get(f"{path}.adapter_up.weight")
+            if not isinstance(down, torch.Tensor) or not isinstance(up, torch.Tensor) or down.dim() != 2 or up.dim() != 2:
+                continue
+            if down.shape[0] != up.shape[1]:
+                raise ValueError(
+                    f"{where}: {key} has shape {tuple(down.shape)} (width {down.shape[0]}) but {path}.adapter_up.weight "
+                    f"has shape {tuple(up.shape)} (width {up.shape[1]}): the two do not belong together"
+                )
+            width, features = dst.shape
+            if down.shape[0] != width and down.shape[1] == features and up.shape[0] == features:
+                said = (
+                    f"bottleneck_size={config.bottleneck_size}" if config.bottleneck_size is not None
+                    else f"reduction_factor={config.reduction_factor} (out_features {features} // {config.reduction_factor})"
+                )
+                raise ValueError(
+                    f"{where}: {key} has shape {tuple(down.shape)}, a bottleneck width of {down.shape[0]}, but "
+                    f"adapter_config.json gives {width} ({said}): the config and the weights do not belong together"
+                )
 
     def add_to_layer(self, path: str, layer: BottleneckLinear, config: BottleneckConfig, adapter_name: str) -> None:
         layer.add_adapter(adapter_name, **_options(config))

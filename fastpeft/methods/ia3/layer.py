@@ -24,8 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastpeft.core.batch import BatchPlan
-from fastpeft.core.layer import AdapterLinear
+from fastpeft.core.linear import AdapterLinear
 from fastpeft.methods.ia3.op import ia3_linear
 
 __all__ = ["IA3Adapter", "IA3Linear"]
@@ -157,49 +156,43 @@ class IA3Linear(AdapterLinear):
 
     # ---------------------------------------------------------------- merge
 
-    def _scale_base(self, adapter_name: str, inverse: bool) -> None:
-        """``W *= l`` (rows for output scaling, columns for input scaling) and, for output
-        scaling, ``b *= l``; ``inverse`` divides. fp32 math, stored in the weight dtype."""
+    def _check_mergeable(self, adapter_name: str) -> None:
+        if not bool(torch.isfinite(self.adapters[adapter_name].ia3_l.detach()).all()):
+            raise ValueError(f"cannot merge adapter {adapter_name!r}: ia3_l holds NaN or inf")
+
+    def _fold(
+        self, adapter_name: str, weight: torch.Tensor, bias: Optional[torch.Tensor], inverse: bool = False
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``W * l`` (rows for output scaling, columns for input scaling) and, for output
+        scaling, ``b * l``; ``inverse`` divides. fp32 math, stored in the base dtypes, as
+        new tensors."""
         l = self.adapters[adapter_name].ia3_l.detach().float().reshape(-1)
         if inverse:
             if bool((l == 0).any()):
                 warnings.warn(
                     f"adapter {adapter_name!r} has zero entries in ia3_l: unmerge cannot restore the "
                     "weights it zeroed",
-                    stacklevel=3,
+                    stacklevel=4,
                 )
             l = torch.where(l == 0, torch.ones_like(l), 1.0 / l)
-        with torch.no_grad():
-            w = self.base_weight()  # (out, in) view
-            scale = l[None, :] if self.is_feedforward else l[:, None]
-            w.copy_((w.float() * scale).to(w.dtype))
-            if not self.is_feedforward and self.bias is not None:
-                self.bias.copy_((self.bias.float() * l).to(self.bias.dtype))
-
-    def merge(self, adapter_name: Optional[str] = None) -> None:
-        """Fold ``l`` of the active (or named) adapter into ``weight`` (and ``bias``)."""
-        name = adapter_name if adapter_name is not None else self.active_adapter
-        if name is None:
-            raise ValueError("no adapter to merge: this layer has no active adapter")
-        self._require(name)
-        if name in self.merged_adapters:
-            return
-        l = self.adapters[name].ia3_l.detach()
-        if not bool(torch.isfinite(l).all()):
-            raise ValueError(f"cannot merge adapter {name!r}: ia3_l holds NaN or inf")
-        self._scale_base(name, inverse=False)
-        self.merged_adapters.append(name)
+        w = weight.t() if self.fan_in_fan_out else weight  # (out, in) view
+        scale = l[None, :] if self.is_feedforward else l[:, None]
+        w = (w.float() * scale).to(weight.dtype)
+        weight = w.t() if self.fan_in_fan_out else w
+        if not self.is_feedforward and bias is not None:
+            bias = (bias.float() * l).to(bias.dtype)
+        return weight, bias
 
     def _undo_merge(self, adapter_name: str) -> None:
-        self._scale_base(adapter_name, inverse=True)
+        self._write_base(*self._fold(adapter_name, self.weight.detach(), self.bias, inverse=True))
 
     # ---------------------------------------------------------------- forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         weight = self.base_weight()
-        if self.batch_plan is not None:
-            return self._mixed_forward(x, self.batch_plan)
+        if self.__dict__.get("_row_plan") is not None:
+            return self._mixed_forward(x)
         name = self.active_adapter
         if name is None or self.merged_adapters:
             # Base only, or an adapter already folded into the weights: cuBLAS.
@@ -211,12 +204,12 @@ class IA3Linear(AdapterLinear):
             x, self.base_weight(), self.bias, self.adapters[name].ia3_l, self.is_feedforward, backend=self.backend
         )
 
-    def _mixed_forward(self, x: torch.Tensor, plan: BatchPlan) -> torch.Tensor:
-        """Each batch row (``x``'s dim 0) through its own adapter; ``None`` or a name this
-        layer does not hold: the base only. One sub-batch per adapter."""
+    def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Each batch row (``x``'s dim 0) through its own adapter (the row plan); ``None``
+        or a name this layer does not hold: the base only. One sub-batch per adapter."""
         if self.merged_adapters:
             raise RuntimeError("mixed-adapter batches need unmerged adapters: call fastpeft.unmerge(model) first")
-        return self._forward_by_row_groups(x, plan, self._run)
+        return self._forward_by_row_groups(x, self._run)
 
     def extra_repr(self) -> str:
         return (

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
 
+import torch
 import torch.nn as nn
 
 from fastpeft.core.method import Method
@@ -57,6 +58,25 @@ class IA3Method(Method):
         if config.layers_to_transform is not None or config.layers_pattern is not None:
             return ["PEFT's (IA)^3 has no layers_to_transform/layers_pattern; list the modules instead"]
         return []
+
+    def check_checkpoint(self, config: IA3Config, source: Dict[str, torch.Tensor],
+                         targets: Dict[str, torch.Tensor], where: str) -> None:
+        """An ``ia3_l`` shaped for the other scaling mode: name the config's
+        ``feedforward_modules`` (not another base model) as the cause."""
+        for key, dst in targets.items():
+            src = source.get(key)
+            if not isinstance(src, torch.Tensor) or tuple(src.shape) == tuple(dst.shape) or dst.dim() != 2:
+                continue
+            if tuple(src.shape) == tuple(dst.shape)[::-1]:
+                path = key[: -len(".ia3_l")]
+                said, other = (
+                    ("feed-forward (input scaling, (1, in))", "output scaling")
+                    if dst.shape[0] == 1 else ("output scaling ((out, 1))", "feed-forward (input scaling)")
+                )
+                raise ValueError(
+                    f"{where}: {key} has shape {tuple(src.shape)}, made for {other}, but the config's "
+                    f"feedforward_modules make {path} {said}: the config and the weights do not belong together"
+                )
 
     def default_targets(self, model_type: Optional[str]) -> Optional[Dict[str, Any]]:
         found = default_ia3_targets(model_type)

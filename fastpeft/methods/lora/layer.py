@@ -14,7 +14,8 @@ reads through strides, so no copy of the base weight is ever made.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from dataclasses import dataclass
+from typing import Hashable, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -22,15 +23,37 @@ import torch.nn.functional as F
 
 from fastpeft.core.batch import BatchPlan
 from fastpeft.core.dispatch import autocast_cast, autocast_dtype, check_linear_input
-from fastpeft.core.layer import AdapterLinear, TensorStamp
+from fastpeft.core.batch import BatchPlan, check_rows
+from fastpeft.core.linear import AdapterLinear
 from fastpeft.methods.lora.config import lora_scaling
-from fastpeft.methods.lora.multi_op import multi_lora_linear
+from fastpeft.methods.lora.multi_op import multi_lora_linear, row_slots_for_tokens
 from fastpeft.methods.lora.op import lora_linear_unchecked
-from fastpeft.methods.lora.stacks import SlotStacks, batch_meta, stack_adapters
+from fastpeft.methods.lora.stacks import SlotRows, SlotStacks, batch_meta, stack_adapters
 
-__all__ = ["FastLoRALinear", "LoraAdapter"]
+__all__ = ["FastLoRALinear", "LoraAdapter", "LoraRowPlan"]
 
 InitSpec = Union[bool, str]
+
+
+@dataclass(frozen=True)
+class LoraRowPlan:
+    """A mixed batch's rows for one LoRA layer, made once when the batch starts.
+
+    ``provided``: a provider's slot stacks (the pool's) or None (this layer's own
+    adapters, all of them stacked); ``row_slot``: ``(B,)`` int32 slot of each batch row
+    (-1: base only), None when the layer has no adapter to run; ``used``: some row has an
+    adapter here (eager runs a batch with none as a plain linear; a compiled graph runs
+    the mixed op for every batch, so that which rows use this layer stays data);
+    ``batch`` and ``key``: the batch plan and the slot assignment, under which eager
+    forwards share the kernel metadata across layers.
+    """
+
+    batch: BatchPlan
+    num_rows: int
+    provided: Optional[SlotStacks]
+    row_slot: Optional[torch.Tensor]
+    used: bool
+    key: Hashable
 
 
 def _check_rank(r: int) -> int:
@@ -199,35 +222,29 @@ class FastLoRALinear(AdapterLinear):
         """``s * B A`` of one adapter, computed in fp32, shape ``(out, in)``."""
         return self.adapters[adapter_name].delta_weight()
 
-    def _apply_delta(self, adapter_name: str, sign: float) -> None:
+    def _fold(
+        self, adapter_name: str, weight: torch.Tensor, bias: Optional[torch.Tensor], sign: float = 1.0
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``W + sign * s B A`` (and ``b + sign * s lora_bias``): fp32 math, stored in
+        the base dtypes, as new tensors."""
         adapter = self.adapters[adapter_name]
-        with torch.no_grad():
-            delta = adapter.delta_weight()
-            if self.fan_in_fan_out:
-                delta = delta.t()
-            w = self.weight.data.float() + sign * delta
-            self.weight.data.copy_(w.to(self.weight.dtype))
-            if adapter.lora_bias is not None:
-                b = self.bias.data.float() + sign * adapter.lora_bias.detach().float() * adapter.scaling
-                self.bias.data.copy_(b.to(self.bias.dtype))
+        delta = adapter.delta_weight()
+        if self.fan_in_fan_out:
+            delta = delta.t()
+        weight = (weight.float() + sign * delta).to(weight.dtype)
+        if adapter.lora_bias is not None:
+            bias = (bias.float() + sign * adapter.lora_bias.detach().float() * adapter.scaling).to(bias.dtype)
+        return weight, bias
 
-    def merge(self, adapter_name: Optional[str] = None) -> None:
-        """Fold ``s * B A`` (and ``s * lora_bias``) of the active (or named) adapter into
-        ``weight`` (and ``bias``)."""
-        name = adapter_name if adapter_name is not None else self._active()
-        self._require(name)
-        if name in self.merged_adapters:
-            return
-        if self.adapters[name].lora_bias is not None and self.bias is None:
+    def _check_mergeable(self, adapter_name: str) -> None:
+        if self.adapters[adapter_name].lora_bias is not None and self.bias is None:
             # As PEFT: there is no base bias to fold lora_B.bias into.
             raise ValueError(
-                f"cannot merge adapter {name!r}: it has lora_bias=True but the base layer has no bias"
+                f"cannot merge adapter {adapter_name!r}: it has lora_bias=True but the base layer has no bias"
             )
-        self._apply_delta(name, +1.0)
-        self.merged_adapters.append(name)
 
     def _undo_merge(self, adapter_name: str) -> None:
-        self._apply_delta(adapter_name, -1.0)
+        self._write_base(*self._fold(adapter_name, self.weight.detach(), self.bias, -1.0))
 
     # ---------------------------------------------------------------- forward
 
@@ -250,8 +267,9 @@ class FastLoRALinear(AdapterLinear):
         if amp is not None:  # torch.autocast: run in its dtype, as nn.Linear does
             x, weight, bias = autocast_cast(amp, x, weight, bias)
         check_linear_input(x, weight, type(self).__name__)
-        if self.batch_plan is not None:
-            return self._mixed_forward(x, self.batch_plan, weight, bias)
+        rows = self.__dict__.get("_row_plan")
+        if rows is not None:
+            return self._mixed_forward(x, rows, weight, bias)
         name = self.active_adapter
         if name is None or self.merged_adapters:
             # The base (with any merged adapters folded in) is a plain linear: cuBLAS.
@@ -268,17 +286,34 @@ class FastLoRALinear(AdapterLinear):
         # checkpoint loading check them): skip the op's second round of checks.
         return lora_linear_unchecked(x, weight, eff_bias, lora_A, lora_B, adapter.scaling, x_lora, self.backend)
 
-    def _mixed_forward(
-        self, x: torch.Tensor, plan: BatchPlan, weight: torch.Tensor, bias: Optional[torch.Tensor]
-    ) -> torch.Tensor:
-        """Each batch row (``x``'s dim 0) through its own adapter (``plan.rows``); None:
-        base only. ``weight``/``bias``: the base as ``forward`` casts it (autocast).
+    def _make_row_plan(self, plan: BatchPlan) -> LoraRowPlan:
+        """Where the rows of a mixed batch take their adapters from, as tensors: a
+        provider's slots (the pool put them in the plan for this layer), or the position
+        of each row's adapter among this layer's adapters (the order they are stacked
+        in); ``None`` or a name this layer does not hold: -1, the base only, as in PEFT
+        (the adapter did not target this layer)."""
+        device, n = self.weight.device, len(plan.rows)
+        given: Optional[SlotRows] = plan.provided.get(self)
+        if given is not None:
+            return LoraRowPlan(plan, n, given.stacks, given.batch_slot.to(device), True, given.key)
+        if not self.adapters:
+            return LoraRowPlan(plan, n, None, None, False, None)
+        index = {name: i for i, name in enumerate(self.adapters)}
+        slots = tuple(index.get(name, -1) for name in plan.rows)
+        row_slot = torch.tensor(slots, dtype=torch.int32, device=device)
+        return LoraRowPlan(plan, n, None, row_slot, any(s >= 0 for s in slots), ("layer", slots, len(index)))
 
-        One fused mixed-adapter kernel call over slot stacks: those a provider (the
-        serving pool) put in the plan for this layer, else this layer's own adapters that
-        the batch names (a name this layer does not hold runs the base, as in PEFT: the
-        adapter did not target this layer). A ``lora_bias`` adds ``s * lora_bias`` to its
-        rows afterwards.
+    def _mixed_forward(
+        self, x: torch.Tensor, rows: LoraRowPlan, weight: torch.Tensor, bias: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """Each batch row (``x``'s dim 0) through its own adapter, as the row plan says;
+        ``weight``/``bias``: the base as ``forward`` casts it (autocast).
+
+        One fused mixed-adapter kernel call over slot stacks: a provider's, or all of this
+        layer's adapters stacked (``_batch_stacks``). The kernel metadata is shared by the
+        layers of one forward (eager) or built in the graph from the rows' slots (under
+        ``torch.compile``, so no names are baked into it). A ``lora_bias`` adds
+        ``s * lora_bias`` to its rows afterwards.
         """
         if self.training:
             raise RuntimeError(
@@ -287,43 +322,39 @@ class FastLoRALinear(AdapterLinear):
             )
         if self.merged_adapters:
             raise RuntimeError("mixed-adapter batches need unmerged adapters: call fastpeft.unmerge(model) first")
-        plan.check_batch(x)
-        stacks = plan.provided.get(self)
-        if stacks is None:
-            stacks = self._own_stacks(plan, x.device)
-            if stacks is None:
-                return F.linear(x, weight, bias)
+        check_rows(x, rows.num_rows)
+        # (is_compiling first: a compiled graph never reads, nor guards on, ``used``)
+        if rows.row_slot is None or not (torch.compiler.is_compiling() or rows.used):
+            return F.linear(x, weight, bias)
+        stacks = rows.provided if rows.provided is not None else self._batch_stacks(x.device)
+        if torch.compiler.is_compiling():
+            meta = row_slots_for_tokens(rows.row_slot, x)
+        else:
+            meta = batch_meta(rows.batch, rows.key, rows.row_slot, stacks.lora_A.shape[0], x)
         out = multi_lora_linear(
-            x, weight, bias, stacks.lora_A, stacks.lora_B, stacks.ranks, stacks.scalings,
-            batch_meta(plan, stacks, x), backend=self.backend, check=False,
+            x, weight, bias, stacks.lora_A, stacks.lora_B, stacks.ranks, stacks.scalings, meta,
+            backend=self.backend, check=False,
         )
         if stacks.bias_table is not None:
-            # PEFT scales lora_B's output, bias included: add s_i * lora_bias_i to row i.
-            table = stacks.bias_table
-            per_row = table[torch.where(stacks.batch_slot < 0, table.shape[0] - 1, stacks.batch_slot).long()]
+            # PEFT scales lora_B's output, bias included: add s_i * lora_bias_i to row i
+            # (the table's last row is zeros, for the rows with no adapter here).
+            table, slot = stacks.bias_table, rows.row_slot.long()
+            per_row = table[torch.where(slot < 0, table.shape[0] - 1, slot)]
             out = out + per_row.to(out.dtype).reshape(x.shape[0], *([1] * (x.dim() - 2)), self.out_features)
         return out
 
-    def _own_stacks(self, plan: BatchPlan, device: torch.device) -> Optional[SlotStacks]:
-        """Slot stacks of this layer's adapters that the plan names (None: none of them).
-
-        Kept for the next forward of the same plan while the adapters' tensors are
-        unchanged (``TensorStamp``: in-place updates, ``.data`` swaps), so decoding step
-        after step stacks and uploads once per batch, not once per step and layer.
-        """
-        names = [n for n in dict.fromkeys(plan.rows) if n is not None and n in self.adapters]
-        if not names:
-            return None
-        adapters = [self.adapters[n] for n in names]
+    def _batch_stacks(self, device: torch.device) -> SlotStacks:
+        """All of this layer's adapters in slots (in their order), kept for the next
+        forward while their tensors and scalings are unchanged (``_kept``: in-place
+        updates, ``.data`` swaps), so decoding step after step with one batch stacks and
+        uploads once, not once per step and layer; under ``torch.compile`` the stacking
+        is part of the graph."""
+        adapters = list(self.adapters.values())
         tensors = [t for a in adapters for t in (a.lora_A, a.lora_B, a.lora_bias) if t is not None]
-        check = (plan, device, tuple(a.scaling for a in adapters))
-        hit = self._stack_cache.get("batch")
-        if hit is not None and hit[0] == check and hit[1].matches(tensors):
-            return hit[2]
-        stacks = stack_adapters(adapters, names, plan.rows, device, self.weight.dtype)
-        if not (stacks.lora_A.requires_grad or stacks.lora_B.requires_grad):  # never keep a graph alive
-            self._stack_cache["batch"] = (check, TensorStamp(tensors), stacks)
-        return stacks
+        key = (tuple(id(t) for t in tensors), tuple(a.scaling for a in adapters))
+        return self._kept(
+            "_stack_cache", device, key, tensors, lambda: stack_adapters(adapters, device, self.weight.dtype)
+        )
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}(r={a.r})" for n, a in self.adapters.items())

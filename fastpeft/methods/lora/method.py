@@ -11,12 +11,12 @@ adapters (``check_new``).
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from fastpeft.core.checkpoint import AdapterCheckpointError
+from fastpeft.core.config import pattern_key
 from fastpeft.core.method import Method, all_layer_types
 from fastpeft.core.modules_to_save import ModulesToSaveWrapper
 from fastpeft.core import targets as core_targets
@@ -24,7 +24,7 @@ from fastpeft.core.targets import linear_types, named_modules_of
 from fastpeft.methods.lora.config import LORA_INIT_CHOICES, LoraConfig
 from fastpeft.methods.lora.layer import FastLoRALinear
 
-__all__ = ["LoraMethod", "LORA", "default_lora_targets", "lora_pairs"]
+__all__ = ["LoraMethod", "LORA", "default_lora_targets", "parse_lora_key"]
 
 # Default targets per transformers ``model_type`` when a config leaves ``target_modules``
 # unset, as PEFT chooses them (tests/test_peft_config.py checks every entry against the
@@ -98,8 +98,32 @@ class LoraMethod(Method):
                 if adapter_name in layer.adapter_names and layer.bias is not None:
                     out[f"{path}.base_layer.bias"] = layer.bias
         elif config.bias == "all":
-            out.update(_all_biases(model, adapter_name, [p for p, _ in self.layers(model)]))
+            out.update(_all_biases(model, adapter_name))
         return out
+
+    def optional_keys(self, model: nn.Module, adapter_name: str, config: LoraConfig) -> Dict[str, torch.Tensor]:
+        """PEFT's ``bias="lora_only"`` saves (and trains) the base bias of every LoRA
+        layer of the model, other adapters' included, as ``<path>.base_layer.bias``: such
+        keys for modules this adapter does not adapt are accepted and loaded into that
+        module's bias (what PEFT does when the model holds those other adapters too)."""
+        if config.bias != "lora_only":
+            return {}
+        out: Dict[str, torch.Tensor] = {}
+        inside = [n for n, _ in named_modules_of(model, all_layer_types() + (ModulesToSaveWrapper,))]
+        for name, module in named_modules_of(model, linear_types() + (FastLoRALinear,)):
+            if isinstance(module, FastLoRALinear) and adapter_name in module.adapter_names:
+                continue
+            if any(name.startswith(p + ".") for p in inside):  # other adapters' own modules are no targets
+                continue
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                out[f"{name}.base_layer.bias"] = bias
+        return out
+
+    def check_checkpoint(
+        self, config: LoraConfig, source: Dict[str, torch.Tensor], targets: Dict[str, torch.Tensor], where: str
+    ) -> None:
+        _check_ranks(config, source, targets, where)
 
     def trainable(self, model: nn.Module, adapter_name: str, config: LoraConfig) -> List[nn.Parameter]:
         params = super().trainable(model, adapter_name, config)
@@ -110,38 +134,96 @@ class LoraMethod(Method):
         return params
 
 
-def _all_biases(model: nn.Module, adapter_name: str, lora_paths: List[str]) -> Dict[str, torch.Tensor]:
-    """Every bias of the model keyed as PEFT saves them with ``bias="all"`` (the adapted
-    layers' under ``base_layer``)."""
+def _all_biases(model: nn.Module, adapter_name: str) -> Dict[str, torch.Tensor]:
+    """Every bias of the model, keyed as PEFT saves them with ``bias="all"`` when this
+    adapter is the model's only one: the layers it adapts hold theirs under
+    ``base_layer``, its ``modules_to_save`` wrappers under ``original_module`` and
+    ``modules_to_save`` (beside the copy's own keys, added by ``adapter_tensors``), and
+    every other module under its own path, whether or not another adapter wraps it now.
+    So the file does not depend on which other adapters happen to be loaded; the other
+    spellings PEFT writes for those (``<path>.base_layer.bias``,
+    ``<path>.original_module.bias``) load too (``fastpeft.checkpoint``).
+    """
     out: Dict[str, torch.Tensor] = {}
     wrappers = named_modules_of(model, (ModulesToSaveWrapper,))
-    skip = {n for n, _ in wrappers}
-    layer_types = all_layer_types()
+    layers = named_modules_of(model, all_layer_types())
     for name, wrapper in wrappers:
-        # PEFT saves these too (beside the wrapper's own ``<name>.bias``): the original's
-        # bias and the adapter copy's, with the adapter name removed.
-        for key, tensor in wrapper.state_dict(keep_vars=True).items():
-            if not (key == "bias" or key.endswith(".bias")):
-                continue
-            parts = key.split(".")
-            if parts[0] == "modules_to_save" and parts[1] != adapter_name:
-                continue
-            out[_without_adapter_name(f"{name}.{key}", adapter_name)] = tensor
-    for name, module in model.named_modules():
-        if any(name == s or name.startswith(s + ".") for s in skip):
-            continue
-        if isinstance(module, layer_types):
-            if isinstance(module, FastLoRALinear) and module.bias is not None:
-                out[f"{name}.base_layer.bias"] = module.bias
-            continue
-        if any(name.startswith(p + ".") for p in lora_paths):
-            continue
-        bias = module._parameters.get("bias")
-        if bias is None and "bias" in module._buffers and "bias" not in module._non_persistent_buffers_set:
-            bias = module._buffers["bias"]
+        if adapter_name in wrapper.modules_to_save:
+            # The original's biases and this adapter's copy's, with PEFT's removal of the
+            # adapter name (only right before the last part: nested keys keep it).
+            for key, tensor in _module_biases(wrapper.original_module).items():
+                out[f"{name}.original_module.{key}"] = tensor
+            for key, tensor in _module_biases(wrapper.modules_to_save[adapter_name]).items():
+                out[_without_adapter_name(f"{name}.modules_to_save.{adapter_name}.{key}", adapter_name)] = tensor
+        else:
+            # Another adapter's wrapper: the module as if unwrapped (the original runs).
+            for key, tensor in _module_biases(wrapper.original_module).items():
+                out[f"{name}.{key}"] = tensor
+    for name, layer in layers:
+        if getattr(layer, "bias", None) is not None:
+            own = isinstance(layer, FastLoRALinear) and adapter_name in layer.adapter_names
+            out[f"{name}.base_layer.bias" if own else f"{name}.bias"] = layer.bias
+    # Anything inside an adapter layer (other adapters' tensors) or a wrapper is done above.
+    done = [n for n, _ in wrappers] + [n for n, _ in layers]
+    for key, tensor in _module_biases(model).items():
+        if not any(key.startswith(d + ".") for d in done):
+            out[key] = tensor
+    return out
+
+
+def _module_biases(module: nn.Module) -> Dict[str, torch.Tensor]:
+    """``{"<path>.bias": tensor}`` for each submodule's own ``bias`` (a parameter, or a
+    persistent buffer), as PEFT picks them from the state dict (``"bias"`` at the root)."""
+    out: Dict[str, torch.Tensor] = {}
+    for name, sub in module.named_modules():
+        bias = sub._parameters.get("bias")
+        if bias is None and "bias" in sub._buffers and "bias" not in sub._non_persistent_buffers_set:
+            bias = sub._buffers["bias"]
         if isinstance(bias, torch.Tensor):
             out[f"{name}.bias" if name else "bias"] = bias
     return out
+
+
+def _check_ranks(
+    config: LoraConfig, source: Dict[str, torch.Tensor], targets: Dict[str, torch.Tensor], where: str
+) -> None:
+    """Name the real cause when a layer's ``lora_A``/``lora_B`` do not fit: A and B of
+    different ranks (they do not belong together), or a rank other than the one the
+    config (``r``, or its ``rank_pattern`` entry) gives this module. Sizes that differ
+    from the layer's are left to the generic check (another base model)."""
+    for key, dst_a in targets.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        path = key[: -len(".lora_A.weight")]
+        key_b = f"{path}.lora_B.weight"
+        A, B = source.get(key), source.get(key_b)
+        if key_b not in targets or not isinstance(A, torch.Tensor) or not isinstance(B, torch.Tensor):
+            continue
+        if A.dim() != 2 or B.dim() != 2:
+            raise ValueError(
+                f"{where}: {path}: lora_A and lora_B must be 2-D, got shapes {tuple(A.shape)} and {tuple(B.shape)}"
+            )
+        rank_a, rank_b = A.shape[0], B.shape[1]
+        if rank_a != rank_b:
+            raise ValueError(
+                f"{where}: {key} has shape {tuple(A.shape)} (rank {rank_a}) but {key_b} has shape "
+                f"{tuple(B.shape)} (rank {rank_b}): the two tensors do not belong together (a damaged or "
+                "mixed-up checkpoint)"
+            )
+        r = dst_a.shape[0]
+        fits = A.shape[1] == dst_a.shape[1] and B.shape[0] == targets[key_b].shape[0]
+        if rank_a != r and fits:
+            pattern = pattern_key(config.rank_pattern, path)
+            if pattern is not None:
+                said = f"rank_pattern[{pattern!r}] = {r} for this module"
+            elif config.rank_pattern:
+                said = f"r={r} (no rank_pattern entry matches this module)"
+            else:
+                said = f"r={r}"
+            raise ValueError(
+                f"{where}: {path}: lora_A/lora_B have rank {rank_a} but adapter_config.json says {said}: "
+                "the config and the weights do not belong together"
+            )
 
 
 def _without_adapter_name(key: str, adapter_name: str) -> str:
@@ -160,38 +242,11 @@ LORA = LoraMethod()
 
 # ``<path>.lora_A.weight`` as PEFT saves it, or ``<path>.lora_A.<adapter>.weight`` as a
 # live PEFT model's state dict holds it.
-_LORA_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+_LORA_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 
 
-def _not_lora(key: str) -> str:
-    if "lora_B" in key and key.endswith(".bias"):
-        return "lora_bias (unsupported by the pool)"
-    if "lora_magnitude_vector" in key:
-        return "DoRA magnitude (unsupported by the pool)"
-    if "lora_embedding" in key:
-        return "LoRA on an embedding (unsupported by the pool)"
-    if ".lora_" not in key:
-        return ("a trained base tensor: the pool serves LoRA A/B only, not modules_to_save or "
-                "bias='all'/'lora_only' biases; load such an adapter with fastpeft.load_adapter")
-    return "unsupported"
-
-
-def lora_pairs(tensors: Mapping[str, Any], where: str) -> Dict[str, Tuple[Any, Any]]:
-    """``{layer path: (A, B)}`` from LoRA checkpoint keys (the inverse of the key map for
-    plain LoRA layers); any other key is an ``AdapterCheckpointError`` naming it."""
-    halves: Dict[str, Dict[str, Any]] = {}
-    for key, t in tensors.items():
-        m = _LORA_KEY.match(str(key))
-        if m is None:
-            raise AdapterCheckpointError(
-                f"{where}: tensor {key!r} is not a LoRA A/B weight ({_not_lora(str(key))}); pass only the "
-                "adapter's tensors (what PEFT saves: peft.get_peft_model_state_dict), not a whole model's state dict"
-            )
-        halves.setdefault(m.group("path"), {})[m.group("ab")] = t
-    pairs = {}
-    for path, h in halves.items():
-        if set(h) != {"A", "B"}:
-            missing = "lora_B" if "A" in h else "lora_A"
-            raise AdapterCheckpointError(f"{where}: layer {path!r} has no {missing} weight")
-        pairs[path] = (h["A"], h["B"])
-    return pairs
+def parse_lora_key(key: str) -> Optional[Tuple[str, str, Optional[str]]]:
+    """``(layer path, "A" or "B", adapter-name segment or None)`` of a plain LoRA layer's
+    checkpoint key (the key map read backwards); None for any other key."""
+    m = _LORA_KEY.match(key)
+    return None if m is None else (m.group("path"), m.group("ab"), m.group("adapter"))

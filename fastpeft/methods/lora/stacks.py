@@ -1,12 +1,14 @@
 """LoRA adapters stacked in slots for mixed batches, and their per-forward metadata.
 
-A mixed batch runs one fused kernel per layer over *slot stacks*: the adapters the batch
-names, stacked and padded to the largest rank, each batch row pointing at its slot. The
-stacks come from a provider (the serving ``AdapterPool``'s fixed slots, through the batch
-plan) or from the layer's own adapters (:func:`stack_adapters`). The kernel's metadata
-(rows sorted by slot, segments) depends only on the slot of each row and the number of
-token rows per batch row, so :func:`batch_meta` builds it once per forward of the model
-and the batch plan hands it to every layer with the same slot assignment.
+A mixed batch runs one fused kernel per layer over *slot stacks*: adapters stacked and
+padded to the largest rank, each batch row pointing at its slot. The stacks come from a
+provider (the serving ``AdapterPool``'s fixed slots, through the batch plan) or from all
+of the layer's own adapters (:func:`stack_adapters`, so they do not depend on which
+names a batch uses). The kernel's metadata (rows sorted by slot, segments) depends only
+on the slot of each row and the number of token rows per batch row, so, eagerly,
+:func:`batch_meta` builds it once per forward of the model and the batch plan hands it to
+every layer with the same slot assignment; under ``torch.compile`` it is built in the
+graph from the rows' slots.
 """
 from __future__ import annotations
 
@@ -22,53 +24,50 @@ from fastpeft.core.batch import BatchPlan
 from fastpeft.kernels.multi_lora import MultiLoraMeta
 from fastpeft.methods.lora.multi_op import build_meta, row_slots_for_tokens
 
-__all__ = ["SlotStacks", "stack_adapters", "batch_meta"]
+__all__ = ["SlotStacks", "SlotRows", "stack_adapters", "batch_meta"]
 
 
 @dataclass(frozen=True)
 class SlotStacks:
-    """One layer's adapters in ``S`` slots and the slot of each batch row.
-
-    ``lora_A: (S, R, K)`` and ``lora_B: (S, N, R)`` hold slot ``i``'s adapter in PEFT's
-    layout, padded to ``R`` (the kernels never read past ``ranks[i]``); ``ranks (S,)``
-    int32 and ``scalings (S,)`` fp32; ``batch_slot (B,)`` int32, ``-1`` for base-only
-    rows. ``key`` names the slot assignment: layers whose keys are equal share batch
-    metadata. ``bias_table (S + 1, N)``: ``s_i * lora_bias_i`` per slot (the last row
-    zeros, for base rows), or None without ``lora_bias``.
-    """
+    """Adapters in ``S`` slots: ``lora_A: (S, R, K)`` and ``lora_B: (S, N, R)`` hold slot
+    ``i``'s adapter in PEFT's layout, padded to ``R`` (the kernels never read past
+    ``ranks[i]``); ``ranks (S,)`` int32 and ``scalings (S,)`` fp32; ``bias_table (S + 1,
+    N)``: ``s_i * lora_bias_i`` per slot (the last row zeros, for base rows), or None
+    without ``lora_bias``."""
 
     lora_A: torch.Tensor
     lora_B: torch.Tensor
     ranks: torch.Tensor
     scalings: torch.Tensor
-    batch_slot: torch.Tensor
-    key: Hashable
     bias_table: Optional[torch.Tensor] = None
 
-    @property
-    def num_slots(self) -> int:
-        return self.lora_A.shape[0]
+
+@dataclass(frozen=True)
+class SlotRows:
+    """What a provider (the serving pool) puts into a batch plan for one layer: its slot
+    stacks, the slot of each batch row (``(B,)`` int32, ``-1``: base only) and ``key``,
+    naming that slot assignment (layers with equal keys share the batch metadata)."""
+
+    stacks: SlotStacks
+    batch_slot: torch.Tensor
+    key: Hashable
 
 
-def batch_meta(plan: BatchPlan, stacks: SlotStacks, x: torch.Tensor) -> MultiLoraMeta:
-    """The kernel metadata of ``x: (B, ..., K)`` under ``stacks``' slot assignment, made
-    by the first layer of a forward that needs it and found by the others."""
+def batch_meta(plan: BatchPlan, key: Hashable, batch_slot: torch.Tensor, num_slots: int, x: torch.Tensor) -> MultiLoraMeta:
+    """The kernel metadata of ``x: (B, ..., K)`` under the slot assignment ``key``
+    (``batch_slot``: each batch row's slot), made by the first layer of a forward that
+    needs it and found by the others."""
     per_row = math.prod(x.shape[1:-1])
 
     def make() -> MultiLoraMeta:
-        slot = stacks.batch_slot.to(x.device)
-        return build_meta(row_slots_for_tokens(slot, x), stacks.num_slots, check=False)
+        return build_meta(row_slots_for_tokens(batch_slot.to(x.device), x), num_slots, check=False)
 
-    return plan.derived(("lora-meta", stacks.key, per_row, x.device), make)
+    return plan.derived(("lora-meta", key, per_row, x.device), make)
 
 
-def stack_adapters(
-    adapters: Sequence, names: Sequence[str], rows: Sequence[Optional[str]], device: torch.device,
-    bias_dtype: torch.dtype,
-) -> SlotStacks:
-    """Slot stacks of ``adapters`` (``LoraAdapter`` modules named ``names``, slot ``i`` for
-    ``names[i]``), padded to the largest of their ranks; ``rows``: each batch row's name
-    (one not in ``names``: base only)."""
+def stack_adapters(adapters: Sequence, device: torch.device, bias_dtype: torch.dtype) -> SlotStacks:
+    """Slot stacks of ``adapters`` (``LoraAdapter`` modules; slot ``i`` holds
+    ``adapters[i]``), padded to the largest of their ranks."""
     R = max(a.r for a in adapters)
     # Built with autograd on when it is on, so that a backward through a mixed batch
     # reaches the op and its clear "inference only" error; with autocast off, since
@@ -84,14 +83,10 @@ def stack_adapters(
                 zero if a.lora_bias is None else (a.lora_bias * a.scaling).to(bias_dtype) for a in adapters
             ]
             bias_table = torch.stack(table + [zero])
-    index = {n: i for i, n in enumerate(names)}
-    slots = tuple(index.get(n, -1) for n in rows)
     return SlotStacks(
         lora_A=lora_A,
         lora_B=lora_B,
         ranks=torch.tensor([a.r for a in adapters], dtype=torch.int32, device=device),
         scalings=torch.tensor([a.scaling for a in adapters], dtype=torch.float32, device=device),
-        batch_slot=torch.tensor(slots, dtype=torch.int32, device=device),
-        key=("layer", slots, len(names)),
         bias_table=bias_table,
     )
