@@ -17,7 +17,7 @@ import torch.nn as nn
 from fastpeft.core.batch import BatchPlan, provided_for, providers_of
 from fastpeft.core.config import AdapterConfig
 from fastpeft.core.layer import PlanReader
-from fastpeft.core.method import Method, adapter_configs, all_layer_types, method_of
+from fastpeft.core.method import adapter_configs, all_layer_types, method_of
 from fastpeft.core.modules_to_save import ModulesToSaveWrapper
 from fastpeft.core.targets import named_modules_of, replace_modules
 
@@ -179,10 +179,10 @@ def _add_adapter_loss(model: nn.Module, args, output):
 
 
 def install_loss_hook(model: nn.Module, method) -> Optional[Callable[[], None]]:
-    """Register :func:`_add_adapter_loss` on ``model`` once, if ``method`` defines an
-    ``extra_loss`` (methods that do not are never touched); returns the undo of the
-    registration (None when nothing was registered)."""
-    if getattr(type(method), "extra_loss", Method.extra_loss) is Method.extra_loss:
+    """Register :func:`_add_adapter_loss` on ``model`` once, if ``method`` asks for it
+    (``Method.loss_in_forward``; other methods' models are never touched); returns the
+    undo of the registration (None when nothing was registered)."""
+    if not method.loss_in_forward:
         return None
     if model.__dict__.get("fastpeft_loss_hook") is not None:
         return None

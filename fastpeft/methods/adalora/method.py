@@ -22,9 +22,17 @@ from fastpeft.core.targets import linear_types
 from fastpeft.methods.adalora.config import AdaLoraConfig, pattern_mask, pattern_paths
 from fastpeft.methods.adalora.layer import AdaLoraLinear
 from fastpeft.methods.adalora import allocator
-from fastpeft.methods.lora.method import default_lora_targets
 
 __all__ = ["AdaLoraMethod", "ADALORA"]
+
+
+# AdaLoRA's default targets per ``model_type`` (a few of PEFT's); with peft installed its
+# own table is used.
+ADALORA_DEFAULTS: Dict[str, List[str]] = {
+    **{t: ["q_proj", "v_proj"] for t in ("llama", "gemma", "gemma2", "gptj", "gpt_neo")},
+    "gpt2": ["c_attn"], "bert": ["query", "value"], "t5": ["q", "k", "v", "o", "wi", "wo"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+}
 
 
 class AdaLoraMethod(Method):
@@ -32,14 +40,15 @@ class AdaLoraMethod(Method):
     config_cls = AdaLoraConfig
     layer_types = (AdaLoraLinear,)
     target_types = linear_types()
+    loss_in_forward = True  # the orthogonal regulariser joins outputs.loss, as PEFT's forward
 
     def check_config(self, config: AdaLoraConfig) -> List[str]:
         return config.unsupported()
 
     def default_targets(self, model_type: Optional[str]) -> Optional[Dict[str, Any]]:
         table = core_targets.peft_table("TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING")
-        targets = (list(table[model_type]) if table and model_type in table
-                   else (None if table else default_lora_targets(model_type)))
+        found = (table if table is not None else ADALORA_DEFAULTS).get(model_type) if model_type else None
+        targets = list(found) if found else None
         return {"target_modules": targets} if targets else None
 
     # ---------------------------------------------------------------- attaching
