@@ -306,3 +306,25 @@ def test_compile_has_no_graph_breaks():
     explanation = torch._dynamo.explain(model)(torch.randn(5, 24))
     assert explanation.graph_break_count == 0
     assert explanation.graph_count == 1
+
+
+# ------------------------------------------------------------------ benchmark
+
+
+def test_benchmark_cpu_pass_and_points_check_every_variant(monkeypatch, tmp_path):
+    import importlib
+    import pathlib
+
+    bench = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    common = importlib.import_module("common")
+    monkeypatch.setattr(common, "bench_ms", lambda fn, **kw: (fn(), 1.0)[1])
+    bench_adalora = importlib.import_module("bench_adalora")
+    assert bench_adalora.main(["--json", str(tmp_path / "a.json")]) == 0
+    data = json.loads((tmp_path / "a.json").read_text())
+    assert data["mode"] == "cpu-correctness" and all(r["rel_err"] <= r["tol"] for r in data["results"])
+    for point in (bench_adalora._time_point, bench_adalora._time_train_point):
+        row = point(40, 24, 5, 4, dev="cpu", dt=torch.float32)
+        for name in ("unfused", "peft", "fastpeft"):
+            assert row[f"{name}_err"] < 1e-5, row
+            assert row[f"{name}_x"] == 1.0
