@@ -328,3 +328,33 @@ def test_benchmark_cpu_pass_and_points_check_every_variant(monkeypatch, tmp_path
         for name in ("unfused", "peft", "fastpeft"):
             assert row[f"{name}_err"] < 1e-5, row
             assert row[f"{name}_x"] == 1.0
+
+
+def test_compiled_forward_and_backward_match_eager():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = AdaLoraLinear.wrap(nn.Linear(24, 16), r=4, lora_alpha=8, init_lora_weights=False).train()
+    a = layer.adapters["default"]
+    x = torch.randn(6, 24)
+    eager = layer(x)
+    grads = torch.autograd.grad(eager.square().sum(), [a.lora_A, a.lora_E, a.lora_B])
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    cgrads = torch.autograd.grad(compiled.square().sum(), [a.lora_A, a.lora_E, a.lora_B])
+    torch.testing.assert_close(compiled, eager)
+    for got, want in zip(cgrads, grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_default_targets_loss_hook_scope_and_unload(tmp_path):
+    model = tiny_llama()
+    fp.inject(model, fp.AdaLoraConfig(total_step=10))  # PEFT's AdaLoRA defaults for llama
+    assert sorted({n.rsplit(".", 1)[-1] for n in _layers(model)}) == ["q_proj", "v_proj"]
+    ids = input_ids()
+    plain = tiny_llama()
+    reg = fp.orthogonal_regularization(model)
+    torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, plain(input_ids=ids, labels=ids).loss + reg)
+    fp.save_adapter(model, tmp_path)
+    frozen = fp.load_adapter(tiny_llama(), tmp_path)  # inference_mode: PEFT trains nothing, adds nothing
+    torch.testing.assert_close(frozen(input_ids=ids, labels=ids).loss, plain(input_ids=ids, labels=ids).loss)
+    fp.unload(model)
+    assert not model._forward_hooks and "fastpeft_loss_hook" not in model.__dict__
