@@ -291,6 +291,25 @@ def test_mixed_batch_rows_match_single_adapter_runs():
     single[None] = logits(model, ids)
     rows = ["a", None, "b"]
     with fp.batch_adapters(model, rows):
+        mixed = logits(model, ids)  # one fused mixed-LoRA launch per layer
+    for i, name in enumerate(rows):
+        torch.testing.assert_close(mixed[i], single[name][i], rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_batch_with_pruned_adapters(tmp_path):
+    """A loaded adapter with ranks 4, 2, 1, 0 (a rank_pattern) beside a full one."""
+    pm = _peft_model()
+    _rank_pattern(pm)
+    pm.save_pretrained(tmp_path)
+    model = fp.load_adapter(tiny_llama(), tmp_path, "pruned")
+    fp.inject(model, fp.AdaLoraConfig(**CFG, init_lora_weights=False), "full")
+    ids = input_ids(batch=3)
+    single = {}
+    for name in ("pruned", "full"):
+        fp.set_adapter(model, name)
+        single[name] = logits(model.eval(), ids)
+    rows = ["full", "pruned", "pruned"]
+    with fp.batch_adapters(model, rows):
         mixed = logits(model, ids)
     for i, name in enumerate(rows):
         torch.testing.assert_close(mixed[i], single[name][i], rtol=1e-5, atol=1e-5)

@@ -14,18 +14,21 @@ autograd reaches ``lora_A`` and ``lora_E`` through the op's ``lora_A`` gradient.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fastpeft.core.dispatch import autocast_cast, autocast_dtype, check_linear_input
+from fastpeft.core.batch import BatchPlan, check_rows
 from fastpeft.core.linear import AdapterLinear
 from fastpeft.methods.adalora.config import adalora_scaling
+from fastpeft.methods.lora.multi_op import build_meta, multi_lora_linear, row_slots_for_tokens
 from fastpeft.methods.lora.op import lora_linear_unchecked
 
-__all__ = ["AdaLoraAdapter", "AdaLoraLinear", "RANKNUM_EPS"]
+__all__ = ["AdaLoraAdapter", "AdaLoraLinear", "AdaLoraRows", "RANKNUM_EPS"]
 
 RANKNUM_EPS = 1e-5  # PEFT's ``ranknum + 1e-5``
 
@@ -79,8 +82,22 @@ class AdaLoraAdapter(nn.Module):
         return f"r={self.r}, lora_alpha={self.lora_alpha}, ranknum={self.ranknum}"
 
 
+@dataclass(frozen=True)
+class AdaLoraRows:
+    """A mixed batch's rows for one AdaLoRA layer: ``row_slot`` ``(B,)`` int32, each
+    batch row's position among the layer's adapters (-1: base only; None when no row
+    uses an adapter here), for the fused mixed op."""
+
+    num_rows: int
+    row_slot: Optional[torch.Tensor]
+
+
 class AdaLoraLinear(AdapterLinear):
     """Linear layer with AdaLoRA adapters on the fused LoRA op (see the module docstring).
+
+    A mixed batch (eval) is one launch of LoRA's mixed-adapter op: each adapter is a LoRA
+    adapter of its current rank with ``A = Q ∘ Λ`` and ``s = scaling / (ranknum + 1e-5)``,
+    stacked in slots (eval only, as PEFT's ``adapter_names=``).
 
     Built with :meth:`wrap` from an ``nn.Linear`` or a GPT-2 ``Conv1D`` (shares its
     tensors). ``backend``: ``"auto"``, ``"triton"`` or ``"torch"``.
@@ -147,13 +164,56 @@ class AdaLoraLinear(AdapterLinear):
             lora_A, lora_B = autocast_cast(amp, lora_A, lora_B)
         return lora_linear_unchecked(x, weight, bias, lora_A, lora_B, adapter.scale, x_lora, self.backend)
 
+    _CACHES = ("_stack_cache",)
+
+    def _make_row_plan(self, plan: BatchPlan) -> AdaLoraRows:
+        index = {name: i for i, name in enumerate(self.adapters)}
+        slots = [index.get(name, -1) for name in plan.rows]
+        row_slot = None
+        if any(s >= 0 for s in slots):
+            row_slot = torch.tensor(slots, dtype=torch.int32, device=self.weight.device)
+        return AdaLoraRows(len(plan.rows), row_slot)
+
     def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Each batch row through its own adapter (one sub-batch per adapter; ``None`` or a
-        name this layer does not hold: the base only)."""
+        """Each batch row through its own adapter (``None`` or a name this layer does not
+        hold: the base only): one fused mixed-op launch (inference only)."""
+        if self.training:
+            raise RuntimeError(
+                "mixed-adapter batches (fastpeft.batch_adapters) run in eval mode only, as PEFT's "
+                "adapter_names=: call model.eval() first"
+            )
         if self.merged_adapters:
             raise RuntimeError("mixed-adapter batches need unmerged adapters: call fastpeft.unmerge(model) first")
+        plan: AdaLoraRows = self.__dict__["_row_plan"]
+        check_rows(x, plan.num_rows)
+        weight, bias = self.base_weight(), self.bias
         amp = autocast_dtype(x.device)
-        return self._forward_by_row_groups(x, lambda rows, name: self._run(rows, name, self.base_weight(), self.bias, amp))
+        if amp is not None:
+            x, weight, bias = autocast_cast(amp, x, weight, bias)
+        if plan.row_slot is None:
+            return F.linear(x, weight, bias)
+        lora_A, lora_B, ranks, scalings = self._stacks(x.device)
+        meta = build_meta(row_slots_for_tokens(plan.row_slot, x), lora_A.shape[0], check=False)
+        return multi_lora_linear(x, weight, bias, lora_A, lora_B, ranks, scalings, meta,
+                                 backend=self.backend, check=False)
+
+    def _stacks(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The adapters as LoRA slot stacks (``A ∘ E`` folded, padded to the largest
+        rank; each slot's scale), kept while their tensors are unchanged."""
+        adapters: List[AdaLoraAdapter] = list(self.adapters.values())
+        tensors = [t for a in adapters for t in (a.lora_A, a.lora_E, a.lora_B)]
+        key = (tuple(id(t) for t in tensors), tuple(a.scale for a in adapters))
+
+        def build() -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            R = max(1, max(a.r for a in adapters))
+            with torch.no_grad():
+                A = torch.stack([F.pad(a.folded_A(), (0, 0, 0, R - a.r)) for a in adapters])
+                B = torch.stack([F.pad(a.lora_B, (0, R - a.r)) for a in adapters])
+            ranks = torch.tensor([a.r for a in adapters], dtype=torch.int32, device=device)
+            scalings = torch.tensor([a.scale for a in adapters], dtype=torch.float32, device=device)
+            return A, B, ranks, scalings
+
+        return self._kept("_stack_cache", device, key, tensors, build)
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}(r={a.r})" for n, a in self.adapters.items())
