@@ -377,3 +377,17 @@ def test_default_targets_loss_hook_scope_and_unload(tmp_path):
     torch.testing.assert_close(frozen(input_ids=ids, labels=ids).loss, plain(input_ids=ids, labels=ids).loss)
     fp.unload(model)
     assert not model._forward_hooks and "fastpeft_loss_hook" not in model.__dict__
+
+
+def test_whole_model_compiles_in_one_graph_with_the_regulariser():
+    """fullgraph=True: the model's forward, the AdaLoRA layers and the loss hook that adds
+    the orthogonal term trace without a graph break (``explain`` counts a forward hook's
+    frame as a second graph even for a trivial hook, so fullgraph is the check here)."""
+    torch._dynamo.reset()
+    model = tiny_llama()
+    fp.inject(model, fp.AdaLoraConfig(**CFG, init_lora_weights=False))
+    model.train()
+    ids = input_ids()
+    eager = model(input_ids=ids, labels=ids).loss
+    compiled = torch.compile(model, backend="eager", fullgraph=True)(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(compiled, eager)

@@ -54,7 +54,7 @@ def orthogonal_regularization(model: nn.Module, adapter_name: Optional[str] = No
     for _, adapter in _adapters(model, name):
         for p, is_a in ((adapter.lora_A, True), (adapter.lora_B, False)):
             cov = p @ p.T if is_a else p.T @ p
-            eye = torch.eye(*cov.size(), out=torch.empty_like(cov))
+            eye = torch.eye(*cov.size(), dtype=cov.dtype, device=cov.device)  # (no out=: compile traces it)
             total = total + torch.norm(cov - eye, p="fro")
             count += 1
     if count == 0:
