@@ -391,3 +391,20 @@ def test_whole_model_compiles_in_one_graph_with_the_regulariser():
     eager = model(input_ids=ids, labels=ids).loss
     compiled = torch.compile(model, backend="eager", fullgraph=True)(input_ids=ids, labels=ids).loss
     torch.testing.assert_close(compiled, eager)
+
+
+def test_rank_pattern_spellings_and_bad_masks():
+    path = "model.layers.0.self_attn.q_proj"
+    model = tiny_llama()
+    pattern = {f"{path}.lora_E.trained_as": [True, False, True, False]}  # PEFT's training-time key
+    fp.inject(model, fp.AdaLoraConfig(**CFG, rank_pattern=pattern), "x")
+    layers = _layers(model)
+    assert layers[path].adapters["x"].r == 2 and layers[path].adapters["x"].ranknum == 4.0
+    assert layers["model.layers.0.self_attn.v_proj"].adapters["x"].r == 4
+    fresh = tiny_llama()
+    before = snapshot(fresh)
+    with pytest.raises(ValueError, match="3 entries but init_r is 4"):
+        fp.inject(fresh, fp.AdaLoraConfig(**CFG, rank_pattern={f"{path}.lora_E": [True] * 3}))
+    with pytest.raises(ValueError, match="adapt no module"):
+        fp.inject(fresh, fp.AdaLoraConfig(**CFG, rank_pattern={"lm_head.lora_E": [True] * 4}))
+    assert_same_snapshot(before, snapshot(fresh))

@@ -13,7 +13,7 @@ from typing import ClassVar, Dict, List, Optional, Union
 
 from fastpeft.core.config import AdapterConfig
 
-__all__ = ["AdaLoraConfig", "adalora_scaling", "pattern_paths", "pattern_mask"]
+__all__ = ["AdaLoraConfig", "adalora_scaling", "pattern_paths", "pattern_path", "pattern_mask"]
 
 
 def adalora_scaling(r: int, lora_alpha: float) -> float:
@@ -116,13 +116,23 @@ def _checked_pattern(pattern: Optional[Dict[str, List[bool]]]) -> Optional[Dict[
 def pattern_paths(config: AdaLoraConfig, adapter_name: str) -> Dict[str, List[bool]]:
     """``{module path: mask}`` of the config's ``rank_pattern``: a key is
     ``<path>.lora_E`` (as PEFT saves it) or ``<path>.lora_E.<adapter>`` (as PEFT keeps it
-    while training); PEFT's rule drops the last part (and the adapter name)."""
+    while training, whatever the adapter was called then)."""
     out: Dict[str, List[bool]] = {}
     for key, mask in (config.rank_pattern or {}).items():
-        if key.endswith(f".{adapter_name}"):
-            key = key[: -len(adapter_name) - 1]
-        out[key.rpartition(".")[0]] = mask
+        out[pattern_path(key, adapter_name)] = mask
     return out
+
+
+def pattern_path(key: str, adapter_name: str) -> str:
+    """The module path a ``rank_pattern`` key names."""
+    if key.endswith(".lora_E"):
+        return key[: -len(".lora_E")]
+    if ".lora_E." in key:
+        return key.rsplit(".lora_E.", 1)[0]
+    # PEFT's own rule for other spellings: drop the adapter name, then the last part.
+    if key.endswith(f".{adapter_name}"):
+        key = key[: -len(adapter_name) - 1]
+    return key.rpartition(".")[0]
 
 
 def pattern_mask(config: AdaLoraConfig, adapter_name: str, path: str) -> Optional[List[bool]]:

@@ -19,7 +19,7 @@ import torch.nn as nn
 from fastpeft.core import targets as core_targets
 from fastpeft.core.method import Method
 from fastpeft.core.targets import linear_types
-from fastpeft.methods.adalora.config import AdaLoraConfig, pattern_mask, pattern_paths
+from fastpeft.methods.adalora.config import AdaLoraConfig, pattern_mask, pattern_path, pattern_paths
 from fastpeft.methods.adalora.layer import AdaLoraLinear
 from fastpeft.methods.adalora import allocator
 
@@ -57,15 +57,12 @@ class AdaLoraMethod(Method):
         """PEFT's target rules; a ``rank_pattern`` must name only these modules, each with
         ``init_r`` entries (PEFT fails half-way on either; here nothing changes)."""
         paths = super().find_targets(model, config, adapted_types)
-        # No adapter name is known here: both spellings are tried with each name a key may end in.
         found = set(paths)
         for key, mask in (config.rank_pattern or {}).items():
-            head = key.rpartition(".")[0]
-            candidates = {head, head.rpartition(".")[0]}
-            path = next((p for p in candidates if p in found), None)
-            if path is None:
+            path = pattern_path(key, "")
+            if path not in found:
                 raise ValueError(
-                    f"rank_pattern names {key!r}, but the config's target_modules adapt no module {head!r} in "
+                    f"rank_pattern names {key!r}, but the config's target_modules adapt no module {path!r} in "
                     "this model: the rank_pattern belongs to another model or config"
                 )
             if len(mask) != config.init_r:
