@@ -352,19 +352,13 @@ class GainLinear(AdapterLinear):
             return out
         return out * self.adapters[self.active_adapter].gain
 
-    def merge(self, adapter_name=None):
-        name = adapter_name or self.active_adapter
-        with torch.no_grad():
-            g = self.adapters[name].gain
-            self.weight.mul_(g)
-            self.bias.mul_(g)
-        self.merged_adapters.append(name)
+    def _fold(self, adapter_name, weight, bias, inverse=False):
+        g = self.adapters[adapter_name].gain.detach()
+        g = 1 / g if inverse else g
+        return weight * g, bias * g
 
     def _undo_merge(self, adapter_name):
-        with torch.no_grad():
-            g = self.adapters[adapter_name].gain
-            self.weight.div_(g)
-            self.bias.div_(g)
+        self._write_base(*self._fold(adapter_name, self.weight.detach(), self.bias.detach(), inverse=True))
 
 
 def _gain_layer(path, module, config, adapter_name, backend):
@@ -391,7 +385,8 @@ def test_method_spec_is_the_protocols_dataclass_form(tmp_path):
             layer.adapters["default"].gain.fill_(1.5)
         ids = input_ids()
         expected = logits(model, ids)
-        fp.merge(model)
+        fp.merge(model, safe_merge=True)
+        assert layer.merged and layer.merged_adapters == ["default"]
         torch.testing.assert_close(logits(model, ids), expected)
         fp.save_adapter(fp.unmerge(model), tmp_path)
         torch.testing.assert_close(logits(fp.load_adapter(tiny_llama(), tmp_path), ids), expected)
