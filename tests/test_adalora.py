@@ -311,8 +311,14 @@ def test_mixed_batch_with_pruned_adapters(tmp_path):
     rows = ["full", "pruned", "pruned"]
     with fp.batch_adapters(model, rows):
         mixed = logits(model, ids)
+        out = model(input_ids=ids).logits  # with autograd: gradients reach each row's adapter
     for i, name in enumerate(rows):
         torch.testing.assert_close(mixed[i], single[name][i], rtol=1e-5, atol=1e-5)
+    out[0].sum().backward()  # row 0 uses "full" only
+    layer = _layers(model)["model.layers.0.self_attn.q_proj"]
+    assert layer.adapters["full"].lora_B.grad is not None and layer.adapters["full"].lora_B.grad.abs().sum() > 0
+    pruned_grad = layer.adapters["pruned"].lora_B.grad
+    assert pruned_grad is None or pruned_grad.abs().sum() == 0
 
 
 def test_compile_has_no_graph_breaks():

@@ -14,6 +14,7 @@ autograd reaches ``lora_A`` and ``lora_E`` through the op's ``lora_A`` gradient.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -202,11 +203,16 @@ class AdaLoraLinear(AdapterLinear):
         rank; each slot's scale), kept while their tensors are unchanged."""
         adapters: List[AdaLoraAdapter] = list(self.adapters.values())
         tensors = [t for a in adapters for t in (a.lora_A, a.lora_E, a.lora_B)]
-        key = (tuple(id(t) for t in tensors), tuple(a.scale for a in adapters))
+        # Whether the stacks need a graph is part of the key: stacks kept from a no-grad
+        # forward must not serve one whose backward should reach A, E, B.
+        wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        key = (tuple(id(t) for t in tensors), tuple(a.scale for a in adapters), wants_grad)
 
         def build() -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
             R = max(1, max(a.r for a in adapters))
-            with torch.no_grad():
+            # With autograd on when it is on (a backward through the mixed op reaches A, E,
+            # B; a stack holding a graph is never kept), autocast off (own dtypes), as LoRA's.
+            with torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else nullcontext():
                 A = torch.stack([F.pad(a.folded_A(), (0, 0, 0, R - a.r)) for a in adapters])
                 B = torch.stack([F.pad(a.lora_B, (0, R - a.r)) for a in adapters])
             ranks = torch.tensor([a.r for a in adapters], dtype=torch.int32, device=device)
