@@ -22,6 +22,9 @@ from fastpeft.core.state import (
     unmerge,
 )
 from fastpeft.methods import BUILTIN
+from fastpeft.methods.adalora.allocator import orthogonal_regularization, update_and_allocate
+from fastpeft.methods.adalora.config import AdaLoraConfig
+from fastpeft.methods.adalora.layer import AdaLoraLinear
 from fastpeft.methods.bottleneck.config import BottleneckConfig
 from fastpeft.methods.bottleneck.layer import BottleneckAdapter, BottleneckLinear
 from fastpeft.methods.bottleneck.op import bottleneck_linear
@@ -52,3 +55,4 @@ __all__ += [
     "bottleneck_linear",
 ]
 __all__ += ["multi_lora_linear", "AdapterPool", "ServingEngine", "GenerationOutput", "AdapterError", "PoolFullError"]
+__all__ += ["AdaLoraConfig", "AdaLoraLinear", "update_and_allocate", "orthogonal_regularization"]

@@ -410,7 +410,8 @@ def _imports(path: pathlib.Path) -> List[str]:
 
 def test_imports_flow_one_way():
     """kernels -> fastpeft.core -> fastpeft.methods -> fastpeft.serving / the API: the
-    core imports no method and nothing above it; a method imports no other method and
+    core imports no method and nothing above it; a method imports no other method (but
+    may build on another method's public op module, e.g. AdaLoRA on LoRA's fused op) and
     no serving code."""
     root = pathlib.Path(fp.__file__).parent
     for path in (root / "core").glob("*.py"):
@@ -421,5 +422,6 @@ def test_imports_flow_one_way():
             continue
         for path in package.glob("*.py"):
             bad = [m for m in _imports(path) if m.startswith("fastpeft.serving")
-                   or (m.startswith("fastpeft.methods.") and not m.startswith(f"fastpeft.methods.{package.name}"))]
+                   or (m.startswith("fastpeft.methods.") and not m.startswith(f"fastpeft.methods.{package.name}")
+                       and not m.endswith((".op", ".multi_op")))]
             assert not bad, f"methods/{package.name}/{path.name} imports {bad}"

@@ -19,7 +19,7 @@ from fastpeft.core.config import AdapterConfig
 from fastpeft.core.linear import AdapterLinear
 from fastpeft.core.method import Attach, Method, adapter_configs, all_layer_types, as_config, method_of
 from fastpeft.core.modules_to_save import ModulesToSaveWrapper
-from fastpeft.core.state import BASE, adapter_layers, mark_trainable, sync_active, upcast_adapter
+from fastpeft.core.state import BASE, adapter_layers, install_loss_hook, mark_trainable, sync_active, upcast_adapter
 from fastpeft.core.targets import model_type_of, replace_modules
 
 __all__ = ["Undo", "inject", "inject_with_undo"]
@@ -121,6 +121,9 @@ def inject_with_undo(
             wrapper.add_adapter(adapter_name)
             undo.add(lambda w=wrapper: w.delete_adapter(adapter_name))
         _record(model, config, adapter_name, undo)
+        unhook = install_loss_hook(model, method)
+        if unhook is not None:
+            undo.add(unhook)
         if autocast_adapter_dtype:
             upcast_adapter(model, adapter_name)
         mark_trainable(model)

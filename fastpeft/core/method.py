@@ -22,7 +22,8 @@ batch plans) runs every method through it and imports none. A method says:
   config whose rank differs from the tensors', two tensors that do not fit each other);
 * which parameters train (``trainable``), training hooks (``extra_loss``: a loss term
   to add, e.g. an orthogonality regulariser; ``on_step``: a per-step callback, e.g. a
-  rank allocator), whether it merges (``merges``) and whether it takes part in mixed
+  rank allocator; ``loss_in_forward``: the core adds ``extra_loss`` to the model's
+  ``outputs.loss``), whether it merges (``merges``) and whether it takes part in mixed
   batches (``mixed_batches``).
 
 :class:`MethodSpec` is the protocol's dataclass form: each field is the method of the
@@ -73,6 +74,10 @@ class Method:
     hook_site: str = ""  # HOOKS: the child's name on the model
     merges: bool = True
     mixed_batches: bool = True
+    # The core adds ``extra_loss`` to ``outputs.loss`` whenever the model returns a loss
+    # (a forward hook on the model, as PEFT's AdaLoraModel.forward does); otherwise the
+    # training loop adds ``core.state.adapter_loss(model)`` itself.
+    loss_in_forward: bool = False
 
     # ---------------------------------------------------------------- configuration
 

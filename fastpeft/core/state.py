@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -38,6 +38,7 @@ __all__ = [
     "print_trainable_parameters",
     "adapter_loss",
     "adapter_step",
+    "install_loss_hook",
 ]
 
 #: Row name that PEFT uses for "no adapter" in ``adapter_names=``; ``None`` means the same.
@@ -166,6 +167,35 @@ def adapter_loss(model: nn.Module) -> Optional[torch.Tensor]:
     return method_of(config).extra_loss(model, name, config)
 
 
+def _add_adapter_loss(model: nn.Module, args, output):
+    """Forward hook: the active adapter's ``adapter_loss`` joins ``output.loss`` when the
+    model returns a loss tensor (as PEFT's ``AdaLoraModel.forward`` adds its regulariser)."""
+    loss = getattr(output, "loss", None)
+    if isinstance(loss, torch.Tensor):
+        extra = adapter_loss(model)
+        if extra is not None:
+            output.loss = loss + extra
+    return output
+
+
+def install_loss_hook(model: nn.Module, method) -> Optional[Callable[[], None]]:
+    """Register :func:`_add_adapter_loss` on ``model`` once, if ``method`` asks for it
+    (``Method.loss_in_forward``; other methods' models are never touched); returns the
+    undo of the registration (None when nothing was registered)."""
+    if not method.loss_in_forward:
+        return None
+    if model.__dict__.get("fastpeft_loss_hook") is not None:
+        return None
+    handle = model.register_forward_hook(_add_adapter_loss)
+    model.__dict__["fastpeft_loss_hook"] = handle
+
+    def undo() -> None:
+        handle.remove()
+        model.__dict__.pop("fastpeft_loss_hook", None)
+
+    return undo
+
+
 def adapter_step(model: nn.Module, global_step: int) -> None:
     """Run the active adapter's method's per-step callback (``Method.on_step``, e.g. a
     rank allocator); call it once per optimizer step."""
@@ -277,6 +307,9 @@ def unload(model: nn.Module, merge_adapter: bool = True, *, safe_merge: bool = F
     replace_modules(model, {name: layer.to_base_module() for name, layer in layers}, add=True)
     model.__dict__.pop("fastpeft_config", None)
     model.__dict__.pop("fastpeft_active", None)
+    hook = model.__dict__.pop("fastpeft_loss_hook", None)
+    if hook is not None:
+        hook.remove()
     return model
 
 

@@ -3,10 +3,11 @@
 :data:`BUILTIN` lists the methods fastpeft ships; ``fastpeft/__init__.py`` registers
 them with :func:`fastpeft.core.method.register_method`.
 """
+from fastpeft.methods.adalora.method import ADALORA
 from fastpeft.methods.bottleneck.method import BOTTLENECK
 from fastpeft.methods.ia3.method import IA3
 from fastpeft.methods.lora.method import LORA
 
-BUILTIN = (LORA, IA3, BOTTLENECK)
+BUILTIN = (LORA, IA3, BOTTLENECK, ADALORA)
 
 __all__ = ["BUILTIN"]
