@@ -160,6 +160,24 @@ def test_labels_loss_matches_peft():
     torch.testing.assert_close(ours, ref, **TOL)
 
 
+def test_inputs_embeds_and_fp16_match_peft(tmp_path):
+    """``inputs_embeds`` input; an fp16 model (fastpeft keeps the adapter in fp32 as its
+    autocast_adapter_dtype does, and computes in fp16 as PEFT does: the same logits)."""
+    theirs = peft_model()
+    theirs.save_pretrained(tmp_path)
+    model = fp.load_adapter(tiny_llama(), tmp_path)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)
+        torch.testing.assert_close(model(inputs_embeds=embeds, attention_mask=mask).logits,
+                                   logits(theirs, ids, mask), **TOL)
+    half = fp.load_adapter(tiny_llama().half(), tmp_path)
+    assert all(p.dtype == torch.float32 for n, p in half.named_parameters() if "adaption_" in n)
+    out = logits(half, ids, mask)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, logits(theirs.half(), ids, mask), rtol=1e-3, atol=1e-3)
+
+
 # --------------------------------------------------------------------- checkpoints
 
 
@@ -305,6 +323,6 @@ def test_not_mergeable_and_unload_without_merge():
 
 def test_mixed_batches_refused():
     model = fp.inject(tiny_llama(), fp.AdaptionPromptConfig(adapter_len=2, adapter_layers=1))
-    with pytest.raises(ValueError, match="ADAPTION_PROMPT|mixed"):
+    with pytest.raises(ValueError, match="ADAPTION_PROMPT.*does not run in mixed batches"):
         with fp.batch_adapters(model, ["default", None, "default"]):
             pass

@@ -1,7 +1,7 @@
 """The wrapped attention module of LLaMA-Adapter: one adaption prompt and gate per adapter."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -80,6 +80,3 @@ class AdaptedAttention(ModuleWrapper):
         if isinstance(out, tuple):
             return ((out[0] + extra).to(query.dtype), *out[1:])
         return (out + extra).to(query.dtype)
-
-    def adapter_len(self, adapter_name: Optional[str] = None) -> int:
-        return self.adapters[adapter_name or self._active()].adapter_len
