@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 import fastpeft as fp  # noqa: E402
 from fastpeft.core.checkpoint import AdapterCheckpointError  # noqa: E402
 from fastpeft.methods.llama_adapter.layer import AdaptedAttention  # noqa: E402
-from tiny_models import assert_same_snapshot, input_ids, snapshot, tiny_gpt2, tiny_llama  # noqa: E402
+from tiny_models import assert_same_snapshot, input_ids, snapshot, tiny_bert, tiny_gpt2, tiny_llama  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -108,11 +108,16 @@ def test_too_many_layers_and_unsupported_model_refused_unchanged():
     with pytest.raises(ValueError, match="adapter_layers=3.*only 2"):
         fp.inject(model, fp.AdaptionPromptConfig(adapter_len=2, adapter_layers=3))
     assert_same_snapshot(before, snapshot(model))
-    gpt2 = tiny_gpt2()
-    before = snapshot(gpt2)
-    with pytest.raises(ValueError, match="unsupported model type.*gpt2"):
-        fp.inject(gpt2, fp.AdaptionPromptConfig(adapter_len=2, adapter_layers=1, target_modules="attn"))
-    assert_same_snapshot(before, snapshot(gpt2))
+    bert = tiny_bert()
+    before = snapshot(bert)
+    with pytest.raises(ValueError, match="unsupported model type.*bert"):
+        fp.inject(bert, fp.AdaptionPromptConfig(adapter_len=2, adapter_layers=1, target_modules="attention"))
+    assert_same_snapshot(before, snapshot(bert))
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="'model.layers.1.mlp'.*not an attention module"):
+        fp.inject(model, fp.AdaptionPromptConfig(adapter_len=2, adapter_layers=1, target_modules="mlp"))
+    assert_same_snapshot(before, snapshot(model))
 
 
 # --------------------------------------------------------------------- forward and generation
@@ -176,6 +181,26 @@ def test_inputs_embeds_and_fp16_match_peft(tmp_path):
     out = logits(half, ids, mask)
     assert out.dtype == torch.float16
     torch.testing.assert_close(out, logits(theirs.half(), ids, mask), rtol=1e-3, atol=1e-3)
+
+
+def test_gpt2_matches_peft_both_ways(tmp_path):
+    """GPT-2 (PEFT's AdaptedAttentionGPT: c_attn parts, no output projection on the
+    adapter term): logits and greedy generation, PEFT's checkpoint in, ours out."""
+    torch.manual_seed(4)
+    theirs = peft.get_peft_model(tiny_gpt2(), peft_config(3, 1))
+    with torch.no_grad():
+        next(p for n, p in theirs.named_parameters() if n.endswith("adaption_gate")).fill_(0.6)
+    theirs.eval().save_pretrained(tmp_path / "peft")
+    model = fp.load_adapter(tiny_gpt2(), tmp_path / "peft")
+    assert model.fastpeft_config["default"].target_modules == "attn"
+    ids, mask = padded_batch()
+    expected = logits(theirs, ids, mask)
+    assert (expected - logits(tiny_gpt2(), ids, mask)).abs().max() > 1e-2
+    torch.testing.assert_close(logits(model, ids, mask), expected, **TOL)
+    assert torch.equal(generate(model, ids, mask), generate(theirs, ids, mask))
+    fp.save_adapter(model, tmp_path / "ours")
+    again = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(again, ids, mask), expected, **TOL)
 
 
 # --------------------------------------------------------------------- checkpoints

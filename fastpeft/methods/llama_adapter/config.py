@@ -10,8 +10,7 @@ __all__ = ["AdaptionPromptConfig", "ADAPTION_PROMPT_MODEL_TYPES"]
 
 # The transformers model types whose attention this method wraps, with PEFT's default
 # ``target_modules`` (the attention submodule's attribute name in each decoder layer).
-# PEFT also wraps GPT-2 (``attn``); fastpeft does not (yet): its attention differs.
-ADAPTION_PROMPT_MODEL_TYPES: Dict[str, str] = {"llama": "self_attn", "mistral": "self_attn"}
+ADAPTION_PROMPT_MODEL_TYPES: Dict[str, str] = {"llama": "self_attn", "mistral": "self_attn", "gpt2": "attn"}
 
 # Fields of AdapterConfig that PEFT's AdaptionPromptConfig does not have: written only
 # when set (never, as check_config refuses them), so the JSON has exactly PEFT's keys.

@@ -7,22 +7,28 @@ import torch
 import torch.nn as nn
 
 from fastpeft.core.layer import ModuleWrapper
-from fastpeft.methods.llama_adapter.op import adaption_output, adapter_queries
+from fastpeft.methods.llama_adapter.op import (
+    adaption_output, adapter_queries, gpt2_adaption_output, gpt2_queries,
+)
 
-__all__ = ["AdaptionPrompt", "AdaptedAttention", "check_attention"]
+__all__ = ["AdaptionPrompt", "AdaptedAttention", "attention_kind"]
 
-_NEEDED = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "config")
+# What each kind of attention module must have: Llama-style (Llama, Mistral) and GPT-2.
+_NEEDED = {
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "config"),
+    "gpt2": ("c_attn", "c_proj", "split_size", "head_dim", "config"),
+}
 
 
-def check_attention(path: str, module: nn.Module) -> None:
-    """Raise ``ValueError`` unless ``module`` is a Llama-style attention module."""
-    missing = [a for a in _NEEDED if not hasattr(module, a)]
-    if missing:
-        raise ValueError(
-            f"module {path!r} ({type(module).__name__}) is not a Llama-style attention module "
-            f"(it lacks {', '.join(missing)}); adaption prompts wrap attention modules with "
-            "q_proj/k_proj/v_proj/o_proj: check target_modules"
-        )
+def attention_kind(path: str, module: nn.Module) -> str:
+    """``"llama"`` or ``"gpt2"``: which attention ``module`` is; ``ValueError`` if neither."""
+    for kind, needed in _NEEDED.items():
+        if all(hasattr(module, a) for a in needed):
+            return kind
+    raise ValueError(
+        f"module {path!r} ({type(module).__name__}) is not an attention module adaption prompts can wrap "
+        "(Llama-style with q_proj/k_proj/v_proj/o_proj, or GPT-2's with c_attn/c_proj): check target_modules"
+    )
 
 
 class AdaptionPrompt(nn.Module):
@@ -46,18 +52,19 @@ class AdaptionPrompt(nn.Module):
 
 
 class AdaptedAttention(ModuleWrapper):
-    """A Llama-style attention module (``base_layer``) plus the gated attention over
+    """A Llama-style or GPT-2 attention module (``base_layer``) plus the gated attention over
     the active adapter's adaption prompt (``op.py`` has the math). With no active adapter
     it is the base attention. The base's call signature and outputs are kept: the
     adapter term is added to the first output (the attention's output)."""
 
-    def __init__(self, base_layer: nn.Module) -> None:
+    def __init__(self, base_layer: nn.Module, path: str = "") -> None:
         super().__init__()
+        self.kind = attention_kind(path, base_layer)
         self._init_wrapper(base_layer)
 
     def add_adapter(self, adapter_name: str, adapter_len: int) -> None:
         self._check_new_name(adapter_name)
-        weight = self.base_layer.q_proj.weight
+        weight = (self.base_layer.q_proj if self.kind == "llama" else self.base_layer.c_proj).weight
         # PEFT's dtype: the projections', unless they are quantized (int8): then fp32.
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
         self._added(adapter_name, AdaptionPrompt(
@@ -69,14 +76,20 @@ class AdaptedAttention(ModuleWrapper):
             return out
         adapter = self.adapters[self.active_adapter]
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        position = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
-        if position is None:
-            raise ValueError(
-                "adaption prompts need the rotary position embeddings (cos, sin) that transformers' "
-                "Llama decoder layers pass to attention as position_embeddings; none were given"
-            )
-        query = adapter_queries(self.base_layer, hidden, position)
-        extra = adaption_output(self.base_layer, query, adapter.adaption_prompt, adapter.adaption_gate)
+        if self.kind == "gpt2":
+            if kwargs.get("encoder_hidden_states") is not None:
+                raise NotImplementedError("adaption prompts do not wrap GPT-2 cross-attention")
+            query = gpt2_queries(self.base_layer, hidden)
+            extra = gpt2_adaption_output(self.base_layer, query, adapter.adaption_prompt, adapter.adaption_gate)
+        else:
+            position = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
+            if position is None:
+                raise ValueError(
+                    "adaption prompts need the rotary position embeddings (cos, sin) that transformers' "
+                    "Llama decoder layers pass to attention as position_embeddings; none were given"
+                )
+            query = adapter_queries(self.base_layer, hidden, position)
+            extra = adaption_output(self.base_layer, query, adapter.adaption_prompt, adapter.adaption_gate)
         if isinstance(out, tuple):
             return ((out[0] + extra).to(query.dtype), *out[1:])
         return (out + extra).to(query.dtype)

@@ -3,7 +3,7 @@
 Attaches by wrapping (``Attach.WRAP``) the attention modules of the top
 ``adapter_layers`` decoder layers: the modules whose path ends in
 ``"." + target_modules``, the last ``adapter_layers`` of them in model order (PEFT's
-rule). Checkpoint keys, PEFT's own (without ``base_model.model.``), e.g.
+rule). Llama and Mistral (``self_attn``) and GPT-2 (``attn``), as PEFT. Checkpoint keys, PEFT's own (without ``base_model.model.``), e.g.
 ``model.layers.1.self_attn.adaption_prompt`` ``(1, adapter_len, hidden)`` and
 ``model.layers.1.self_attn.adaption_gate`` ``(1,)``: the default key map (each adapter
 module's state dict under its layer's path). Only these train. Not mergeable (the
@@ -19,7 +19,7 @@ import torch.nn as nn
 from fastpeft.core.method import Attach, Method
 from fastpeft.core.targets import model_type_of
 from fastpeft.methods.llama_adapter.config import ADAPTION_PROMPT_MODEL_TYPES, AdaptionPromptConfig
-from fastpeft.methods.llama_adapter.layer import AdaptedAttention, check_attention
+from fastpeft.methods.llama_adapter.layer import AdaptedAttention
 
 __all__ = ["AdaptionPromptMethod", "ADAPTION_PROMPT"]
 
@@ -36,7 +36,7 @@ class AdaptionPromptMethod(Method):
     config_cls = AdaptionPromptConfig
     attach = Attach.WRAP
     layer_types = (AdaptedAttention,)
-    target_types = (nn.Module,)  # build_layer checks for a Llama-style attention
+    target_types = (nn.Module,)  # AdaptedAttention checks for an attention it can wrap
     merges = False
     mixed_batches = False
 
@@ -68,8 +68,7 @@ class AdaptionPromptMethod(Method):
 
     def build_layer(self, path: str, module: nn.Module, config: AdaptionPromptConfig, adapter_name: str,
                     backend: str) -> nn.Module:
-        check_attention(path, module)
-        layer = AdaptedAttention(module)
+        layer = AdaptedAttention(module, path)
         layer.add_adapter(adapter_name, config.adapter_len)
         return layer
 

@@ -15,6 +15,10 @@ adapter term as well, the softmax runs in fp32 and is cast back to the queries' 
 before the gate scales it. With ``g = 0`` the model is the base model, yet the prompt
 gets a gradient through ``g``'s once ``g`` moves.
 
+GPT-2 (PEFT's ``AdaptedAttentionGPT``): ``q``, ``K_P``, ``V_P`` are the three parts of
+``c_attn`` (of ``h`` and of ``P``), no rope, no GQA, and the adapter term is added
+*without* the output projection: ``out = attention(h) + (g * A) V_P``.
+
 No Triton kernel: the adapter attention covers only ``L`` (about 10) keys, so it is a
 small pair of batched GEMMs beside the base attention. Fusing it into the attention
 output is worth doing only if it measures faster on a GPU; until it is measured, it
@@ -29,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["rotate_half", "adapter_queries", "adaption_output"]
+__all__ = ["rotate_half", "adapter_queries", "adaption_output", "gpt2_queries", "gpt2_adaption_output"]
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -54,8 +58,7 @@ def adaption_output(attn: nn.Module, query: torch.Tensor, prompt: torch.Tensor,
     """``o_proj((g * softmax(q K_P^T / sqrt(d))) V_P)`` of shape ``(B, T, hidden)`` in the
     queries' dtype (module docstring). ``prompt`` ``(1, L, hidden)`` and ``gate`` ``(1,)``
     may be stored in fp32 over a half-precision model: they are cast to its dtype here."""
-    bsz, heads, q_len, head_dim = query.shape
-    dtype = query.dtype
+    heads, head_dim = query.shape[1], query.shape[3]
     prompt = prompt.to(attn.k_proj.weight.dtype) if hasattr(attn.k_proj, "weight") else prompt
     key = attn.k_proj(prompt)
     value = attn.v_proj(prompt)
@@ -70,7 +73,34 @@ def adaption_output(attn: nn.Module, query: torch.Tensor, prompt: torch.Tensor,
     value = value.view(1, adapter_len, kv_heads, head_dim).transpose(1, 2)
     key = torch.repeat_interleave(key, heads // kv_heads, dim=1)
     value = torch.repeat_interleave(value, heads // kv_heads, dim=1)
+    return attn.o_proj(_gated_attention(query, key, value, gate))
+
+
+def _gated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     gate: torch.Tensor) -> torch.Tensor:
+    """``(g * softmax_fp32(q k^T / sqrt(d))) v`` as ``(B, T, H * d)``; ``key``/``value``
+    ``(1, H, L, d)`` broadcast over the batch."""
+    bsz, _, q_len, head_dim = query.shape
+    dtype = query.dtype
     scores = torch.matmul(query, key.transpose(2, 3).to(dtype)) / math.sqrt(head_dim)
     probs = gate.to(dtype) * F.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
     out = torch.matmul(probs, value.to(dtype).expand(bsz, -1, -1, -1))
-    return attn.o_proj(out.transpose(1, 2).reshape(bsz, q_len, -1))
+    return out.transpose(1, 2).reshape(bsz, q_len, -1)
+
+
+def gpt2_queries(attn: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """GPT-2's queries ``(B, H, T, d)``: the first part of ``c_attn(hidden)``."""
+    query = attn.c_attn(hidden).split(attn.split_size, dim=2)[0]
+    return query.view(*query.shape[:-1], -1, attn.head_dim).transpose(1, 2)
+
+
+def gpt2_adaption_output(attn: nn.Module, query: torch.Tensor, prompt: torch.Tensor,
+                         gate: torch.Tensor) -> torch.Tensor:
+    """GPT-2's adapter term ``(g * A) V_P`` ``(B, T, hidden)`` (no ``c_proj``, as PEFT)."""
+    heads, head_dim = query.shape[1], query.shape[3]
+    prompt = prompt.to(attn.c_attn.weight.dtype)
+    _, key, value = attn.c_attn(prompt).split(attn.split_size, dim=2)
+    adapter_len = prompt.shape[1]
+    key = key.view(1, adapter_len, heads, head_dim).transpose(1, 2)
+    value = value.view(1, adapter_len, heads, head_dim).transpose(1, 2)
+    return _gated_attention(query, key, value, gate)
