@@ -346,8 +346,28 @@ def test_not_mergeable_and_unload_without_merge():
     assert set(model.state_dict()) == set(tiny_llama().state_dict())
 
 
-def test_mixed_batches_refused():
-    model = fp.inject(tiny_llama(), fp.AdaptionPromptConfig(adapter_len=2, adapter_layers=1))
-    with pytest.raises(ValueError, match="ADAPTION_PROMPT.*does not run in mixed batches"):
-        with fp.batch_adapters(model, ["default", None, "default"]):
-            pass
+def test_mixed_batches_row_by_row(tmp_path):
+    """Beyond PEFT: each row its own adapter (adapters over different layers and lengths),
+    None rows the base model: logits and greedy generation equal each adapter run alone."""
+    peft_model(adapter_len=3, adapter_layers=2, gate=0.5, seed=1).save_pretrained(tmp_path / "a")
+    peft_model(adapter_len=2, adapter_layers=1, gate=-0.7, seed=2).save_pretrained(tmp_path / "b")
+    model = fp.load_adapter(tiny_llama(), tmp_path / "a", "a")
+    fp.load_adapter(model, tmp_path / "b", "b")
+    ids, mask = padded_batch()
+    names = ["b", None, "a"]
+    alone = {}
+    for name in ("a", "b", None):
+        fp.set_adapter(model, name)
+        alone[name] = (logits(model, ids, mask), generate(model, ids, mask))
+    fp.set_adapter(model, "a")
+    with fp.batch_adapters(model, names):
+        mixed = logits(model, ids, mask)
+        tokens = generate(model, ids, mask)
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], alone[name][0][row], **TOL)
+        assert torch.equal(tokens[row], alone[name][1][row])
+    torch.testing.assert_close(mixed[1], logits(tiny_llama(), ids, mask)[1], rtol=0, atol=0)
+    torch.testing.assert_close(logits(model, ids, mask), alone["a"][0], rtol=0, atol=0)  # plan gone
+    with pytest.raises(ValueError, match="2 adapter names.*batch size 3"):
+        with fp.batch_adapters(model, ["a", "b"]):
+            logits(model, ids, mask)

@@ -1,11 +1,12 @@
 """The wrapped attention module of LLaMA-Adapter: one adaption prompt and gate per adapter."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
+from fastpeft.core.batch import BatchPlan
 from fastpeft.core.layer import ModuleWrapper
 from fastpeft.methods.llama_adapter.op import (
     adaption_output, adapter_queries, gpt2_adaption_output, gpt2_queries,
@@ -55,7 +56,9 @@ class AdaptedAttention(ModuleWrapper):
     """A Llama-style or GPT-2 attention module (``base_layer``) plus the gated attention over
     the active adapter's adaption prompt (``op.py`` has the math). With no active adapter
     it is the base attention. The base's call signature and outputs are kept: the
-    adapter term is added to the first output (the attention's output)."""
+    adapter term is added to the first output (the attention's output). In a mixed
+    batch (``fastpeft.batch_adapters``; PEFT has none for this method) each row gets its
+    own adapter's term, computed once per adapter for its rows; base rows get none."""
 
     def __init__(self, base_layer: nn.Module, path: str = "") -> None:
         super().__init__()
@@ -72,24 +75,55 @@ class AdaptedAttention(ModuleWrapper):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.base_layer(*args, **kwargs)
-        if self.active_adapter is None:
+        first = out[0] if isinstance(out, tuple) else out
+        if self.batch_plan is not None:
+            extra = self._mixed_term(first, args, kwargs)
+        elif self.active_adapter is None:
             return out
-        adapter = self.adapters[self.active_adapter]
+        else:
+            query = self._queries(args, kwargs)
+            extra = self._term(self.adapters[self.active_adapter], query)
+        if extra is None:
+            return out
+        first = (first + extra).to(extra.dtype)
+        return (first, *out[1:]) if isinstance(out, tuple) else first
+
+    def _queries(self, args: Any, kwargs: Any) -> torch.Tensor:
+        """The attention's queries ``(B, H, T, d)`` (recomputed: the base returns none)."""
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         if self.kind == "gpt2":
             if kwargs.get("encoder_hidden_states") is not None:
                 raise NotImplementedError("adaption prompts do not wrap GPT-2 cross-attention")
-            query = gpt2_queries(self.base_layer, hidden)
-            extra = gpt2_adaption_output(self.base_layer, query, adapter.adaption_prompt, adapter.adaption_gate)
-        else:
-            position = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
-            if position is None:
-                raise ValueError(
-                    "adaption prompts need the rotary position embeddings (cos, sin) that transformers' "
-                    "Llama decoder layers pass to attention as position_embeddings; none were given"
-                )
-            query = adapter_queries(self.base_layer, hidden, position)
-            extra = adaption_output(self.base_layer, query, adapter.adaption_prompt, adapter.adaption_gate)
-        if isinstance(out, tuple):
-            return ((out[0] + extra).to(query.dtype), *out[1:])
-        return (out + extra).to(query.dtype)
+            return gpt2_queries(self.base_layer, hidden)
+        position = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
+        if position is None:
+            raise ValueError(
+                "adaption prompts need the rotary position embeddings (cos, sin) that transformers' "
+                "Llama decoder layers pass to attention as position_embeddings; none were given"
+            )
+        return adapter_queries(self.base_layer, hidden, position)
+
+    def _term(self, adapter: AdaptionPrompt, query: torch.Tensor) -> torch.Tensor:
+        """One adapter's term for the rows of ``query``, in the queries' dtype."""
+        output = gpt2_adaption_output if self.kind == "gpt2" else adaption_output
+        return output(self.base_layer, query, adapter.adaption_prompt, adapter.adaption_gate)
+
+    def _make_row_plan(self, plan: BatchPlan) -> List[Tuple[str, torch.Tensor]]:
+        """``[(adapter, its rows)]`` for this layer's adapters among the batch's rows;
+        the other rows (None, or adapters without a prompt here) run the base."""
+        device = next(iter(self.base_layer.parameters())).device
+        rows = [(name, [i for i, n in enumerate(plan.rows) if n == name]) for name in self.adapters]
+        return [(name, torch.tensor(idx, device=device)) for name, idx in rows if idx]
+
+    def _mixed_term(self, first: torch.Tensor, args: Any, kwargs: Any) -> Optional[torch.Tensor]:
+        """A mixed batch: each row's adapter term (zero for base rows); None when no row
+        has an adapter in this layer. The queries are computed once for all rows."""
+        self.batch_plan.check_batch(first)
+        groups = self.__dict__.get("_row_plan") or []
+        if not groups:
+            return None
+        query = self._queries(args, kwargs)
+        extra = torch.zeros_like(first, dtype=query.dtype)
+        for name, idx in groups:
+            extra[idx] = self._term(self.adapters[name], query[idx])
+        return extra

@@ -3,11 +3,13 @@
 Attaches by wrapping (``Attach.WRAP``) the attention modules of the top
 ``adapter_layers`` decoder layers: the modules whose path ends in
 ``"." + target_modules``, the last ``adapter_layers`` of them in model order (PEFT's
-rule). Llama and Mistral (``self_attn``) and GPT-2 (``attn``), as PEFT. Checkpoint keys, PEFT's own (without ``base_model.model.``), e.g.
+rule). Llama and Mistral (``self_attn``) and GPT-2 (``attn``), as PEFT. Checkpoint
+keys, PEFT's own (without ``base_model.model.``), e.g.
 ``model.layers.1.self_attn.adaption_prompt`` ``(1, adapter_len, hidden)`` and
 ``model.layers.1.self_attn.adaption_gate`` ``(1,)``: the default key map (each adapter
 module's state dict under its layer's path). Only these train. Not mergeable (the
-adapter attention is not a weight delta), and no mixed batches (as PEFT).
+adapter attention is not a weight delta). Mixed batches (each row its own adapter, or
+none) run, which PEFT's ``adapter_names=`` does not offer for this method.
 """
 from __future__ import annotations
 
@@ -38,7 +40,6 @@ class AdaptionPromptMethod(Method):
     layer_types = (AdaptedAttention,)
     target_types = (nn.Module,)  # AdaptedAttention checks for an attention it can wrap
     merges = False
-    mixed_batches = False
 
     def check_config(self, config: AdaptionPromptConfig) -> List[str]:
         return config.problems()
