@@ -203,6 +203,29 @@ def test_gpt2_matches_peft_both_ways(tmp_path):
     torch.testing.assert_close(logits(again, ids, mask), expected, **TOL)
 
 
+def tiny_mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64)
+    return MistralForCausalLM(config).eval()
+
+
+def test_mistral_matches_peft(tmp_path):
+    """Mistral (GQA with one key/value head): PEFT's checkpoint gives the same logits."""
+    torch.manual_seed(6)
+    theirs = peft.get_peft_model(tiny_mistral(), peft_config(2, 2))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if name.endswith("adaption_gate"):
+                p.fill_(0.9)
+    theirs.eval().save_pretrained(tmp_path)
+    model = fp.load_adapter(tiny_mistral(), tmp_path)
+    ids, mask = padded_batch()
+    torch.testing.assert_close(logits(model, ids, mask), logits(theirs, ids, mask), **TOL)
+
+
 # --------------------------------------------------------------------- checkpoints
 
 

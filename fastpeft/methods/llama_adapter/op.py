@@ -68,7 +68,8 @@ def adaption_output(attn: nn.Module, query: torch.Tensor, prompt: torch.Tensor,
         raise ValueError(f"k_proj gives {key.shape[-1]} features: not a whole number of key/value heads "
                          f"of size {head_dim} dividing the {heads} query heads")
     # (1, G, L, d) -> (1, H, L, d): each key/value head serves H / G query heads (PEFT's
-    # repeat_interleave); the batch dimension broadcasts.
+    # repeat_interleave); the batch dimension broadcasts. PEFT derives G from k_proj's
+    # in/out features, which is this G whenever hidden = H * d (it fails otherwise).
     key = key.view(1, adapter_len, kv_heads, head_dim).transpose(1, 2)
     value = value.view(1, adapter_len, kv_heads, head_dim).transpose(1, 2)
     key = torch.repeat_interleave(key, heads // kv_heads, dim=1)
