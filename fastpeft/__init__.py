@@ -31,6 +31,8 @@ from fastpeft.methods.bottleneck.op import bottleneck_linear
 from fastpeft.methods.ia3.config import IA3Config
 from fastpeft.methods.ia3.layer import IA3Linear
 from fastpeft.methods.ia3.op import ia3_linear
+from fastpeft.methods.llama_adapter.config import AdaptionPromptConfig
+from fastpeft.methods.llama_adapter.layer import AdaptedAttention
 from fastpeft.methods.lora.config import LoraConfig
 from fastpeft.methods.lora.layer import FastLoRALinear
 from fastpeft.methods.lora.multi_op import multi_lora_linear
@@ -54,5 +56,6 @@ __all__ += [
     "IA3Linear", "IA3Config", "ia3_linear", "BottleneckAdapter", "BottleneckLinear", "BottleneckConfig",
     "bottleneck_linear",
 ]
+__all__ += ["AdaptionPromptConfig", "AdaptedAttention"]
 __all__ += ["multi_lora_linear", "AdapterPool", "ServingEngine", "GenerationOutput", "AdapterError", "PoolFullError"]
 __all__ += ["AdaLoraConfig", "AdaLoraLinear", "update_and_allocate", "orthogonal_regularization"]

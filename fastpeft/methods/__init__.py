@@ -6,8 +6,9 @@ them with :func:`fastpeft.core.method.register_method`.
 from fastpeft.methods.adalora.method import ADALORA
 from fastpeft.methods.bottleneck.method import BOTTLENECK
 from fastpeft.methods.ia3.method import IA3
+from fastpeft.methods.llama_adapter.method import ADAPTION_PROMPT
 from fastpeft.methods.lora.method import LORA
 
-BUILTIN = (LORA, IA3, BOTTLENECK, ADALORA)
+BUILTIN = (LORA, IA3, BOTTLENECK, ADALORA, ADAPTION_PROMPT)
 
 __all__ = ["BUILTIN"]
