@@ -131,21 +131,29 @@ def strip_model_prefix(path: str) -> str:
     return path
 
 
-def strip_prefix(tensors: Mapping[str, Any], where: str) -> Dict[str, Any]:
-    """A saved directory's tensors keyed without PEFT's ``base_model.model.`` prefix,
-    which every key must have."""
-    bad = [k for k in tensors if not k.startswith(PREFIX)]
+def strip_prefix(tensors: Mapping[str, Any], where: str, prefix: str = PREFIX) -> Dict[str, Any]:
+    """A saved directory's tensors keyed without PEFT's ``base_model.model.`` prefix
+    (or the method's ``key_prefix``), which every key must have."""
+    bad = [k for k in tensors if not k.startswith(prefix)]
     if bad:
         raise AdapterCheckpointError(
-            f"{where}: {len(bad)} key(s) do not start with {PREFIX!r} as PEFT writes them, e.g. {bad[:3]}"
+            f"{where}: {len(bad)} key(s) do not start with {prefix!r} as PEFT writes them, e.g. {bad[:3]}"
         )
-    return {k[len(PREFIX):]: v for k, v in tensors.items()}
+    return {k[len(prefix):]: v for k, v in tensors.items()}
+
+
+def _key_prefix(data: Dict[str, Any]) -> str:
+    """The key prefix of a checkpoint of this config's method (PEFT's by default)."""
+    try:
+        return get_method(data.get("peft_type")).key_prefix
+    except ValueError:
+        return PREFIX
 
 
 def read_adapter(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
     """``(config dict, tensors keyed without the prefix)`` of a PEFT adapter directory."""
     data = read_adapter_config(path)
-    return data, strip_prefix(read_adapter_weights(path), os.fspath(path))
+    return data, strip_prefix(read_adapter_weights(path), os.fspath(path), _key_prefix(data))
 
 
 def _list(keys, limit: int = 5) -> str:
@@ -324,7 +332,7 @@ def save_adapter(
         raise NotADirectoryError(f"{path!r} is a file; save_adapter writes a directory")
     # Own copies: safetensors refuses tensors that share storage (e.g. tied weights).
     tensors = {
-        PREFIX + key: t.detach().to("cpu").contiguous().clone()
+        method_of(config).key_prefix + key: t.detach().to("cpu").contiguous().clone()
         for key, t in adapter_tensors(model, adapter_name).items()
     }
     data = config.to_dict()

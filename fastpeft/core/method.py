@@ -73,6 +73,9 @@ class Method:
     hook_site: str = ""  # HOOKS: the child's name on the model
     merges: bool = True
     mixed_batches: bool = True
+    # What a checkpoint's keys start with: PEFT writes tuners' tensors under
+    # ``base_model.model.``, prompt learning's ``prompt_embeddings`` bare ("").
+    key_prefix: str = "base_model.model."
 
     # ---------------------------------------------------------------- configuration
 

@@ -6,7 +6,8 @@ them with :func:`fastpeft.core.method.register_method`.
 from fastpeft.methods.bottleneck.method import BOTTLENECK
 from fastpeft.methods.ia3.method import IA3
 from fastpeft.methods.lora.method import LORA
+from fastpeft.methods.prompt.method import P_TUNING, PREFIX_TUNING, PROMPT_TUNING
 
-BUILTIN = (LORA, IA3, BOTTLENECK)
+BUILTIN = (LORA, IA3, BOTTLENECK, PROMPT_TUNING, P_TUNING, PREFIX_TUNING)
 
 __all__ = ["BUILTIN"]
