@@ -169,7 +169,8 @@ def test_bad_inputs_change_nothing(tmp_path):
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     cfg["bottleneck_size"] = 5
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="adapter_down"):
+    with pytest.raises(ValueError, match=r"adapter_down.0.weight has shape \(4, 32\), a bottleneck width of 4, "
+                                         r"but adapter_config.json gives 5 \(bottleneck_size=5\)"):
         fp.load_adapter(model, tmp_path / "a")
     assert _same_state(model, before) and not _adapted(model)
     cfg["non_linearity"] = "mish"

@@ -201,9 +201,15 @@ def test_wrong_vector_shape_in_checkpoint_changes_nothing(tmp_path):
     save_file(tensors, path / "adapter_model.safetensors")
     model = tiny_llama()
     before = _state(model)
-    with pytest.raises(ValueError, match="v_proj.ia3_l"):
+    with pytest.raises(ValueError, match=r"v_proj.ia3_l has shape \(1, 16\), made for feed-forward .*but the "
+                                         r"config's feedforward_modules make .*v_proj output scaling"):
         fp.load_adapter(model, path)
     assert _same_state(model, before) and not any(isinstance(m, IA3Linear) for m in model.modules())
+    tensors[key] = torch.ones(3, 1)  # another size altogether: another base model
+    save_file(tensors, path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"v_proj.ia3_l has shape \(3, 1\) but the model expects \(16, 1\)"):
+        fp.load_adapter(model, path)
+    assert _same_state(model, before)
 
 
 def test_training_gradients_match_peft(tmp_path):

@@ -96,7 +96,8 @@ def test_missing_directory_and_files(model, good_dir, tmp_path):
         (lambda d: d.update(target_modules=["nothing_like_this"]), ValueError, "matched no module"),
         (lambda d: d.update(target_modules=["mlp"]), ValueError, "adapts only Linear"),
         (lambda d: d.update(modules_to_save=["not_here"]), ValueError, "modules_to_save"),
-        (lambda d: d.update(r=8), AdapterCheckpointError, "shape"),
+        (lambda d: d.update(r=8), AdapterCheckpointError,
+         "lora_A/lora_B have rank 4 but adapter_config.json says r=8: the config and the weights do not belong"),
         (lambda d: d.update(bias="none"), AdapterCheckpointError, "unexpected keys"),
         (lambda d: d.update(lora_bias=False), AdapterCheckpointError, "unexpected keys: .*lora_B.bias"),
         (lambda d: d.update(bias="sometimes"), ValueError, "bias must be"),
@@ -142,6 +143,54 @@ def test_bad_tensors(model, good_dir, tmp_path, edit, match):
     bad = _copy(good_dir, tmp_path)
     _edit_tensors(bad, edit)
     _fails(model, bad, AdapterCheckpointError, match)
+
+
+def _q_proj_B(t):
+    return next(k for k in sorted(t) if k.endswith("layers.0.self_attn.q_proj.lora_B.weight"))
+
+
+@pytest.mark.parametrize(
+    "config_edit, tensors_edit, match",
+    [
+        # lora_A rank 4 beside a lora_B of rank 3: the two tensors, not the base model.
+        (None, lambda t: t.update({_q_proj_B(t): torch.zeros(32, 3)}),
+         r"q_proj.lora_A.weight has shape \(4, 32\) \(rank 4\) but .*q_proj.lora_B.weight has shape \(32, 3\) "
+         r"\(rank 3\): the two tensors do not belong together"),
+        # The config's r against rank-4 tensors, directly or through rank_pattern.
+        (lambda d: d.update(r=8), None, "rank 4 but adapter_config.json says r=8: the config and the weights"),
+        (lambda d: d.update(rank_pattern={"q_proj": 2}), None,
+         r"q_proj: lora_A/lora_B have rank 4 but adapter_config.json says rank_pattern\['q_proj'\] = 2 for this"),
+        (lambda d: d.update(r=8, rank_pattern={"v_proj": 4}), None,
+         r"q_proj: .*says r=8 \(no rank_pattern entry matches this module\)"),
+    ],
+)
+def test_rank_mismatch_names_its_cause(model, good_dir, tmp_path, config_edit, tensors_edit, match):
+    bad = _copy(good_dir, tmp_path)
+    if config_edit is not None:
+        _edit_config(bad, config_edit)
+    if tensors_edit is not None:
+        _edit_tensors(bad, tensors_edit)
+    before = snapshot(model)
+    with pytest.raises(AdapterCheckpointError, match=match) as info:
+        fp.load_adapter(model, bad, adapter_name="new")
+    assert "other layer sizes" not in str(info.value)
+    assert_same_snapshot(before, snapshot(model))
+
+
+def test_alpha_pattern_is_applied_and_a_rank_pattern_that_fits_loads(good_dir, tmp_path):
+    """rank_pattern/alpha_pattern as PEFT saves them load with PEFT's numbers (the rank
+    check reads the pattern, not only r)."""
+    cfg = dict(r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 16},
+               init_lora_weights=False)
+    torch.manual_seed(3)
+    pm = peft.get_peft_model(BUILDERS["llama"](0), peft.LoraConfig(**cfg)).eval()
+    pm.save_pretrained(str(tmp_path / "pat"))
+    ids = input_ids()
+    model = fp.load_adapter(BUILDERS["llama"](0), tmp_path / "pat")
+    assert torch.allclose(logits(model, ids), logits(pm, ids), rtol=1e-5, atol=1e-5)
+    _edit_config(tmp_path / "pat", lambda d: d.update(rank_pattern={}))
+    with pytest.raises(AdapterCheckpointError, match=r"v_proj: lora_A/lora_B have rank 2 but .* says r=4"):
+        fp.load_adapter(BUILDERS["llama"](0), tmp_path / "pat")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "header"])

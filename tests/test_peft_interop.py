@@ -384,3 +384,105 @@ def test_set_adapter_moves_trainability_as_peft_does():
     fp.set_adapter(model, "a", inference_mode=True)
     assert not trainable("a") and not trainable("b")
     assert not any(p.requires_grad for p in base)
+
+
+# ----------------------------------------------------------------- biases of wrapped modules
+# With bias="all" (or "lora_only") an adapter's checkpoint holds base biases, and PEFT
+# spells the bias of a module that *another* adapter wraps after that wrapper
+# (``k_proj.base_layer.bias``, ``classifier.original_module.bias``) or not
+# (``k_proj.bias``), depending on which adapters the model held when it saved. Every
+# spelling must load, wherever the module is wrapped now, with the outputs the adapter
+# had when it was saved.
+
+WRAPPED = {
+    # kind: (adapter "first" that wraps some modules, the targets of the biased adapter "b")
+    "llama": (dict(target_modules=["k_proj"]), ["q_proj", "v_proj"]),
+    "bert": (dict(target_modules=["query"], modules_to_save=["classifier"]), ["value"]),
+}
+
+
+def _perturb_trainable_biases(model, seed):
+    """Trained biases: every bias the active adapter trains moves (so saving or loading
+    the wrong one shows)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and name.endswith("bias"):
+                p.add_(0.3 * torch.randn(p.shape, generator=g).to(p.device))
+
+
+@pytest.mark.parametrize("saved_with_a", [False, True], ids=["saved-alone", "saved-beside-first"])
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+@pytest.mark.parametrize("kind", sorted(WRAPPED))
+def test_peft_bias_adapter_loads_beside_an_adapter_that_wraps_its_modules(tmp_path, kind, bias, saved_with_a):
+    a_cfg, b_targets = WRAPPED[kind]
+    b_cfg = dict(r=2, target_modules=b_targets, bias=bias, init_lora_weights=False)
+    torch.manual_seed(5)
+    if saved_with_a:
+        made = peft.get_peft_model(_model(kind), peft.LoraConfig(r=2, init_lora_weights=False, **a_cfg), "first")
+        made.add_adapter("b", peft.LoraConfig(**b_cfg))
+        made.set_adapter("b")
+    else:
+        made = peft.get_peft_model(_model(kind), peft.LoraConfig(**b_cfg), "b")
+    _perturb_trainable_biases(made, seed=6)
+    made.eval()
+    made.save_pretrained(str(tmp_path), selected_adapters=["b"])
+    path = tmp_path / "b"
+    ids = input_ids().to(DEVICE)
+    ref = logits(made, ids)  # the adapter's outputs as saved
+    assert rel_err(ref, logits(_model(kind), ids)) > 1e-3
+
+    # Beside an adapter that wraps those modules (the case that was refused) and alone.
+    beside = fp.inject(_model(kind), fp.LoraConfig(r=2, init_lora_weights=False, **a_cfg), "first")
+    fp.load_adapter(beside, path, "b")
+    fp.set_adapter(beside, "b")
+    assert rel_err(logits(beside, ids), ref) <= TOL
+    alone = fp.load_adapter(_model(kind), path, "b")
+    assert rel_err(logits(alone, ids), ref) <= TOL
+    # PEFT holding the same adapters as when it saved gets it right too. (Saved alone, a
+    # PeftModel that holds "first" before "b" drops the biases spelled for unwrapped
+    # modules as unexpected keys; fastpeft loads them and gives the saved outputs.)
+    theirs = peft.get_peft_model(_model(kind), peft.LoraConfig(r=2, **a_cfg), "first") if saved_with_a else _model(kind)
+    if saved_with_a:
+        theirs.load_adapter(str(path), adapter_name="b")
+        theirs.set_adapter("b")
+    else:
+        theirs = peft.PeftModel.from_pretrained(theirs, str(path), adapter_name="b")
+    assert rel_err(logits(theirs.eval(), ids), ref) <= TOL
+
+
+def _fastpeft_beside_other_methods(kind):
+    """A biased LoRA adapter "b" next to a LoRA adapter "first" (and, on Llama, an (IA)^3 and a
+    bottleneck adapter) that wrap modules whose biases "b" saves."""
+    a_cfg, b_targets = WRAPPED[kind]
+    torch.manual_seed(8)
+    model = fp.inject(_model(kind), fp.LoraConfig(r=2, init_lora_weights=False, **a_cfg), "first")
+    if kind == "llama":
+        fp.inject(model, fp.IA3Config(target_modules=["down_proj"], feedforward_modules=["down_proj"]), "ia3")
+        fp.inject(model, fp.BottleneckConfig(target_modules=["o_proj"], bottleneck_size=4, init_weights=False), "bn")
+    fp.inject(model, fp.LoraConfig(r=2, target_modules=b_targets, bias="all", init_lora_weights=False), "b")
+    fp.set_adapter(model, "b")
+    _perturb_trainable_biases(model, seed=9)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", sorted(WRAPPED))
+def test_fastpeft_bias_adapter_saved_beside_others_loads_in_peft(tmp_path, kind):
+    model = _fastpeft_beside_other_methods(kind)
+    ids = input_ids().to(DEVICE)
+    ours = logits(model, ids)
+    fp.save_adapter(model, tmp_path, "b")
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(tmp_path / "adapter_model.safetensors")))
+    # Each bias once, under the module's own path; no other adapter's tensors.
+    assert not any(".adapters." in k or "ia3_l" in k or ".modules_to_save." in k for k in keys), sorted(keys)
+    theirs = peft.PeftModel.from_pretrained(_model(kind), str(tmp_path)).eval()
+    assert rel_err(logits(theirs, ids), ours) <= TOL
+    assert rel_err(logits(fp.load_adapter(_model(kind), tmp_path), ids), ours) <= TOL
+    again = _fastpeft_beside_other_methods(kind)
+    fp.delete_adapter(again, "b")
+    fp.load_adapter(again, tmp_path, "b")
+    fp.set_adapter(again, "b")
+    assert rel_err(logits(again, ids), ours) <= TOL
+    assert rel_err(ours, logits(_model(kind), ids)) > 1e-3

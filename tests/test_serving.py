@@ -542,3 +542,218 @@ def test_layers_own_adapters_share_metadata_across_layers(model, monkeypatch):
     with torch.no_grad(), fp.batch_adapters(model, ["x", None]):
         model(ids)
     assert len(layers) == 6 and len(builds) == 1
+
+
+# ----------------------------------------------------------------------------- refusals (pool unchanged)
+
+
+def _full_pool(model, dtype=None):
+    """A full pool: "a" pinned, "b" the LRU victim a successful load would evict."""
+    pool = AdapterPool(model, max_adapters=2, max_rank=8, dtype=dtype)
+    pool.load("a", _weights(pool, 4, 1), lora_alpha=4, pin=True)
+    pool.load("b", _weights(pool, 2, 2), lora_alpha=2)
+    return pool
+
+
+def _as_peft_dir(tmp_path, tensors, config):
+    """A PEFT-format directory (as PEFT's save_pretrained writes it) holding ``tensors``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    return str(tmp_path)
+
+
+Q = "model.layers.0.self_attn.q_proj"
+V = "model.layers.1.self_attn.v_proj"
+
+
+@pytest.mark.parametrize("source", ["pairs", "state_dict", "peft_dir"])
+@pytest.mark.parametrize(
+    "pool_dtype, adapter_dtype, big",
+    [(torch.float16, torch.float32, 1e5), (torch.bfloat16, torch.float32, 3.4e38), (torch.float32, torch.float64, 1e300)],
+)
+def test_values_that_overflow_the_slot_dtype_are_refused(model, tmp_path, source, pool_dtype, adapter_dtype, big):
+    """Finite in the adapter's dtype, inf once cast to the pool's: refused, naming the
+    adapter, the layer and the dtype, through every way into the pool; nothing changes
+    (no eviction of the LRU adapter, slots, names, order and pins as they were)."""
+    pool = _full_pool(model, pool_dtype)
+    w = {n: (A.to(adapter_dtype), B.to(adapter_dtype)) for n, (A, B) in _weights(pool, 4, 3).items()}
+    w[V][1][3, 1] = -big
+    assert torch.isfinite(w[V][1]).all() and not torch.isfinite(w[V][1].to(pool_dtype)).all()
+    sd = {f"base_model.model.{n}.lora_{ab}.weight": t for n, AB in w.items() for ab, t in zip("AB", AB)}
+    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 4, "target_modules": list(TARGETS)}
+    kwargs, src = {}, {"pairs": w, "state_dict": sd}.get(source)
+    if source == "pairs":
+        kwargs = {"lora_alpha": 4}
+    elif source == "state_dict":
+        kwargs = {"config": cfg}
+    else:
+        src = _as_peft_dir(tmp_path / "big", sd, cfg)
+    snap = _snapshot(pool)
+    with pytest.raises(AdapterError) as err:
+        pool.load("new", src, **kwargs)
+    msg = str(err.value)
+    assert "'new'" in msg and V in msg and "lora_B" in msg and str(pool_dtype) in msg, msg
+    _assert_same(pool, snap)
+    with pytest.raises(AdapterError, match="already loaded"):  # a failed swap keeps the old "b"
+        pool.load("b", src, **kwargs)
+    _assert_same(pool, snap)
+    # The bound is the slot dtype's range, not a fixed threshold: the largest finite value
+    # loads, as do values that underflow to zero.
+    limit = torch.finfo(pool_dtype).max
+    w[V][1][3, 1] = -limit
+    w[V][1][0, 0] = torch.finfo(pool_dtype).tiny / 1e10
+    pool.unload("b")
+    pool.load("ok", w, lora_alpha=4)
+    ls = pool.layers[V]
+    assert float(ls.lora_B[pool.slot_of("ok"), 3, 1]) == -limit and torch.isfinite(ls.lora_B).all()
+
+
+def test_non_finite_scaling_is_refused(model):
+    pool = _full_pool(model)
+    snap = _snapshot(pool)
+    with pytest.raises(AdapterError, match="lora_alpha must be a finite number, got inf"):
+        pool.load("new", _weights(pool, 4, 3), lora_alpha=float("inf"))
+    with pytest.raises(AdapterError, match="scaling is nan"):
+        pool.load("new", _weights(pool, 4, 3), scaling={n: float("nan") for n in pool.layers})
+    _assert_same(pool, snap)
+
+
+def _two_adapter_peft_model(base):
+    """A PEFT model holding two LoRA adapters, "default" and "other", on q_proj/v_proj."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(7)
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg))
+    pm.add_adapter("other", peft.LoraConfig(**cfg))
+    return peft, pm
+
+
+def test_state_dict_of_two_adapters_is_refused_naming_both(model):
+    """PEFT's own state dict of a model with two adapters: each layer has lora_A.default and
+    lora_A.other. Refused (which one to serve is ambiguous), naming both keys; either
+    adapter's own tensors load, and equal what get_peft_model_state_dict gives."""
+    peft, pm = _two_adapter_peft_model(_base_model())
+    both = {k: v for k, v in pm.state_dict().items() if ".lora_" in k}
+    pool = _full_pool(model)
+    snap = _snapshot(pool)
+    key = f"base_model.model.{Q}.lora_A.%s.weight"
+    with pytest.raises(AdapterError) as err:
+        pool.load("new", both, lora_alpha=8)
+    assert key % "default" in str(err.value) and key % "other" in str(err.value), err.value
+    # One adapter's tensors on some layers, the other's on the rest: still two adapters.
+    mixed = {k: v for k, v in both.items() if (".default." in k) == (".q_proj." in k)}
+    with pytest.raises(AdapterError, match="several adapters") as err:
+        pool.load("new", mixed, lora_alpha=8)
+    assert "'default'" in str(err.value) and "'other'" in str(err.value)
+    _assert_same(pool, snap)
+    pool.unload("b")
+    pool.load("other", {k: v for k, v in both.items() if ".other." in k}, config=pm.peft_config["other"])
+    ref = peft.get_peft_model_state_dict(pm, adapter_name="other")
+    ls, slot = pool.layers[Q], pool.slot_of("other")
+    assert torch.equal(ls.lora_A[slot, :4], ref[f"base_model.model.{Q}.lora_A.weight"])
+    assert torch.equal(ls.lora_B[slot, :, :4], ref[f"base_model.model.{Q}.lora_B.weight"])
+
+
+@pytest.mark.parametrize("case", ["prefix", "suffix", "pair_and_prefix"])
+def test_one_layer_given_twice_is_refused_naming_both(model, case):
+    """The same layer under two spellings of its path (with and without PEFT's
+    ``base_model.model.`` prefix, or a shorter suffix of it) is ambiguous too."""
+    pool = _full_pool(model)
+    snap = _snapshot(pool)
+    w = _weights(pool, 4, 3)
+    sd = {f"base_model.model.{n}.lora_{ab}.weight": t for n, AB in w.items() for ab, t in zip("AB", AB)}
+    other = {
+        "prefix": f"{Q}.lora_A.weight",
+        "suffix": "layers.0.self_attn.q_proj.lora_A.weight",
+        "pair_and_prefix": f"{Q}.lora_A.weight",
+    }[case]
+    sd[other] = torch.randn(4, 32)
+    sd[other.replace("lora_A", "lora_B")] = torch.randn(32, 4)
+    if case == "pair_and_prefix":  # only lora_A doubled
+        del sd[other.replace("lora_A", "lora_B")]
+    with pytest.raises(AdapterError) as err:
+        pool.load("new", sd, lora_alpha=4)
+    assert f"base_model.model.{Q}.lora_A.weight" in str(err.value) and repr(other) in str(err.value), err.value
+    _assert_same(pool, snap)
+
+
+def _ia3_dir(tmp_path, base):
+    peft = pytest.importorskip("peft")
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.IA3Config(
+        target_modules=["q_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False))
+    pm.save_pretrained(str(tmp_path / "ia3"))
+    return str(tmp_path / "ia3"), pm
+
+
+@pytest.mark.parametrize(
+    "case", ["ia3_dir", "ia3_state_dict", "ia3_config", "bottleneck_dir", "loha_dir", "loha_state_dict", "dora_dir"]
+)
+def test_non_lora_adapters_are_named_as_such(model, tmp_path, case):
+    """An adapter of another method is refused as what it is (from peft_type, or from its
+    tensors when no config is given), not blamed on one of its tensors."""
+    import fastpeft as fp
+
+    peft = pytest.importorskip("peft")
+    base = _base_model()
+    pool = _full_pool(model)
+    snap = _snapshot(pool)
+    kwargs = {}
+    if case == "ia3_dir":
+        src, what = _ia3_dir(tmp_path, base)[0], r"an \(IA\)\^3 adapter \(peft_type 'IA3' in adapter_config.json"
+    elif case == "ia3_state_dict":
+        src = peft.get_peft_model_state_dict(_ia3_dir(tmp_path, base)[1])
+        kwargs, what = {"lora_alpha": 1}, r"an \(IA\)\^3 adapter \(its tensors include '.*ia3_l'"
+    elif case == "ia3_config":  # LoRA-looking tensors, but the config passed is (IA)^3's
+        src = _weights(pool, 4, 3)
+        kwargs = {"config": peft.IA3Config(target_modules=["q_proj"], feedforward_modules=[])}
+        what = r"an \(IA\)\^3 adapter \(peft_type 'IA3' in the config passed"
+    elif case == "bottleneck_dir":
+        bn = copy.deepcopy(base)
+        fp.inject(bn, fp.BottleneckConfig(target_modules=["down_proj"], bottleneck_size=4))
+        fp.save_adapter(bn, str(tmp_path / "bn"))
+        src, what = str(tmp_path / "bn"), r"a bottleneck adapter \(peft_type 'BOTTLENECK'"
+    elif case == "loha_dir":
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoHaConfig(r=2, target_modules=["q_proj"]))
+        pm.save_pretrained(str(tmp_path / "loha"))
+        src, what = str(tmp_path / "loha"), r"a LoHa adapter \(peft_type 'LOHA'"
+    elif case == "loha_state_dict":  # as in memory: with the adapter-name segment
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoHaConfig(r=2, target_modules=["q_proj"]))
+        src = {k: v for k, v in pm.state_dict().items() if ".hada_" in k}
+        kwargs, what = {"lora_alpha": 2}, r"a LoHa adapter \(its tensors include '.*hada_w1_a.default'"
+    else:
+        src, _ = _peft_dir(tmp_path, base, "dora", 4, 8, 5, use_dora=True)
+        what = r"DoRA \(use_dora=True\)"
+    with pytest.raises(AdapterError, match=what) as err:
+        pool.load("new", src, **kwargs)
+    if case != "dora_dir":
+        assert "the pool serves LoRA adapters only" in str(err.value)
+    assert "is not a LoRA A/B weight" not in str(err.value)
+    if case.startswith(("ia3", "bottleneck")):  # methods fastpeft runs in the model: say where
+        assert "fastpeft.load_adapter" in str(err.value)
+    _assert_same(pool, snap)
+
+
+@pytest.mark.parametrize("case", ["A_vs_B", "config_r", "out_features"])
+def test_rank_and_shape_messages_name_the_real_cause(model, case):
+    pool = _full_pool(model)
+    snap = _snapshot(pool)
+    w = _weights(pool, 4, 3)
+    kwargs = {"lora_alpha": 4}
+    if case == "A_vs_B":
+        w[Q] = (w[Q][0], torch.randn(32, 3))
+        what = r"lora_A has rank 4 \(shape \(4, 32\)\) but lora_B has rank 3"
+    elif case == "config_r":
+        w = {f"base_model.model.{Q}.lora_{ab}.weight": t for ab, t in zip("AB", w[Q])}
+        kwargs = {"config": {"peft_type": "LORA", "r": 8, "lora_alpha": 4}}
+        what = "weights have rank 4 but the config says r=8"
+    else:
+        w[Q] = (w[Q][0], torch.randn(33, 4))
+        what = r"lora_B has shape \(33, 4\) but the layer has out_features 32"
+    with pytest.raises(AdapterError, match=what):
+        pool.load("new", w, **kwargs)
+    _assert_same(pool, snap)

@@ -78,6 +78,12 @@ def snapshot(model):
         "training": {n: m.training for n, m in model.named_modules()},
         "adapters": dict(model.__dict__.get("fastpeft_config") or {}),
         "active": model.__dict__.get("fastpeft_active"),
+        # No trace at all: the model's own attributes (a {} or None added counts), the
+        # very module objects at each path, and each adapter layer's active adapter.
+        "attrs": sorted(model.__dict__),
+        "modules": {n: id(m) for n, m in model.named_modules()},
+        "layer_active": {n: getattr(m, "active_adapter") for n, m in model.named_modules()
+                         if n and hasattr(m, "active_adapter")},
     }
 
 
@@ -85,8 +91,14 @@ def assert_same_snapshot(before, after):
     assert before["types"] == after["types"], "module structure changed"
     assert before["state"].keys() == after["state"].keys(), "state_dict keys changed"
     for k, v in before["state"].items():
-        assert torch.equal(v, after["state"][k]), f"tensor {k} changed"
+        w = after["state"][k]
+        same = v.shape == w.shape and v.dtype == w.dtype and torch.equal(v.isnan(), w.isnan()) and torch.equal(
+            v.nan_to_num(0.0), w.nan_to_num(0.0)) if v.is_floating_point() else torch.equal(v, w)
+        assert same, f"tensor {k} changed"
     assert before["grad"] == after["grad"], "requires_grad flags changed"
     assert before["training"] == after["training"], "train/eval flags changed"
     assert before["adapters"].keys() == after["adapters"].keys(), "adapter set changed"
     assert before["active"] == after["active"], "active adapter changed"
+    assert before["attrs"] == after["attrs"], f"model attributes changed: {before['attrs']} -> {after['attrs']}"
+    assert before["modules"] == after["modules"], "module objects changed"
+    assert before["layer_active"] == after["layer_active"], "a layer's active adapter changed"

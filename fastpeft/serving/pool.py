@@ -42,7 +42,7 @@ from fastpeft.serving.staging import (
     Staged,
     check_finite,
     check_pair,
-    finite_scaling,
+    given_scaling,
     keys_text,
     layer_scaling,
     read_source,
@@ -308,7 +308,7 @@ class AdapterPool:
             where = f"adapter {name!r}, layer {lname!r}"
             r = check_pair(pair.A, pair.B, ls.in_features, ls.out_features, self.max_rank, where)
             if scaling is not None:
-                s = self._given_scaling(scaling, lname, key, where)
+                s = given_scaling(scaling, lname, key, where)
             else:
                 s = layer_scaling(key, r, cfg, lora_config, lora_alpha, use_rslora, where)
             # Checked as the slots will hold them: finite fp32 values can overflow fp16/bf16 slots.
@@ -318,15 +318,6 @@ class AdapterPool:
             check_finite(where, "lora_B", pair.B, B_slot)
             staged[lname] = (A_slot, B_slot, s)
         return Staged(staged)
-
-    @staticmethod
-    def _given_scaling(scaling: Union[float, Mapping[str, float]], lname: str, key: str, where: str) -> float:
-        if not isinstance(scaling, Mapping):
-            return finite_scaling(scaling, where)
-        for k in (lname, key):
-            if k in scaling:
-                return finite_scaling(scaling[k], where)
-        raise AdapterError(f"{where}: no scaling given for this layer (scaling= has {sorted(scaling)})")
 
     def _match_layer(self, key: str, adapter: str) -> str:
         """The pool layer that a checkpoint's module path names (equal, or one path ends

@@ -24,7 +24,10 @@ from fastpeft.core.method import registered_methods
 from fastpeft.methods.lora.config import LoraConfig, lora_scaling
 from fastpeft.methods.lora.method import parse_lora_key
 
-__all__ = ["AdapterError", "Pair", "Source", "Staged", "read_source", "layer_scaling", "check_pair", "check_finite"]
+__all__ = [
+    "AdapterError", "Pair", "Source", "Staged", "read_source", "layer_scaling", "given_scaling", "check_pair",
+    "check_finite",
+]
 
 Source = Union[str, os.PathLike, Mapping[str, Any]]
 
@@ -296,6 +299,17 @@ def layer_scaling(
     except (TypeError, ValueError) as exc:  # float() of a non-number, lora_scaling's alpha check
         raise AdapterError(f"{where}: cannot compute the scaling: {exc}") from None
     return finite_scaling(s, where)
+
+
+def given_scaling(scaling: Union[float, Mapping[str, float]], lname: str, key: str, where: str) -> float:
+    """The ``scaling=`` given to ``load``: one number, or one per layer (by pool layer
+    name or the name in the source)."""
+    if not isinstance(scaling, Mapping):
+        return finite_scaling(scaling, where)
+    for k in (lname, key):
+        if k in scaling:
+            return finite_scaling(scaling[k], where)
+    raise AdapterError(f"{where}: no scaling given for this layer (scaling= has {sorted(scaling)})")
 
 
 def finite_scaling(s: Any, where: str) -> float:

@@ -291,7 +291,9 @@ class FastLoRALinear(AdapterLinear):
         provider's slots (the pool put them in the plan for this layer), or the position
         of each row's adapter among this layer's adapters (the order they are stacked
         in); ``None`` or a name this layer does not hold: -1, the base only, as in PEFT
-        (the adapter did not target this layer)."""
+        (the adapter did not target this layer). The stacks kept from an earlier batch
+        go: a new batch sees weights changed in between, even through ``.data``."""
+        self._stack_cache.clear()
         device, n = self.weight.device, len(plan.rows)
         given: Optional[SlotRows] = plan.provided.get(self)
         if given is not None:
