@@ -305,3 +305,36 @@ def test_mixed_prompt_batches_refuse_unequal_lengths_and_prefixes():
     with pytest.raises(ValueError, match="mixed batches"):
         with fp.batch_adapters(model, ["a", "px", None]):
             pass
+
+
+# ----------------------------------------------------------------------------- sequence classification
+
+
+@pytest.mark.parametrize("kind", ["prompt", "ptune_mlp"])
+def test_sequence_classification_both_ways(kind, tmp_path):
+    from tiny_models import tiny_bert
+
+    fields = CONFIGS[kind]()
+    cls = PEFT_CLS[fields.pop("peft_type")]
+    torch.manual_seed(3)
+    pm = peft.get_peft_model(tiny_bert(), getattr(peft, cls)(task_type="SEQ_CLS", **fields)).eval()
+    with torch.no_grad():
+        pm.base_model.classifier.modules_to_save["default"].weight.mul_(3)
+    pm.save_pretrained(tmp_path / "peft")
+    pm = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "peft").eval()
+    model = fp.load_adapter(tiny_bert(), tmp_path / "peft")
+    ids = input_ids()
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=torch.ones_like(ids),
+              labels=torch.tensor([0, 2, 1]))
+    with torch.no_grad():
+        want, got = pm(**kw), model(**kw)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    fp.save_adapter(model, tmp_path / "fp")
+    assert sorted(load_file(str(tmp_path / "fp" / "adapter_model.safetensors"))) == [
+        "base_model.classifier.bias", "base_model.classifier.weight", "prompt_embeddings"]
+    back = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "fp").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(**kw).logits, want.logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(NotImplementedError, match="prefix tuning with task_type SEQ_CLS"):
+        fp.inject(tiny_bert(), fp.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N))

@@ -73,9 +73,11 @@ class Method:
     hook_site: str = ""  # HOOKS: the child's name on the model
     merges: bool = True
     mixed_batches: bool = True
-    # What a checkpoint's keys start with: PEFT writes tuners' tensors under
-    # ``base_model.model.``, prompt learning's ``prompt_embeddings`` bare ("").
+    # What a checkpoint's keys start with: PEFT writes tuners' tensors (and
+    # modules_to_save copies) under ``base_model.model.``; prompt learning writes its
+    # ``prompt_embeddings`` bare (``bare_keys``) and its modules_to_save under ``base_model.``.
     key_prefix: str = "base_model.model."
+    bare_keys: Tuple[str, ...] = ()
 
     # ---------------------------------------------------------------- configuration
 

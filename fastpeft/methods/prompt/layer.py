@@ -100,14 +100,17 @@ class SoftPromptLayer(HookedLayer):
         real = torch.tensor([name is not None for name in names], device=device)
         _extend_mask(kw, real, n, cache, prefill)
         _prompt_positions(kw, real, n, cache, prefill)
-        kw.pop("token_type_ids", None)
+        classify = self.adapters[next(r for r in names if r is not None)].task_type == "SEQ_CLS"
+        types = kw.pop("token_type_ids", None)
+        if classify and types is not None and prefill:  # PEFT keeps them for classification, type 0 for the prompt
+            kw["token_type_ids"] = torch.cat((types.new_zeros((types.shape[0], n)), types), dim=1)
         if not prefill:
             return
         if embeds is None:
             embeds = model.get_input_embeddings()(ids)
         kw["inputs_embeds"] = torch.cat((self._prompts(names, n, embeds), embeds), dim=1)
         kw["input_ids"] = None
-        if kw.get("labels") is not None:
+        if kw.get("labels") is not None and not classify:
             labels = kw["labels"]
             kw["labels"] = torch.cat((labels.new_full((labels.shape[0], n), -100), labels), dim=1)
 

@@ -24,7 +24,7 @@ from fastpeft.methods.prompt.layer import SoftPromptLayer
 __all__ = ["PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "model_dims"]
 
 KEY = "prompt_embeddings"
-_TASKS = (None, "CAUSAL_LM")
+_TASKS = (None, "CAUSAL_LM", "SEQ_CLS")
 
 
 def model_dims(model: nn.Module, prefix: bool) -> Dict[str, int]:
@@ -48,12 +48,15 @@ class _SoftPrompt(Method):
     layer_types = (SoftPromptLayer,)
     merges = False
     mixed_batches = True
-    key_prefix = ""  # PEFT saves prompt learning's one tensor without base_model.model.
+    key_prefix = "base_model."  # PEFT's prompt learning: modules_to_save under base_model.
+    bare_keys = (KEY,)  # ... and the prompt without any prefix
     prefix = False
 
     def check_config(self, config: PromptLearningConfig) -> List[str]:
         if config.task_type not in _TASKS:
-            return [f"task_type {config.task_type!r}: fastpeft's soft prompts run on causal LMs (task_type='CAUSAL_LM')"]
+            return [f"task_type {config.task_type!r}: fastpeft's soft prompts run with task_type CAUSAL_LM or SEQ_CLS"]
+        if self.prefix and config.task_type == "SEQ_CLS":
+            return ["prefix tuning with task_type SEQ_CLS (use prompt tuning or P-tuning for classification)"]
         return []
 
     def _prepare(self, model: nn.Module, config: PromptLearningConfig) -> None:
@@ -81,6 +84,7 @@ class _SoftPrompt(Method):
         enc = self.encoder(model, config)
         enc.num_virtual_tokens = config.num_virtual_tokens
         enc.num_layers, enc.num_heads = config.num_layers, config.num_attention_heads
+        enc.task_type = config.task_type
         return enc
 
     def build_layer(self, path, model, config, adapter_name, backend) -> SoftPromptLayer:
