@@ -338,3 +338,32 @@ def test_sequence_classification_both_ways(kind, tmp_path):
         torch.testing.assert_close(back(**kw).logits, want.logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(NotImplementedError, match="prefix tuning with task_type SEQ_CLS"):
         fp.inject(tiny_bert(), fp.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N))
+
+
+def test_trainable_loads(tmp_path):
+    """is_trainable=True: as PEFT, P-tuning gets a fresh encoder over the loaded
+    embeddings; a projected prefix (only its output was saved) is refused."""
+    model = fp.inject(tiny_llama(), fp_config("ptune_mlp"))
+    fp.save_adapter(model, tmp_path / "pt")
+    loaded = fp.load_adapter(tiny_llama(), tmp_path / "pt", is_trainable=True)
+    enc = loaded.prompt_encoder.adapters["default"]
+    torch.testing.assert_close(enc.embedding.weight.detach(), model.prompt_encoder.adapters["default"].tokens().detach())
+    assert enc.has_encoder and all(p.requires_grad for p in enc.parameters())
+    model = fp.inject(tiny_llama(), fp_config("prefix_proj"))
+    fp.save_adapter(model, tmp_path / "px")
+    fresh = tiny_llama()
+    before = snapshot(fresh)
+    with pytest.raises(ValueError, match="prefix_projection=True"):
+        fp.load_adapter(fresh, tmp_path / "px", is_trainable=True)
+    assert_same_snapshot(before, snapshot(fresh))
+    fp.load_adapter(fresh, tmp_path / "px")  # for inference it loads
+
+
+def test_unload_removes_the_hook():
+    model = tiny_llama()
+    ids = input_ids()
+    base = run(model, ids).logits
+    fp.inject(model, fp_config("prompt"))
+    fp.unload(model, merge_adapter=False)
+    assert not hasattr(model, "prompt_encoder") and not model._forward_pre_hooks
+    torch.testing.assert_close(run(model, ids).logits, base)

@@ -12,6 +12,10 @@ attention mask gets ``n`` leading ones, labels ``n`` leading -100, ``position_id
 ``0 .. n+L``. Later decode steps: the mask gets its ``n`` ones, positions are dropped
 (the model counts from the cache, which holds the virtual tokens).
 
+Sequence classification (``task_type="SEQ_CLS"``): the same, but labels stay as they are
+and ``token_type_ids`` are kept, with type 0 for the virtual tokens (PEFT's
+``PeftModelForSequenceClassification``).
+
 Prefix tuning (``kind == "prefix"``): on an absent or empty cache, a new ``DynamicCache``
 holds each layer's ``n`` prefix keys/values; the mask gets ``n`` leading ones and given
 ``position_ids`` are shifted by ``n`` on every step.
@@ -59,6 +63,11 @@ class SoftPromptLayer(HookedLayer):
     def attach(self, model: nn.Module) -> None:
         self.__dict__["_model_ref"] = weakref.ref(model)
         super().attach(model)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop("_model_ref", None)  # a weak reference does not pickle; attach sets it
+        return state
 
     def hooks(self, model: nn.Module) -> List[Any]:
         return [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)]

@@ -114,6 +114,11 @@ class _SoftPrompt(Method):
     def check_checkpoint(self, config, source, targets, where) -> None:
         if KEY not in source or KEY not in targets:
             return
+        if getattr(config, "prefix_projection", False) and not config.inference_mode:
+            raise ValueError(
+                f"{where}: a prefix_projection=True checkpoint holds the projected prefix, not the MLP that made "
+                "it, so it cannot be loaded for training (is_trainable=True), as in PEFT; load it for inference"
+            )
         got, want = tuple(source[KEY].shape), tuple(targets[KEY].shape)
         if len(got) != 2 or got == want:
             return
