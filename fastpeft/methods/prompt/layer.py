@@ -27,6 +27,7 @@ virtual tokens, i.e. ``n`` left-padding positions, and its own positions (given 
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 from typing import Any, Dict, List, Optional, Tuple
@@ -167,10 +168,21 @@ def prefix_cache(model: nn.Module, encoder: nn.Module, batch: int):
 # --------------------------------------------------------------------- argument rewriting
 
 
+@functools.lru_cache(maxsize=64)
+def _signature(forward) -> inspect.Signature:
+    """``forward``'s signature without its ``self`` (read once per function: every
+    decode step calls the hook)."""
+    sig = inspect.signature(forward)
+    params = list(sig.parameters.values())
+    if params and params[0].name == "self":
+        sig = sig.replace(parameters=params[1:])
+    return sig
+
+
 def _bind(model: nn.Module, args: Tuple, kwargs: Dict[str, Any]) -> Dict[str, Any]:
     """The call's arguments as keywords (positional ones named by ``forward``'s
     signature); ``past_key_values`` is spelled ``cache`` where the model's forward is."""
-    sig = inspect.signature(model.forward)
+    sig = _signature(getattr(model.forward, "__func__", model.forward))
     bound = sig.bind_partial(*args, **kwargs).arguments
     kw: Dict[str, Any] = {}
     for name, value in bound.items():
