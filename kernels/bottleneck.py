@@ -45,6 +45,7 @@ from .lora import (
     _input_precision,
     _m_bucket,
     _pick_config,
+    check_interpretable,
     interpreter_active,
     on_device,
     output_for,
@@ -65,9 +66,10 @@ _EPILOGUE_CONFIG = LoraKernelConfig(block_m=64, block_n=128, block_k=16, group_m
 
 @triton.jit
 def _activation(z, ACTIVATION: tl.constexpr):
-    """``f(z)`` in fp32: 0 relu, 1 gelu (exact, erf), 2 silu/swish, 3 tanh."""
+    """``f(z)`` in fp32: 0 relu, 1 gelu (exact, erf), 2 silu/swish, 3 tanh. NaN stays
+    NaN, as in PyTorch (the hardware max returns the non-NaN operand: relu(NaN) = 0)."""
     if ACTIVATION == 0:
-        return tl.maximum(z, 0.0)
+        return tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACTIVATION == 1:
         return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     elif ACTIVATION == 2:
@@ -146,6 +148,15 @@ def _bottleneck_linear_fwd_kernel(
         # program reads its own tile and overwrites it, so in place is safe.
         acc = tl.load(y_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
 
+    if HAS_GEMM:
+        # A row of x holding inf or NaN makes every column of its h non-finite (it meets
+        # every column of W). The reference's z = h Wd^T sums those N values, which gives
+        # NaN unless all their signs agree; x W_eff^T, with Wd folded into W first, gives
+        # +-inf instead (one inf times each column of W_eff). Give such rows a NaN z, the
+        # reference's. Found from the fp32 h tile, so h rounding past fp16's range (a
+        # finite x) does not count.
+        nonfinite = tl.sum(tl.where(tl.abs(acc) < float("inf"), 0, 1), axis=1)
+        row_nan = tl.where(nonfinite > 0, float("nan"), 0.0)
     # Adapter branch: up(f(z + b_eff)), accumulated separately so that s scales it alone.
     up_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -153,7 +164,10 @@ def _bottleneck_linear_fwd_kernel(
         z_ptrs = z_ptr + offs_m64[:, None] * stride_zm + (d0 + offs_d)[None, :] * stride_zd
         z_tile = tl.load(z_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
         b_eff = tl.load(beff_ptr + d0 + offs_d, mask=mask_d, other=0.0)
-        a_tile = _activation(z_tile + b_eff[None, :], ACTIVATION)
+        z_tile = z_tile + b_eff[None, :]
+        if HAS_GEMM:
+            z_tile = z_tile + row_nan[:, None]
+        a_tile = _activation(z_tile, ACTIVATION)
         # Padded columns (d >= D) may hold f(0) != 0; the zeroed Wu^T rows cancel them.
         a_lp = a_tile.to(x_ptr.dtype.element_ty)
         ut_ptrs = up_ptr + offs_n[None, :] * stride_un + (d0 + offs_d)[:, None] * stride_ud
@@ -231,8 +245,10 @@ def bottleneck_linear_fwd(
     * :data:`LIBRARY_GEMM`: ``h`` by cuBLAS into ``y``, ``z = h Wd^T`` (cuBLAS), then the
       kernel's epilogue alone in place (``HAS_GEMM=False``).
 
-    Callers validate shapes and dtypes (the op layer does); this function trusts them.
+    Callers validate shapes and dtypes (the op layer does); this function trusts them,
+    but refuses bf16 under the interpreter (``lora.check_interpretable``).
     """
+    check_interpretable(x.dtype)
     N, K = weight.shape
     D = down_w.shape[0]
     y = output_for(x, N, out)

@@ -31,6 +31,7 @@ from .lora import (
     _input_precision,
     _m_bucket,
     _pick_config,
+    check_interpretable,
     on_device,
     output_for,
     rows_view,
@@ -135,8 +136,10 @@ def ia3_linear_fwd(
     Returns:
         ``y`` of shape ``(..., N)``, contiguous, in ``x``'s dtype.
 
-    Callers validate shapes and dtypes (the op layer does); this function trusts them.
+    Callers validate shapes and dtypes (the op layer does); this function trusts them,
+    but refuses bf16 under the interpreter (``lora.check_interpretable``).
     """
+    check_interpretable(x.dtype)
     N, K = weight.shape
     # PEFT stores l as (N, 1) or (1, K): read it as a 1-D view (no copy for either).
     ia3_l = ia3_l.reshape(-1)

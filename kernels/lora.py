@@ -37,9 +37,19 @@ from triton.runtime.errors import OutOfResources
 from triton.runtime.jit import JITFunction
 
 from . import lora_tma
-from .tiles import grouped_tile, lora_expand_from_memory, lora_expand_resident
+from .tiles import grouped_tile, lora_dot, lora_expand_from_memory, lora_expand_resident
 
-__all__ = ["LoraKernelConfig", "lora_linear_fwd", "interpreter_active", "on_device", "output_for", "rows_view"]
+__all__ = [
+    "LoraKernelConfig",
+    "lora_linear_fwd",
+    "lora_shrink",
+    "lora_in_fp32",
+    "interpreter_active",
+    "check_interpretable",
+    "on_device",
+    "output_for",
+    "rows_view",
+]
 
 
 def on_device(t: torch.Tensor):
@@ -63,6 +73,38 @@ def interpreter_active() -> bool:
     also keeps the launch path free of environment lookups.
     """
     return not isinstance(_lora_linear_fwd_kernel, JITFunction)
+
+
+def check_interpretable(dtype: torch.dtype) -> None:
+    """Raise when the kernels would compute inputs of ``dtype`` wrong: the Triton
+    interpreter's ``tl.dot`` has no bfloat16 (it multiplies the raw bits), so under
+    ``TRITON_INTERPRET=1`` a bf16 kernel returns garbage without any error."""
+    if dtype == torch.bfloat16 and interpreter_active():
+        raise RuntimeError(
+            "the Triton kernels cannot run bfloat16 under the Triton interpreter (TRITON_INTERPRET=1): "
+            "its tl.dot has no bf16 support and would return wrong numbers. Use backend='auto' or "
+            "backend='torch' (the PyTorch reference), fp16/fp32 inputs, or a CUDA GPU without TRITON_INTERPRET"
+        )
+
+
+def lora_in_fp32(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> bool:
+    """Whether the LoRA branch keeps fp32 range for inputs of ``x_dtype``: adapters kept
+    in another dtype than a 16-bit input (PEFT's fp32 adapters on a half model).
+
+    PEFT runs that branch in the adapters' dtype (``lora_B(lora_A(x.to(A.dtype)))``), so
+    its ``x A^T`` never rounds to fp16, where it would overflow (``|x A^T| > 65504``)
+    although ``y`` is finite. The kernels then keep ``xa`` in fp32 and run the branch's
+    dots in tf32 (fp16's 10 mantissa bits, fp32's range; see ``tiles.lora_dot``).
+    """
+    return x_dtype != torch.float32 and adapter_dtype != x_dtype
+
+
+def lora_shrink(x2: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:
+    """``xa = x A^T`` (``x2``: ``(M, K)``), the precomputed shrink the epilogue reads: in
+    ``x``'s dtype, or in fp32 (``x`` upcast, as PEFT's fp32 branch upcasts it) when
+    :func:`lora_in_fp32`."""
+    dtype = torch.float32 if lora_in_fp32(x2.dtype, lora_A.dtype) else x2.dtype
+    return torch.nn.functional.linear(x2.to(dtype), lora_A.to(dtype))
 
 
 @triton.jit
@@ -91,6 +133,7 @@ def _lora_linear_fwd_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
+    LORA_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """One ``(BLOCK_M, BLOCK_N)`` tile of ``y = x W^T + b + s * xa B^T``.
@@ -98,8 +141,9 @@ def _lora_linear_fwd_kernel(
     ``acc = sum_k x[m, k] W[n, k]`` over the K loop (fp32). With ``SHRINK_IN_LOOP`` the
     same loop also accumulates ``xa[m, j] = sum_k x[m, k] A[j, k]`` for ``j < BLOCK_R``
     (``BLOCK_R >= R``); otherwise ``xa`` is read from ``xa_ptr`` in ``BLOCK_R`` chunks.
-    Epilogue: ``acc += (s * xa) B^T`` (xa rounded to the input dtype first, as an unfused
-    low-precision LoRA branch would), ``acc += b``, store in ``y``'s dtype.
+    Epilogue: ``acc += xa (s B)^T``, ``acc += b``, store in ``y``'s dtype. The branch's
+    dots round their operands to the input dtype, as an unfused low-precision LoRA branch
+    would, or keep fp32 range with ``LORA_FP32`` (see ``tiles.lora_dot``).
 
     Split-K (``SPLIT_K > 1``, small M): program ``(tile, k)`` covers K columns
     ``[k * K_PER_SPLIT, (k + 1) * K_PER_SPLIT)`` and writes its fp32 partial sum (no bias)
@@ -139,7 +183,7 @@ def _lora_linear_fwd_kernel(
         acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
         if SHRINK_IN_LOOP:
             a_tile = tl.load(a_ptrs, mask=mask_k[:, None] & (offs_r[None, :] < R), other=0.0)
-            xa = tl.dot(x_tile, a_tile.to(x_tile.dtype), xa, input_precision=INPUT_PRECISION)
+            xa = lora_dot(x_tile, a_tile, xa, x_tile.dtype, LORA_FP32, INPUT_PRECISION)
             a_ptrs += BLOCK_K * stride_ak
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
@@ -148,13 +192,13 @@ def _lora_linear_fwd_kernel(
         if SHRINK_IN_LOOP:
             acc = lora_expand_resident(
                 acc, xa, b_ptr, offs_n, mask_n, R, stride_bn, stride_br, scaling, x_ptr.dtype.element_ty,
-                BLOCK_R, INPUT_PRECISION,
+                BLOCK_R, LORA_FP32, INPUT_PRECISION,
             )
         elif pid_k == 0:
             acc = lora_expand_from_memory(
                 acc, xa_ptr, b_ptr, offs_m64, offs_n, mask_m, mask_n, R,
                 stride_xam, stride_xar, stride_bn, stride_br, scaling, x_ptr.dtype.element_ty,
-                BLOCK_R, INPUT_PRECISION,
+                BLOCK_R, LORA_FP32, INPUT_PRECISION,
             )
 
     y_ptrs = y_ptr + pid_k * stride_ps + offs_m64[:, None] * stride_ym + offs_n[None, :] * stride_yn
@@ -376,6 +420,7 @@ def _launch(
         xa = _shrink(xv, rows, lora_A)
     in_loop = has_lora and xa is None
     block_r = max(16, triton.next_power_of_2(R)) if in_loop else _EPILOGUE_BLOCK_R
+    lora_fp32 = has_lora and lora_in_fp32(xv.dtype, lora_A.dtype)
     if cfg.tma:
         x2 = _as_2d(xv, rows, K)
         if not lora_tma.tma_eligible(x2, weight, lora_A if has_lora else None, N, in_loop):
@@ -388,7 +433,7 @@ def _launch(
             lora_B=lora_B if has_lora else None, xa=xa, scaling=scaling, y=y,
             block_m=cfg.block_m, block_n=cfg.block_n, block_k=cfg.block_k, block_r=block_r,
             group_m=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            input_precision=_input_precision(xv.dtype), interpreted=interpreter_active(),
+            lora_fp32=lora_fp32, input_precision=_input_precision(xv.dtype), interpreted=interpreter_active(),
         )
         return
     # Unused pointers still need a tensor; ``weight`` is a safe placeholder.
@@ -421,6 +466,7 @@ def _launch(
         BLOCK_K=cfg.block_k,
         BLOCK_R=block_r,
         GROUP_M=cfg.group_m,
+        LORA_FP32=lora_fp32,
         INPUT_PRECISION=_input_precision(xv.dtype),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
@@ -446,14 +492,17 @@ _SHRINK_CONFIG = LoraKernelConfig(64, 64, 64, 8, 4, 3)
 
 
 def _shrink(xv: torch.Tensor, rows: Tuple[int, int, int, int, int], lora_A: torch.Tensor) -> torch.Tensor:
-    """``xa = x A^T``, ``(M, r)`` in ``x``'s dtype, without copying ``x``: cuBLAS when
-    the rows have one stride (a strided 2-D view), else this module's kernel as a plain
-    GEMM over the two row strides (a transposed ``(T, B, K)`` input, say)."""
+    """``xa = x A^T``, ``(M, r)`` as :func:`lora_shrink` computes it, without copying
+    ``x`` where the branch runs in ``x``'s dtype: cuBLAS when the rows have one stride (a
+    strided 2-D view), else this module's kernel as a plain GEMM over the two row
+    strides (a transposed ``(T, B, K)`` input, say)."""
     M, K = rows[0], lora_A.shape[1]
-    A = lora_A.to(xv.dtype)
     x2 = _as_2d(xv, rows, K)
     if x2 is not None:
-        return torch.nn.functional.linear(x2, A)
+        return lora_shrink(x2, lora_A)
+    if lora_in_fp32(xv.dtype, lora_A.dtype):  # upcast anyway: one copy of the rows
+        return lora_shrink(xv.reshape(M, K), lora_A)
+    A = lora_A.to(xv.dtype)
     xa = torch.empty((M, A.shape[0]), device=xv.device, dtype=xv.dtype)
     cfg = _INTERPRETER_CONFIG if interpreter_active() else _SHRINK_CONFIG
     _launch(cfg, xv, rows, A, None, None, None, None, 0.0, xa)
@@ -553,16 +602,19 @@ def lora_linear_fwd(
         weight: ``(N, K)`` in ``x``'s dtype. bias: ``(N,)`` or None.
         lora_A: ``(r, K)``; lora_B: ``(N, r)``; both None for the base GEMM alone.
         scaling: ``s``.
-        xa: optional precomputed ``x_l A^T`` of shape ``(M, r)`` (M = rows of ``x``):
-            selects the epilogue-only variant (needed for dropout, any rank).
+        xa: optional precomputed ``x_l A^T`` of shape ``(M, r)`` (M = rows of ``x``), as
+            :func:`lora_shrink` computes it: selects the epilogue-only variant (needed
+            for dropout, any rank).
         config: force a launch config (benchmarks); default: tuned per shape.
         out: optional preallocated contiguous output of shape ``(..., N)``.
 
     Returns:
         ``y`` of shape ``(..., N)``, contiguous, in ``x``'s dtype.
 
-    Callers validate shapes and dtypes (the op layer does); this function trusts them.
+    Callers validate shapes and dtypes (the op layer does); this function trusts them,
+    but refuses bf16 under the interpreter (:func:`check_interpretable`).
     """
+    check_interpretable(x.dtype)
     N, K = weight.shape
     y = output_for(x, N, out)
     xv, M, m_inner, s_m0, s_m1, s_k = rows_view(x)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .tiles import grouped_tile, lora_expand_from_memory, lora_expand_resident
+from .tiles import grouped_tile, lora_dot, lora_expand_from_memory, lora_expand_resident
 
 __all__ = ["tma_eligible", "lora_linear_tma_launch"]
 
@@ -54,6 +54,7 @@ def _lora_linear_tma_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
+    LORA_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """Persistent tiles of ``y = x W^T + b + s * xa B^T``.
@@ -62,8 +63,8 @@ def _lora_linear_tma_kernel(
     boxes of ``x`` and ``W``; with ``SHRINK_IN_LOOP`` the same loop accumulates
     ``xa[m, j] = sum_k x[m, k] A[j, k]`` from TMA boxes of ``A`` (``BLOCK_R >= R`` rows,
     the ones past ``R`` read as zeros), else ``xa`` is read in ``BLOCK_R`` chunks.
-    Epilogue: ``acc += (s * xa) B^T`` with ``s * xa`` rounded to the input dtype (as the
-    unfused low-precision branch rounds it), ``acc += b``, TMA store in ``y``'s dtype.
+    Epilogue: ``acc += xa (s B)^T`` (operands rounded as ``tiles.lora_dot`` says: to the
+    input dtype, or fp32 range with ``LORA_FP32``), ``acc += b``, TMA store in ``y``'s dtype.
     """
     start = tl.program_id(axis=0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -83,7 +84,7 @@ def _lora_linear_tma_kernel(
             acc = tl.dot(x_tile, w_tile.T, acc, input_precision=INPUT_PRECISION)
             if SHRINK_IN_LOOP:
                 a_tile = a_desc.load([0, k0])
-                xa = tl.dot(x_tile, a_tile.T.to(x_tile.dtype), xa, input_precision=INPUT_PRECISION)
+                xa = lora_dot(x_tile, a_tile.T, xa, x_tile.dtype, LORA_FP32, INPUT_PRECISION)
 
         offs_m = off_m + tl.arange(0, BLOCK_M)
         offs_n = off_n + tl.arange(0, BLOCK_N)
@@ -92,12 +93,14 @@ def _lora_linear_tma_kernel(
         if HAS_LORA:
             if SHRINK_IN_LOOP:
                 acc = lora_expand_resident(
-                    acc, xa, b_ptr, offs_n, mask_n, R, stride_bn, stride_br, scaling, dtype, BLOCK_R, INPUT_PRECISION
+                    acc, xa, b_ptr, offs_n, mask_n, R, stride_bn, stride_br, scaling, dtype, BLOCK_R, LORA_FP32,
+                    INPUT_PRECISION,
                 )
             else:
                 acc = lora_expand_from_memory(
                     acc, xa_ptr, b_ptr, offs_m.to(tl.int64), offs_n, mask_m, mask_n, R,
-                    stride_xam, stride_xar, stride_bn, stride_br, scaling, dtype, BLOCK_R, INPUT_PRECISION,
+                    stride_xam, stride_xar, stride_bn, stride_br, scaling, dtype, BLOCK_R, LORA_FP32,
+                    INPUT_PRECISION,
                 )
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
@@ -162,11 +165,13 @@ def lora_linear_tma_launch(
     group_m: int,
     num_warps: int,
     num_stages: int,
+    lora_fp32: bool,
     input_precision: str,
     interpreted: bool,
 ) -> None:
     """Launch the persistent TMA kernel on a ``tma_eligible`` call (``y``: ``(M, N)``,
-    contiguous). ``xa`` given: epilogue-only LoRA; ``lora_A`` None: base GEMM only."""
+    contiguous). ``xa`` given: epilogue-only LoRA; ``lora_A`` None: base GEMM only;
+    ``lora_fp32``: the branch keeps fp32 range (``lora.lora_in_fp32``)."""
     M, K = x2.shape
     N = weight.shape[0]
     has_lora = lora_A is not None and lora_A.shape[0] > 0
@@ -195,6 +200,7 @@ def lora_linear_tma_launch(
         BLOCK_K=block_k,
         BLOCK_R=block_r,
         GROUP_M=group_m,
+        LORA_FP32=lora_fp32,
         INPUT_PRECISION=input_precision,
         num_warps=num_warps,
         num_stages=num_stages,

@@ -49,7 +49,7 @@ import triton.language as tl
 import triton.testing
 
 from fastpeft.kernels import lora as _lora
-from fastpeft.kernels.tiles import grouped_tile
+from fastpeft.kernels.tiles import grouped_tile, lora_dot
 from fastpeft.kernels.lora import (
     LoraKernelConfig,
     _gpu_candidates,
@@ -57,7 +57,9 @@ from fastpeft.kernels.lora import (
     _m_bucket,
     _pick_config,
     capturing,
+    check_interpretable,
     interpreter_active,
+    lora_in_fp32,
     on_device,
     rows_view,
 )
@@ -157,12 +159,14 @@ def _mlora_shrink_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    LORA_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """``xa[k, p, j] = sum_{kk in split k} x[row(p), kk] A[i, j, kk]`` for ``j < r_i``.
 
     ``p`` runs over the sorted positions of slot ``i``'s segment (this program's row
-    tile of it); ``k`` is this program's K split. Accumulates in fp32 and stores fp32.
+    tile of it); ``k`` is this program's K split. Accumulates in fp32 and stores fp32;
+    the dot's operands are rounded as ``tiles.lora_dot`` says.
     """
     pid_m = tl.program_id(axis=0)
     slot = tl.program_id(axis=1)
@@ -195,7 +199,7 @@ def _mlora_shrink_kernel(
                              mask=mask_m[:, None] & mask_k[None, :], other=0.0)
             a_tile = tl.load(a_base + (r0 + offs_r)[None, :] * stride_ar + kk[:, None] * stride_ak,
                              mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-            acc = tl.dot(x_tile, a_tile.to(x_tile.dtype), acc, input_precision=INPUT_PRECISION)
+            acc = lora_dot(x_tile, a_tile, acc, x_tile.dtype, LORA_FP32, INPUT_PRECISION)
         xa_ptrs = (xa_ptr + pid_k * stride_xas + offs_p[:, None] * stride_xap
                    + (r0 + offs_r)[None, :] * stride_xar)
         tl.store(xa_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
@@ -224,15 +228,17 @@ def _mlora_expand_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
+    LORA_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """One ``(BLOCK_M, BLOCK_N)`` tile, rows in sorted order: base plus each segment's expand.
 
     ``acc = x W^T + b`` (``FUSE_BASE``; else ``acc = y``, the base cuBLAS wrote). Then for
     each segment ``[p0, p1)`` of slot ``i >= 0`` overlapping the tile and each rank chunk
-    ``j0 < r_i``: ``acc += (s_i * xa[p, j0:j0+BLOCK_R]) B[i, n, j0:j0+BLOCK_R]^T`` for the
+    ``j0 < r_i``: ``acc += xa[p, j0:j0+BLOCK_R] (s_i B[i, n, j0:j0+BLOCK_R])^T`` for the
     tile's positions ``p in [p0, p1)`` (``xa`` summed over its K splits, then rounded to
-    the input dtype, as an unfused low-precision LoRA branch would). Stored at ``row(p)``.
+    the input dtype, as an unfused low-precision LoRA branch would; kept in fp32 with
+    ``LORA_FP32``, see ``tiles.lora_dot``). Stored at ``row(p)``.
     """
     pid = tl.program_id(axis=0)
     pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -291,12 +297,17 @@ def _mlora_expand_kernel(
             xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
             for sk in range(SPLIT_K):
                 xa += tl.load(xa_ptrs + sk * stride_xas, mask=mask_xa, other=0.0)
-            # x A^T rounded as the unfused low-precision branch rounds it; s applied in
-            # fp32 after (scaling first could overflow fp16 where the reference does not).
-            xa_lp = xa.to(x_ptr.dtype.element_ty).to(tl.float32) * s_row[:, None]
+            # x A^T and B rounded as the unfused low-precision branch rounds them (kept in
+            # fp32 with LORA_FP32); s applied in fp32 after (scaling first could overflow
+            # fp16 where the reference does not).
             bg_ptrs = b_rows[:, None, None] + offs_n[None, :, None] * stride_bn + rr[None, None, :] * stride_br
             bg = tl.load(bg_ptrs, mask=mask_xa[:, None, :] & mask_n[None, :, None], other=0.0)
-            bg = bg.to(x_ptr.dtype.element_ty).to(tl.float32)
+            if LORA_FP32:
+                xa_lp = xa * s_row[:, None]
+                bg = bg.to(tl.float32)
+            else:
+                xa_lp = xa.to(x_ptr.dtype.element_ty).to(tl.float32) * s_row[:, None]
+                bg = bg.to(x_ptr.dtype.element_ty).to(tl.float32)
             acc += tl.sum(xa_lp[:, None, :] * bg, axis=2)
     else:
         p = tile_start
@@ -315,12 +326,11 @@ def _mlora_expand_kernel(
                     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
                     for sk in range(SPLIT_K):
                         xa += tl.load(xa_ptrs + sk * stride_xas, mask=mask_xa, other=0.0)
-                    xa_lp = xa.to(x_ptr.dtype.element_ty)
                     bt_tile = tl.load(b_base + offs_n[None, :] * stride_bn + (r0 + offs_r)[:, None] * stride_br,
                                       mask=mask_r[:, None] & mask_n[None, :], other=0.0)
                     # s on B, not on xa: see lora_expand_resident.
-                    bt_scaled = (bt_tile.to(tl.float32) * s).to(xa_lp.dtype)
-                    acc = tl.dot(xa_lp, bt_scaled, acc, input_precision=INPUT_PRECISION)
+                    bt_scaled = bt_tile.to(tl.float32) * s
+                    acc = lora_dot(xa, bt_scaled, acc, x_ptr.dtype.element_ty, LORA_FP32, INPUT_PRECISION)
             p = p_end
 
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
@@ -432,8 +442,10 @@ def multi_lora_linear_fwd(
     Returns:
         ``y`` of shape ``(..., N)``, contiguous, in ``x``'s dtype.
 
-    Callers validate shapes and dtypes (the op layer does); this function trusts them.
+    Callers validate shapes and dtypes (the op layer does); this function trusts them,
+    but refuses bf16 under the interpreter (``lora.check_interpretable``).
     """
+    check_interpretable(x.dtype)
     launch = launch or MultiLoraLaunch()
     N, K = weight.shape
     lead = x.shape[:-1]
@@ -518,6 +530,7 @@ def _forward(
         return y
 
     precision = _input_precision(x.dtype)
+    lora_fp32 = lora_in_fp32(x.dtype, lora_A.dtype)
     block_r = block_r_for_dot(launch.block_r)
     # shrink: fp32 partials per K split, in sorted row order (never zeroed: the expand
     # reads only the positions and ranks the shrink wrote).
@@ -534,6 +547,7 @@ def _forward(
         BLOCK_M=sbm,
         BLOCK_K=sbk,
         BLOCK_R=block_r,
+        LORA_FP32=lora_fp32,
         INPUT_PRECISION=precision,
         num_warps=1 if interpreter_active() else 4,
         num_stages=1 if interpreter_active() else 3,
@@ -563,6 +577,7 @@ def _forward(
             BLOCK_K=cfg.block_k,
             BLOCK_R=expand_block_r,
             GROUP_M=cfg.group_m,
+            LORA_FP32=lora_fp32,
             INPUT_PRECISION=precision,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,

@@ -44,13 +44,15 @@ def lora_linear_ref(
 
     Returns:
         ``y`` of shape ``(..., N)`` in the dtype of ``x``. The LoRA branch runs in the
-        adapters' dtype (as PEFT's layers do) and is cast back to ``x``'s dtype.
+        adapters' dtype and is added to the base in the promoted dtype before the cast
+        back to ``x``'s dtype, as PEFT's ``Linear.forward`` does (an fp32 update on an
+        fp16 base is not rounded to fp16 on its own, where it could overflow).
     """
     base = F.linear(x, weight, bias)
     xl = x if x_lora is None else x_lora
     xl = xl.to(lora_A.dtype)
     update = F.linear(F.linear(xl, lora_A), lora_B) * scaling
-    return base + update.to(base.dtype)
+    return (base + update).to(base.dtype)
 
 
 def ia3_linear_ref(

@@ -4,7 +4,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["grouped_tile", "lora_expand_resident", "lora_expand_from_memory"]
+__all__ = ["grouped_tile", "lora_dot", "lora_expand_resident", "lora_expand_from_memory"]
 
 
 @triton.jit
@@ -24,34 +24,53 @@ def grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def lora_dot(a, b, acc, dtype, LORA_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """``acc + a b`` for the LoRA branch (the shrink ``x A^T`` and the expand ``xa (s B)^T``).
+
+    By default both operands are rounded to ``dtype`` (the input dtype), as the unfused
+    low-precision branch rounds them, and the dot runs on 16-bit tensor cores.
+    ``LORA_FP32`` (adapters kept in another dtype than a 16-bit input, e.g. PEFT's fp32
+    adapters on an fp16 model) keeps the branch in fp32, as PEFT runs it in the adapters'
+    dtype: a tf32 dot keeps the 10 mantissa bits fp16 keeps, but fp32's range, so
+    ``x A^T`` is never rounded to fp16 (where it could overflow where PEFT does not).
+    """
+    if LORA_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
+    else:
+        return tl.dot(a.to(dtype), b.to(dtype), acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
 def lora_expand_resident(
     acc, xa, b_ptr, offs_n, mask_n, R, stride_bn, stride_br, scaling, dtype,
-    BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, LORA_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """``acc += xa (s B)^T`` with ``xa`` (``(BLOCK_M, BLOCK_R)``, fp32) in registers.
 
-    ``xa`` and ``s B`` are rounded to ``dtype`` (the input dtype) before the dot, as the
-    unfused low-precision LoRA branch rounds its intermediate ``x A^T``, and so that the
-    dot runs on tensor cores even for fp32 adapters on a 16-bit base. ``s`` goes on ``B``
-    (small weights), not on ``xa``: ``s * xa`` could overflow fp16 where the reference,
-    which scales after ``B``, does not. Ranks ``>= R`` read zeros.
+    The dot rounds its operands as :func:`lora_dot` says (to ``dtype``, the input dtype,
+    unless ``LORA_FP32``). ``s`` goes on ``B`` (small weights), not on ``xa``: ``s * xa``
+    could overflow fp16 where the reference, which scales after ``B``, does not.
+    Ranks ``>= R`` are padding: their ``xa`` lanes hold ``x . 0``, which is NaN for an
+    input row holding inf, and ``NaN * 0`` would spread it over the whole row; they are
+    zeroed, as ``B``'s padded rows are.
     """
     offs_r = tl.arange(0, BLOCK_R)
+    xa = tl.where((offs_r < R)[None, :], xa, 0.0)
     bt_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br
     bt_tile = tl.load(bt_ptrs, mask=(offs_r[:, None] < R) & mask_n[None, :], other=0.0)
-    bt_scaled = (bt_tile.to(tl.float32) * scaling).to(dtype)
-    return tl.dot(xa.to(dtype), bt_scaled, acc, input_precision=INPUT_PRECISION)
+    bt_scaled = bt_tile.to(tl.float32) * scaling
+    return lora_dot(xa, bt_scaled, acc, dtype, LORA_FP32, INPUT_PRECISION)
 
 
 @triton.jit
 def lora_expand_from_memory(
     acc, xa_ptr, b_ptr, offs_m64, offs_n, mask_m, mask_n, R,
     stride_xam, stride_xar, stride_bn, stride_br, scaling, dtype,
-    BLOCK_R: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, LORA_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """``acc += xa (s B)^T`` with ``xa`` (``(M, R)``) read from memory in ``BLOCK_R``
-    rank chunks (any rank); ``xa`` and ``s B`` rounded to ``dtype`` before each dot (``s``
-    on ``B``: see ``lora_expand_resident``)."""
+    rank chunks (any rank); operands rounded as :func:`lora_dot` says (``s`` on ``B``:
+    see ``lora_expand_resident``)."""
     offs_r = tl.arange(0, BLOCK_R)
     for r0 in range(0, R, BLOCK_R):
         mask_r = (r0 + offs_r) < R
@@ -59,6 +78,6 @@ def lora_expand_from_memory(
         xa_tile = tl.load(xa_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         bt_ptrs = b_ptr + offs_n[None, :] * stride_bn + (r0 + offs_r)[:, None] * stride_br
         bt_tile = tl.load(bt_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        bt_scaled = (bt_tile.to(tl.float32) * scaling).to(dtype)
-        acc = tl.dot(xa_tile.to(dtype), bt_scaled, acc, input_precision=INPUT_PRECISION)
+        bt_scaled = bt_tile.to(tl.float32) * scaling
+        acc = lora_dot(xa_tile, bt_scaled, acc, dtype, LORA_FP32, INPUT_PRECISION)
     return acc

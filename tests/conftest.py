@@ -30,3 +30,20 @@ KERNEL_DTYPES = [
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Input shapes of the mixed-adapter kernel's launches (it runs inside the custom op):
+    a test proves the fused kernel ran, not the reference."""
+    from fastpeft.methods.lora import multi_op as ops_multi  # after TRITON_INTERPRET is set above
+
+    calls = []
+    real = ops_multi._kernels.multi_lora_linear_fwd
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops_multi._kernels, "multi_lora_linear_fwd", spy)
+    return calls

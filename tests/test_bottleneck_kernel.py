@@ -1,4 +1,4 @@
-"""The fused bottleneck-adapter op (Triton through fastpeft.ops_adapters) vs float64 reference."""
+"""The fused bottleneck-adapter op (Triton through fastpeft.methods.bottleneck.op) vs float64 reference."""
 from __future__ import annotations
 
 import pytest

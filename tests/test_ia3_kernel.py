@@ -1,4 +1,4 @@
-"""The fused (IA)^3 op (Triton kernel through fastpeft.ops_adapters) vs the float64 reference."""
+"""The fused (IA)^3 op (Triton kernel through fastpeft.methods.ia3.op) vs the float64 reference."""
 from __future__ import annotations
 
 import pytest

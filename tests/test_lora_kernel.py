@@ -1,4 +1,4 @@
-"""The fused LoRA linear op (Triton kernel through fastpeft.ops) vs the float64 reference."""
+"""The fused LoRA linear op (Triton kernel through fastpeft.methods.lora.op) vs the float64 reference."""
 from __future__ import annotations
 
 import math

@@ -24,21 +24,25 @@ CANDIDATES = sorted(
 
 
 def _expand(
-    cfg, dtype: str, fuse: bool, split_k: int, block_r: int = 16, gather: bool = False, precision: str = "ieee"
+    cfg, dtype: str, fuse: bool, split_k: int, block_r: int = 16, gather: bool = False, precision: str = "ieee",
+    adapter_dtype: str = "",
 ) -> Dict[str, Any]:
+    tag = f"-{adapter_dtype}" if adapter_dtype else ""
     return {
-        "id": f"expand-{dtype}-{cfg.block_m}x{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}"
+        "id": f"expand-{dtype}{tag}-{cfg.block_m}x{cfg.block_n}x{cfg.block_k}w{cfg.num_warps}s{cfg.num_stages}"
               f"-{'fused' if fuse else 'split'}-k{split_k}-r{block_r}{'-gather' if gather else ''}-{precision}",
         "module": "fastpeft.kernels.multi_lora",
         "kernel": "_mlora_expand_kernel",
         "ptr_dtypes": {
-            "x_ptr": dtype, "w_ptr": dtype, "bias_ptr": dtype, "b_ptr": dtype, "xa_ptr": "fp32", "y_ptr": dtype,
+            "x_ptr": dtype, "w_ptr": dtype, "bias_ptr": dtype, "b_ptr": adapter_dtype or dtype, "xa_ptr": "fp32",
+            "y_ptr": dtype,
             "sorted_rows_ptr": I32, "sorted_slot_ptr": I32, "seg_end_ptr": I32, "rank_ptr": I32,
             "scaling_ptr": "fp32",
         },
         "constexprs": dict(
             FUSE_BASE=fuse, HAS_BIAS=True, GATHER=gather, SPLIT_K=split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k, BLOCK_R=block_r, GROUP_M=cfg.group_m, INPUT_PRECISION=precision,
+            BLOCK_K=cfg.block_k, BLOCK_R=block_r, GROUP_M=cfg.group_m,
+            LORA_FP32=bool(adapter_dtype) and adapter_dtype != dtype and dtype != "fp32", INPUT_PRECISION=precision,
         ),
         "unit_args": ["stride_xk", "stride_wk", "stride_br", "stride_xar", "stride_yn"],
         "num_warps": cfg.num_warps,
@@ -46,16 +50,18 @@ def _expand(
     }
 
 
-def _shrink(dtype: str, block_m: int, block_r: int = 16) -> Dict[str, Any]:
+def _shrink(dtype: str, block_m: int, block_r: int = 16, adapter_dtype: str = "") -> Dict[str, Any]:
+    tag = f"-{adapter_dtype}" if adapter_dtype else ""
     return {
-        "id": f"shrink-{dtype}-m{block_m}-r{block_r}",
+        "id": f"shrink-{dtype}{tag}-m{block_m}-r{block_r}",
         "module": "fastpeft.kernels.multi_lora",
         "kernel": "_mlora_shrink_kernel",
         "ptr_dtypes": {
-            "x_ptr": dtype, "a_ptr": dtype, "xa_ptr": "fp32", "sorted_rows_ptr": I32, "slot_rows_ptr": I32,
+            "x_ptr": dtype, "a_ptr": adapter_dtype or dtype, "xa_ptr": "fp32", "sorted_rows_ptr": I32, "slot_rows_ptr": I32,
             "slot_start_ptr": I32, "rank_ptr": I32,
         },
-        "constexprs": dict(BLOCK_M=block_m, BLOCK_K=64, BLOCK_R=block_r, INPUT_PRECISION="ieee"),
+        "constexprs": dict(BLOCK_M=block_m, BLOCK_K=64, BLOCK_R=block_r,
+                           LORA_FP32=bool(adapter_dtype) and adapter_dtype != dtype, INPUT_PRECISION="ieee"),
         "unit_args": ["stride_xk", "stride_ak", "stride_xar"],
         "num_warps": 4,
         "num_stages": 3,
@@ -78,6 +84,11 @@ def _all_specs() -> List[Dict[str, Any]]:
                      key=lambda c: (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages))
     specs += [_expand(c, "fp32", True, 1, ml.gather_block_r(c), gather=True, precision="tf32") for c in small32]
     specs += [_shrink(dt, bm) for dt in ("bf16", "fp16") for bm in (16, 64)]
+    # fp32 adapters on a 16-bit base (the layers' own adapters under batch_adapters): the
+    # branch keeps fp32 range (tf32 dots in the shrink and the segment walk).
+    specs += [_shrink(dt, bm, adapter_dtype="fp32") for dt in ("bf16", "fp16") for bm in (16, 64)]
+    specs += [_expand(c, "fp16", fuse, 1 if fuse else 4, adapter_dtype="fp32") for c in CANDIDATES for fuse in (True, False)]
+    specs += [_expand(c, "fp16", True, 8, ml.gather_block_r(c), gather=True, adapter_dtype="fp32") for c in small]
     return specs
 
 

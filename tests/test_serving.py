@@ -49,18 +49,6 @@ def model():
     return _inject(_base_model())
 
 
-@pytest.fixture
-def launches(monkeypatch):
-    calls = []
-    real = ops_multi._kernels.multi_lora_linear_fwd
-
-    def spy(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ops_multi._kernels, "multi_lora_linear_fwd", spy)
-    return calls
-
 
 def _weights(pool, r, seed, layers=None, scale=0.4):
     """In-memory adapter ``{layer: (A, B)}`` of rank r (on a subset of layers if given)."""

@@ -33,6 +33,7 @@ FP32_CANDIDATES = sorted(
 )
 # (padded rank, in-loop shrink): r <= 16, r <= 64, no adapter (base GEMM), epilogue path.
 LORA_VARIANTS = [(16, True), (64, True), (0, True), (32, False)]
+FP32_ADAPTER_VARIANTS = [(16, True), (32, False)]
 PRECISION = {"bf16": "ieee", "fp16": "ieee", "fp32": "ieee"}
 
 
@@ -44,8 +45,13 @@ def _spec(
     cfg, dtype: str, block_r: int, in_loop: bool, adapter_dtype: str = "", precision: str = ""
 ) -> Dict[str, Any]:
     ptrs = {p: dtype for p in PTRS}
-    if adapter_dtype:  # adapters kept in another dtype than x (e.g. fp32 adapters, bf16 base)
+    # Adapters kept in another dtype than a 16-bit x (fp32 adapters on a bf16/fp16 base):
+    # the LoRA branch keeps fp32 range (tf32 dots, fp32 xa).
+    lora_fp32 = bool(adapter_dtype) and adapter_dtype != dtype and dtype != "fp32"
+    if adapter_dtype:
         ptrs.update(a_ptr=adapter_dtype, b_ptr=adapter_dtype)
+    if lora_fp32:
+        ptrs["xa_ptr"] = "fp32"
     if cfg.split_k > 1:  # split-K programs write fp32 partial sums
         ptrs["y_ptr"] = "fp32"
     tag = f"-{adapter_dtype}" if adapter_dtype else ""
@@ -64,6 +70,7 @@ def _spec(
             BLOCK_K=cfg.block_k,
             BLOCK_R=max(block_r, 16),
             GROUP_M=cfg.group_m,
+            LORA_FP32=lora_fp32,
             INPUT_PRECISION=precision or PRECISION[dtype],
         ),
         "unit_args": UNIT_STRIDES,
@@ -88,20 +95,25 @@ FP32_TMA = sorted(
 )
 
 
-def _tma_spec(cfg, block_r: int, pre: bool, dtype: str = "bf16", precision: str = "ieee") -> Dict[str, Any]:
+def _tma_spec(
+    cfg, block_r: int, pre: bool, dtype: str = "bf16", precision: str = "ieee", adapter_dtype: str = ""
+) -> Dict[str, Any]:
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     dt = dtype
+    at = adapter_dtype or dtype
+    lora_fp32 = at != dtype and dtype != "fp32"
+    tag = f"-{adapter_dtype}" if adapter_dtype else ""
     return {
-        "id": f"tma-{dtype}-{_cfg_id(cfg)}-r{block_r}-{'pre' if pre else 'loop'}{precision}",
+        "id": f"tma-{dtype}{tag}-{_cfg_id(cfg)}-r{block_r}-{'pre' if pre else 'loop'}{precision}",
         "module": "fastpeft.kernels.lora_tma",
         "kernel": "_lora_linear_tma_kernel",
         "descriptors": {
             "x_desc": f"tensordesc<{dt}[{bm}, {bk}]>",
             "w_desc": f"tensordesc<{dt}[{bn}, {bk}]>",
-            "a_desc": f"tensordesc<{dt}[{max(block_r, 16)}, {bk}]>" if not pre else f"tensordesc<{dt}[{bn}, {bk}]>",
+            "a_desc": f"tensordesc<{at}[{max(block_r, 16)}, {bk}]>" if not pre else f"tensordesc<{dt}[{bn}, {bk}]>",
             "y_desc": f"tensordesc<{dt}[{bm}, {bn}]>",
         },
-        "ptr_dtypes": {"bias_ptr": dt, "b_ptr": dt, "xa_ptr": dt},
+        "ptr_dtypes": {"bias_ptr": dt, "b_ptr": at, "xa_ptr": "fp32" if lora_fp32 else dt},
         "constexprs": dict(
             HAS_BIAS=True,
             HAS_LORA=block_r > 0,
@@ -111,6 +123,7 @@ def _tma_spec(cfg, block_r: int, pre: bool, dtype: str = "bf16", precision: str 
             BLOCK_K=bk,
             BLOCK_R=max(block_r, 16),
             GROUP_M=cfg.group_m,
+            LORA_FP32=lora_fp32,
             INPUT_PRECISION=precision,
         ),
         "unit_args": ["stride_br", "stride_xar"],
@@ -125,8 +138,8 @@ def _tma_spec(cfg, block_r: int, pre: bool, dtype: str = "bf16", precision: str 
 BACKWARD_UNIT_STRIDES = ["stride_xk", "stride_wn", "stride_ar", "stride_bn", "stride_yn"]
 
 
-def _backward_spec(cfg, dtype: str = "bf16", precision: str = "") -> Dict[str, Any]:
-    spec = _spec(cfg, dtype, 16, True, precision=precision)
+def _backward_spec(cfg, dtype: str = "bf16", precision: str = "", adapter_dtype: str = "") -> Dict[str, Any]:
+    spec = _spec(cfg, dtype, 16, True, adapter_dtype=adapter_dtype, precision=precision)
     spec["id"] = "backward-" + spec["id"]
     spec["unit_args"] = BACKWARD_UNIT_STRIDES
     return spec
@@ -141,8 +154,11 @@ def _all_specs() -> List[Dict[str, Any]]:
     specs += [_tma_spec(c, r, pre, "fp32", "tf32") for c in FP32_TMA for r, pre in TMA_VARIANTS]
     specs += [_spec(c, "bf16", r, loop) for c in SPLIT_K for r, loop in ((16, True), (32, False))]
     specs += [_tma_spec(c, r, pre) for c in TMA for r, pre in TMA_VARIANTS]
-    specs += [_spec(c, "bf16", 16, True, adapter_dtype="fp32") for c in CANDIDATES]
+    specs += [_spec(c, dt, r, loop, adapter_dtype="fp32") for c in CANDIDATES for dt in ("bf16", "fp16")
+              for r, loop in FP32_ADAPTER_VARIANTS]
+    specs += [_tma_spec(c, r, pre, "fp16", adapter_dtype="fp32") for c in TMA for r, pre in TMA_VARIANTS]
     specs += [_backward_spec(c) for c in CANDIDATES]
+    specs += [_backward_spec(c, "fp16", adapter_dtype="fp32") for c in CANDIDATES]
     specs.append(
         {
             "id": "splitk-reduce",
@@ -236,14 +252,40 @@ def test_tma_kernel_compiles_for_hopper(reports, cfg, block_r, pre):
 
 
 @pytest.mark.parametrize("cfg", CANDIDATES, ids=_cfg_id)
-def test_fp32_adapters_on_a_bf16_base_fit_hopper(reports, cfg):
-    rep = reports[_spec(cfg, "bf16", 16, True, adapter_dtype="fp32")["id"]]
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("block_r,in_loop", FP32_ADAPTER_VARIANTS, ids=lambda v: str(v))
+def test_fp32_adapters_on_a_half_base_fit_hopper(reports, cfg, dtype, block_r, in_loop):
+    """fp32 adapters on a 16-bit base keep the LoRA branch in fp32 (tf32 dots): the
+    in-loop shrink and the epilogue compile, fit and pipeline, with wgmma where the tile
+    allows it."""
+    rep = reports[_spec(cfg, dtype, block_r, in_loop, adapter_dtype="fp32")["id"]]
     assert "error" not in rep, rep.get("error")
     assert rep["shared"] <= HOPPER_MAX_SHARED and rep["pipelined"], rep
+    if cfg.block_m >= 64:
+        assert rep["wgmma"], f"{cfg}: no wgmma for a {cfg.block_m}-row tile"
+
+
+@pytest.mark.parametrize("block_r,pre", TMA_VARIANTS, ids=lambda v: str(v))
+def test_tma_kernel_with_fp32_adapters_compiles_for_hopper(reports, block_r, pre):
+    """fp32 adapters on an fp16 base: every TMA tile compiles with wgmma; A's fp32 boxes
+    double its shared memory, so a rank-64 in-loop shrink fits on fewer tiles (the tuner
+    skips the others), but on at least one; every other variant fits on every tile."""
+    fitting = []
+    for cfg in TMA:
+        rep = reports[_tma_spec(cfg, block_r, pre, "fp16", adapter_dtype="fp32")["id"]]
+        assert "error" not in rep, rep.get("error")
+        assert rep["pipelined"] and rep["wgmma"], rep
+        if rep["shared"] <= HOPPER_MAX_SHARED:
+            fitting.append(cfg)
+        else:
+            assert block_r > 16 and not pre, f"{cfg} needs {rep['shared']} B of shared memory"
+    assert fitting, f"no TMA tile fits fp32 adapters at r={block_r} pre={pre}"
 
 
 @pytest.mark.parametrize("cfg", CANDIDATES, ids=_cfg_id)
-def test_input_gradient_layout_compiles_for_hopper(reports, cfg):
-    rep = reports[_backward_spec(cfg)["id"]]
+@pytest.mark.parametrize("adapter_dtype", ["", "fp32"], ids=["same", "fp32-adapters"])
+def test_input_gradient_layout_compiles_for_hopper(reports, cfg, adapter_dtype):
+    dtype = "fp16" if adapter_dtype else "bf16"
+    rep = reports[_backward_spec(cfg, dtype, adapter_dtype=adapter_dtype)["id"]]
     assert "error" not in rep, rep.get("error")
     assert rep["shared"] <= HOPPER_MAX_SHARED and rep["pipelined"], rep

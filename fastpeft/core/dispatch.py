@@ -43,15 +43,18 @@ def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dt
 
     ``auto`` takes Triton for CUDA tensors, and for CPU tensors when the Triton
     interpreter is on (``TRITON_INTERPRET=1``), in fp32, fp16 and bf16; the reference
-    otherwise (float64 runs there, as ``nn.Linear`` does). Forcing ``"triton"`` where
-    Triton cannot run is an error, never a silent fallback.
+    otherwise (float64 runs there, as ``nn.Linear`` does). The interpreter's ``tl.dot``
+    has no bf16, so under it bf16 runs on the reference too. Forcing ``"triton"`` where
+    Triton cannot run, or would compute wrong numbers, is an error, never a silent
+    fallback. Every op (LoRA, mixed-adapter LoRA, (IA)^3, bottleneck) dispatches here.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device_ok = device.type == "cuda" or (device.type == "cpu" and _kernels.interpreter_active())
     dtype_ok = dtype is None or dtype in KERNEL_DTYPES
+    interpretable = dtype != torch.bfloat16 or not _kernels.interpreter_active()
     if backend == "auto":
-        return "triton" if device_ok and dtype_ok else "torch"
+        return "triton" if device_ok and dtype_ok and interpretable else "torch"
     if backend == "triton" and not device_ok:
         raise RuntimeError(
             f"backend='triton' cannot run on a {device.type} tensor: use a CUDA device, or set "
@@ -63,6 +66,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dt
             f"backend='triton' runs fp32, fp16 and bf16 inputs, got {dtype}; "
             "pass backend='torch' (or 'auto') for it"
         )
+    if backend == "triton":
+        _kernels.check_interpretable(dtype)
     return backend
 
 

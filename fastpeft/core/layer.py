@@ -11,6 +11,7 @@ adds its forward, and, if the method merges, ``merge``/``_undo_merge``.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Hashable, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
@@ -166,7 +167,12 @@ class AdapterLayer(PlanReader, nn.Module):
         if hit is not None and hit[0] == key and hit[1].matches(tensors):
             return hit[2]
         value = build()
-        held = value if isinstance(value, (tuple, list)) else (value,)
+        if isinstance(value, (tuple, list)):
+            held = tuple(value)
+        elif dataclasses.is_dataclass(value):
+            held = tuple(vars(value).values())
+        else:
+            held = (value,)
         if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in held):
             cache[entry] = (key, TensorStamp(tensors), value)
         return value

@@ -339,8 +339,11 @@ def batch_adapters(model: nn.Module, names: Sequence[Optional[str]]) -> Iterator
     may be the model's own adapters or those of a provider (an attached ``AdapterPool``).
 
     One :class:`~fastpeft.core.batch.BatchPlan` is built and set on every adapter layer.
-    Eval mode only (dropout and gradients per row are not defined); adapters must be
-    unmerged. Every layer's previous plan is restored on exit, errors included.
+    Eval mode only (dropout per row is not defined); adapters must be unmerged.
+    Gradients flow through a mixed batch (to the inputs and each row's adapter, e.g. for
+    per-row losses or inspection), eager and under ``torch.compile``. Pool adapters the
+    batch uses stay loaded (not evicted; unloading them raises) until it ends. Every
+    layer's previous plan is restored on exit, errors included.
     """
     readers = _plan_readers(model)
     rows = _row_names(model, names, readers)

@@ -237,7 +237,7 @@ def bottleneck_linear(
             raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
     check_adapter_tensors(x, "bottleneck_linear", down_w=down_w, up_w=up_w, down_b=down_b, up_b=up_b)
     # An adapter kept in fp32 on a half-precision model (autocast_adapter_dtype) runs in
-    # the input's dtype, as LoRA's does; autograd hands its gradients back in fp32.
+    # the input's dtype; autograd hands its gradients back in fp32.
     down_w, down_b, up_w, up_b = (None if t is None else t.to(x.dtype) for t in (down_w, down_b, up_w, up_b))
     if (w_eff is None) != (b_eff is None):
         raise ValueError("pass both w_eff and b_eff (from bottleneck_down_eff), or neither")

@@ -142,7 +142,7 @@ def _all_biases(model: nn.Module, adapter_name: str) -> Dict[str, torch.Tensor]:
     every other module under its own path, whether or not another adapter wraps it now.
     So the file does not depend on which other adapters happen to be loaded; the other
     spellings PEFT writes for those (``<path>.base_layer.bias``,
-    ``<path>.original_module.bias``) load too (``fastpeft.checkpoint``).
+    ``<path>.original_module.bias``) load too (``fastpeft.core.checkpoint``).
     """
     out: Dict[str, torch.Tensor] = {}
     wrappers = named_modules_of(model, (ModulesToSaveWrapper,))

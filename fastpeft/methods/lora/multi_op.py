@@ -3,13 +3,14 @@
 ``multi_lora_linear`` validates its inputs, builds (or takes) the batch metadata
 (:class:`fastpeft.kernels.multi_lora.MultiLoraMeta`), picks a backend and calls the custom
 op ``fastpeft::multi_lora_linear``. The op is registered with ``torch.library`` (so
-``torch.compile`` traces through it) and is for inference: its backward raises a clear
-error, since serving many adapters at once is not a training mode (train one adapter
-per batch with ``set_adapter``).
+``torch.compile`` traces through it) and carries its own autograd formula: gradients
+reach ``x``, both slot stacks and (when unfrozen) the base weight and bias, so a mixed
+batch can be inspected by per-row losses, eager or compiled (AOT autograd traces the
+backward whenever an input requires grad).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -17,6 +18,7 @@ from fastpeft.kernels import multi_lora as _kernels
 from fastpeft.kernels.multi_lora import MultiLoraMeta
 from fastpeft.kernels.reference import multi_lora_linear_ref
 from fastpeft.core.dispatch import check_bias, check_linear_input, resolve_backend
+from fastpeft.core.dispatch import rows as _rows
 
 __all__ = ["MultiLoraMeta", "multi_lora_linear", "build_meta", "row_slots_for_tokens"]
 
@@ -58,16 +60,106 @@ def _(x, weight, bias, lora_A, lora_B, ranks, scalings, row_slot, sorted_rows, s
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+@torch.library.custom_op("fastpeft::multi_lora_adapter_grads", mutates_args=())
+def _adapter_grads_op(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    ranks: torch.Tensor,
+    scalings: torch.Tensor,
+    sorted_rows: torch.Tensor,
+    slot_rows: torch.Tensor,
+    slot_start: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(d lora_A, d lora_B)`` of the mixed op, slot by slot over each slot's rows.
+
+    A custom op (opaque to ``torch.compile``) because each slot's GEMMs have as many
+    rows as the batch gives that slot: shapes that depend on the data. The row counts
+    and ranks are read with one host sync; the padded rank lanes keep a zero gradient.
+    """
+    d_a = torch.zeros_like(lora_A)
+    d_b = torch.zeros_like(lora_B)
+    g = _rows(grad_y).to(lora_B.dtype)
+    x2 = _rows(x).to(lora_A.dtype)
+    counts = torch.stack([slot_start, slot_rows, ranks]).tolist()
+    for i, (start, n, r) in enumerate(zip(*counts)):
+        if n == 0 or r == 0:
+            continue
+        idx = sorted_rows[start : start + n].long()
+        x_i, g_i = x2.index_select(0, idx), g.index_select(0, idx)
+        A_i, B_i = lora_A[i, :r], lora_B[i, :, :r]
+        s_i = scalings[i]  # fp32, as the forward kernels apply it
+        d_b[i, :, :r] = (g_i.t() @ (x_i @ A_i.t())) * s_i
+        d_a[i, :r] = (((g_i @ B_i) * s_i).t() @ x_i).to(lora_A.dtype)
+    return d_a, d_b
+
+
+@_adapter_grads_op.register_fake
+def _(grad_y, x, lora_A, lora_B, ranks, scalings, sorted_rows, slot_rows, slot_start):
+    return torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+class _Grads(NamedTuple):
+    """One entry per input of the op: its gradient, or (``ctx.needs_input_grad``)
+    whether it is needed (the integer inputs never have one)."""
+
+    x: Optional[torch.Tensor] = None
+    weight: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+    lora_A: Optional[torch.Tensor] = None
+    lora_B: Optional[torch.Tensor] = None
+    ranks: None = None
+    scalings: None = None
+    row_slot: None = None
+    sorted_rows: None = None
+    sorted_slot: None = None
+    seg_end: None = None
+    slot_rows: None = None
+    slot_start: None = None
+    use_triton: None = None
+
+
 def _setup_context(ctx, inputs, output) -> None:
-    pass
+    x, weight, bias, lora_A, lora_B, ranks, scalings, *meta, use_triton = inputs
+    ctx.use_triton = use_triton
+    ctx.save_for_backward(x, weight, lora_A, lora_B, ranks, scalings, *meta)
 
 
-def _backward(ctx, grad_y):
-    raise RuntimeError(
-        "fastpeft's mixed-adapter op (batch_adapters / AdapterPool serving) is inference-only and "
-        "has no backward: run it under torch.no_grad() / torch.inference_mode(), or train one "
-        "adapter per batch (set_adapter) instead of a mixed batch"
-    )
+def _backward(ctx, grad_y: torch.Tensor) -> _Grads:
+    """Gradients of ``y[m] = x[m] W^T + b + s_i (x[m] A_i^T) B_i^T`` (``i`` = slot of row
+    ``m``, ``A_i = lora_A[i, :r_i]``, ``B_i = lora_B[i, :, :r_i]``; ``g = dL/dy``, rows
+    flattened). Per slot, over its rows ``X_i``, ``G_i``, with ``XA_i = X_i A_i^T`` and
+    ``G_a = s_i G_i B_i`` (the gradient reaching ``XA_i``):
+
+    * ``dB_i = s_i G_i^T XA_i``      (N, r_i); lanes ``r_i..max_rank`` get 0
+    * ``dA_i = G_a^T X_i``           (r_i, K); lanes ``r_i..max_rank`` get 0
+    * ``dx[m] = g[m] W + s_i (g[m] B_i) A_i``: the forward's own form (input ``g``, base
+      ``W^T``, stacks ``B^T`` and ``A^T``, same slots, ranks and scalings), so one call
+      of the op itself, on the forward's backend (the fused kernel over transposed
+      views on Triton), which ``torch.compile`` traces like the forward
+    * ``db = sum_m g``, ``dW = g^T x`` only when the user unfroze them.
+
+    As in the forward, the LoRA terms run in the adapters' dtype, the base in ``x``'s.
+    """
+    x, weight, lora_A, lora_B, ranks, scalings, *meta = ctx.saved_tensors
+    _, sorted_rows, _, _, slot_rows, slot_start = meta
+    need = _Grads(*ctx.needs_input_grad)
+    d = {}
+    if need.x:
+        d["x"] = _multi_lora_linear_op(
+            grad_y, weight.t(), None, lora_B.transpose(1, 2), lora_A.transpose(1, 2), ranks, scalings,
+            *meta, ctx.use_triton,
+        ).reshape(x.shape)
+    if need.lora_A or need.lora_B:
+        d_a, d_b = _adapter_grads_op(grad_y, x, lora_A, lora_B, ranks, scalings, sorted_rows, slot_rows, slot_start)
+        d.update({k: v for k, v in (("lora_A", d_a), ("lora_B", d_b)) if getattr(need, k)})
+    g = _rows(grad_y)
+    if need.weight:
+        d["weight"] = (g.t() @ _rows(x)).to(weight.dtype)
+    if need.bias:
+        d["bias"] = g.sum(0)
+    return _Grads(**d)
 
 
 _multi_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -154,7 +246,8 @@ def multi_lora_linear(
         check: verify the values of ``ranks`` and ``rows`` (host syncs); callers that own
             them (the adapter pool) pass False on the hot path.
 
-    Returns ``(..., N)`` in ``x``'s dtype. Inference only: backward raises.
+    Returns ``(..., N)`` in ``x``'s dtype. Differentiable in ``x``, the stacks (each
+    slot's first ``r_i`` rank lanes; the padding's gradient is 0), ``weight`` and ``bias``.
     """
     check_linear_input(x, weight, "multi_lora_linear")
     check_bias(bias, weight, x, "multi_lora_linear")

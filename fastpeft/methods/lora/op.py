@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import NamedTuple, Optional
 
 import torch
-import torch.nn.functional as F
 
 from fastpeft.core.dispatch import (
     autocast_cast,
@@ -58,7 +57,7 @@ def _triton_forward(
     if x_lora is not None:
         # Shrink the dropped-out input here (an (M, r) tensor) and let the kernel apply
         # it in the epilogue.
-        xa = F.linear(rows(x_lora), lora_A.to(x.dtype))
+        xa = _kernels.lora_shrink(rows(x_lora), lora_A)
     return _kernels.lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, xa=xa)
 
 

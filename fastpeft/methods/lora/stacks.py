@@ -70,7 +70,7 @@ def stack_adapters(adapters: Sequence, device: torch.device, bias_dtype: torch.d
     ``adapters[i]``), padded to the largest of their ranks."""
     R = max(a.r for a in adapters)
     # Built with autograd on when it is on, so that a backward through a mixed batch
-    # reaches the op and its clear "inference only" error; with autocast off, since
+    # reaches each adapter's own tensors through the stacks; with autocast off, since
     # stacking copies tensors in their own dtypes (CPU autocast refuses fp16 there).
     off = torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else contextlib.nullcontext()
     with off:
