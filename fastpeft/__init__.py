@@ -37,6 +37,9 @@ from fastpeft.methods.lora.config import LoraConfig
 from fastpeft.methods.lora.layer import FastLoRALinear
 from fastpeft.methods.lora.multi_op import multi_lora_linear
 from fastpeft.methods.lora.op import lora_linear
+from fastpeft.methods.prompt.config import (
+    PrefixTuningConfig, PromptEncoderConfig, PromptEncoderReparameterizationType, PromptTuningConfig, PromptTuningInit,
+)
 from fastpeft.serving.engine import GenerationOutput, ServingEngine
 from fastpeft.serving.pool import AdapterError, AdapterPool, PoolFullError
 
@@ -57,5 +60,9 @@ __all__ += [
     "bottleneck_linear",
 ]
 __all__ += ["AdaptionPromptConfig", "AdaptedAttention"]
+__all__ += [
+    "PromptTuningConfig", "PromptTuningInit", "PromptEncoderConfig", "PromptEncoderReparameterizationType",
+    "PrefixTuningConfig",
+]
 __all__ += ["multi_lora_linear", "AdapterPool", "ServingEngine", "GenerationOutput", "AdapterError", "PoolFullError"]
 __all__ += ["AdaLoraConfig", "AdaLoraLinear", "update_and_allocate", "orthogonal_regularization"]

@@ -131,21 +131,34 @@ def strip_model_prefix(path: str) -> str:
     return path
 
 
-def strip_prefix(tensors: Mapping[str, Any], where: str) -> Dict[str, Any]:
-    """A saved directory's tensors keyed without PEFT's ``base_model.model.`` prefix,
-    which every key must have."""
-    bad = [k for k in tensors if not k.startswith(PREFIX)]
+def strip_prefix(
+    tensors: Mapping[str, Any], where: str, prefix: str = PREFIX, bare: Tuple[str, ...] = ()
+) -> Dict[str, Any]:
+    """A saved directory's tensors keyed without PEFT's ``base_model.model.`` prefix
+    (or the method's ``key_prefix``), which every key must have but the method's
+    ``bare`` keys (saved as they are)."""
+    bad = [k for k in tensors if k not in bare and not k.startswith(prefix)]
     if bad:
         raise AdapterCheckpointError(
-            f"{where}: {len(bad)} key(s) do not start with {PREFIX!r} as PEFT writes them, e.g. {bad[:3]}"
+            f"{where}: {len(bad)} key(s) do not start with {prefix!r} as PEFT writes them, e.g. {bad[:3]}"
         )
-    return {k[len(PREFIX):]: v for k, v in tensors.items()}
+    return {k if k in bare else k[len(prefix):]: v for k, v in tensors.items()}
+
+
+def _key_spelling(data: Dict[str, Any]) -> Tuple[str, Tuple[str, ...]]:
+    """``(key_prefix, bare_keys)`` of a checkpoint of this config's method (PEFT's
+    ``base_model.model.`` for an unknown method: its error comes later, with its name)."""
+    try:
+        method = get_method(data.get("peft_type"))
+    except ValueError:
+        return PREFIX, ()
+    return method.key_prefix, tuple(method.bare_keys)
 
 
 def read_adapter(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
     """``(config dict, tensors keyed without the prefix)`` of a PEFT adapter directory."""
     data = read_adapter_config(path)
-    return data, strip_prefix(read_adapter_weights(path), os.fspath(path))
+    return data, strip_prefix(read_adapter_weights(path), os.fspath(path), *_key_spelling(data))
 
 
 def _list(keys, limit: int = 5) -> str:
@@ -319,12 +332,13 @@ def save_adapter(
     README, a trainer's state) are left alone.
     """
     config = require_adapter(model, adapter_name)
+    method = method_of(config)
     path = os.fspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(f"{path!r} is a file; save_adapter writes a directory")
     # Own copies: safetensors refuses tensors that share storage (e.g. tied weights).
     tensors = {
-        PREFIX + key: t.detach().to("cpu").contiguous().clone()
+        (key if key in method.bare_keys else method.key_prefix + key): t.detach().to("cpu").contiguous().clone()
         for key, t in adapter_tensors(model, adapter_name).items()
     }
     data = config.to_dict()

@@ -78,6 +78,11 @@ class Method:
     # (a forward hook on the model, as PEFT's AdaLoraModel.forward does); otherwise the
     # training loop adds ``core.state.adapter_loss(model)`` itself.
     loss_in_forward: bool = False
+    # What a checkpoint's keys start with: PEFT writes tuners' tensors (and
+    # modules_to_save copies) under ``base_model.model.``; prompt learning writes its
+    # ``prompt_embeddings`` bare (``bare_keys``) and its modules_to_save under ``base_model.``.
+    key_prefix: str = "base_model.model."
+    bare_keys: Tuple[str, ...] = ()
 
     # ---------------------------------------------------------------- configuration
 
