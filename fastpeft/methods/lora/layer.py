@@ -21,7 +21,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastpeft.core.batch import BatchPlan
 from fastpeft.core.dispatch import autocast_cast, autocast_dtype, check_linear_input
 from fastpeft.core.batch import BatchPlan, check_rows
 from fastpeft.core.linear import AdapterLinear

@@ -9,7 +9,7 @@ plain embedding of it (``inference_mode``), as PEFT builds it.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import torch
 import torch.nn as nn
