@@ -150,6 +150,21 @@ def test_gradients_of_mixed_batch_equal_each_row_alone(backend):
     assert not got[labels.index("A.c")].any() and not got[labels.index("B.c")].any()  # "c" serves no row
 
 
+def test_stacks_kept_from_a_no_grad_batch_do_not_cut_the_backward():
+    """A mixed batch run under no_grad keeps its stacks; the next call with grad on must
+    not reuse them (they hold no graph): the adapters get their gradients."""
+    layer = _layer(24, 20, [("a", 3, 6), ("b", 5, 5)])
+    layer.row_adapters = ["a", "b"]
+    x = torch.randn(2, 3, 24, device=DEVICE)
+    with torch.no_grad():
+        layer(x)
+    y = layer(x)
+    assert y.requires_grad
+    y.sum().backward()
+    for name, adapter in layer.adapters.items():
+        assert adapter.lora_A.grad is not None and adapter.lora_A.grad.abs().sum() > 0, name
+
+
 def test_batch_stacks_are_reused_until_names_or_weights_change(monkeypatch):
     """Decoding step after step with one batch stacks the adapters once; an in-place
     update of an adapter, a new name list or lora_bias change it, and results follow."""

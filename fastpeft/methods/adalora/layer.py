@@ -203,10 +203,7 @@ class AdaLoraLinear(AdapterLinear):
         rank; each slot's scale), kept while their tensors are unchanged."""
         adapters: List[AdaLoraAdapter] = list(self.adapters.values())
         tensors = [t for a in adapters for t in (a.lora_A, a.lora_E, a.lora_B)]
-        # Whether the stacks need a graph is part of the key: stacks kept from a no-grad
-        # forward must not serve one whose backward should reach A, E, B.
-        wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        key = (tuple(id(t) for t in tensors), tuple(a.scale for a in adapters), wants_grad)
+        key = (tuple(id(t) for t in tensors), tuple(a.scale for a in adapters))
 
         def build() -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
             R = max(1, max(a.r for a in adapters))
