@@ -394,3 +394,21 @@ def test_mixed_batches_row_by_row(tmp_path):
     with pytest.raises(ValueError, match="2 adapter names.*batch size 3"):
         with fp.batch_adapters(model, ["a", "b"]):
             logits(model, ids, mask)
+
+
+def test_lora_inside_wrapped_attention_is_refused_either_order():
+    """LoRA on projections that an adaption prompt's wrapped attention holds (or the
+    reverse order): a clear error naming the module, the model unchanged, never a LoRA
+    that silently skips the wrapped layers."""
+    model = tiny_llama()
+    fp.inject(model, fp.AdaptionPromptConfig(adapter_len=3, adapter_layers=1), "ap")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="lies inside"):
+        fp.inject(model, fp.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), "lora")
+    assert_same_snapshot(before, snapshot(model))
+    other = tiny_llama()
+    fp.inject(other, fp.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), "lora")
+    before = snapshot(other)
+    with pytest.raises(ValueError):
+        fp.inject(other, fp.AdaptionPromptConfig(adapter_len=3, adapter_layers=1), "ap")
+    assert_same_snapshot(before, snapshot(other))

@@ -197,7 +197,20 @@ def find_targets(
     names: List[str] = []
     inside: List[str] = []
     for name, module in model.named_modules():
-        if not name or any(name.startswith(p + ".") for p in inside):
+        if not name:
+            continue
+        outer = next((p for p in inside if name.startswith(p + ".")), None)
+        if outer is not None:
+            if name.startswith(outer + ".base_layer.") and is_target(
+                name, target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save
+            ):
+                # A module another method's layer wraps (an attention block, say): adapting
+                # it from inside the wrapper would be skipped silently or break that layer.
+                raise ValueError(
+                    f"target {name!r} lies inside {outer!r}, which another adapter wraps "
+                    f"({type(dict(model.named_modules())[outer]).__name__}); one module takes adapters of one "
+                    "method only: narrow target_modules (exclude_modules) or adapt it in another model"
+                )
             continue
         if is_target(name, target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save):
             names.append(name)
