@@ -39,7 +39,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from fastpeft.kernels import autotune  # noqa: E402
 from fastpeft.kernels.reference import bottleneck_linear_ref, ia3_linear_ref  # noqa: E402
-from fastpeft.ops_adapters import bottleneck_down_eff, bottleneck_linear, ia3_linear  # noqa: E402
+from fastpeft.methods.bottleneck.op import bottleneck_down_eff, bottleneck_linear  # noqa: E402
+from fastpeft.methods.ia3.op import ia3_linear  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
 MS = [16, 256, 1024, 4096, 16384]

@@ -10,7 +10,7 @@ Variants (bf16, ``W: (N, K)``, ``y = x W^T + s * (x A^T) B^T``):
 * ``unfused``   ``F.linear(x, W) + s * F.linear(F.linear(x, A), B)`` (PEFT's math);
 * ``peft``      ``peft.tuners.lora.Linear`` in eval mode (when peft is installed);
 * ``compile``   ``torch.compile`` of ``unfused``;
-* ``fastpeft``  ``fastpeft.ops.lora_linear`` (the fused Triton kernel, eager launch path).
+* ``fastpeft``  ``fastpeft.methods.lora.op.lora_linear`` (the fused Triton kernel, eager launch path).
 
 Rows with ``pass = fwd+bwd`` time a training step's forward and backward (gradients of
 ``x`` and the adapter; the base frozen) against the base's forward and ``dx``.
@@ -35,7 +35,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from fastpeft.kernels.reference import lora_linear_ref  # noqa: E402
-from fastpeft.ops import lora_linear  # noqa: E402
+from fastpeft.methods.lora.op import lora_linear  # noqa: E402
 
 # (in_features K, out_features N): Llama-3-8B q/o, k/v, gate/up, down projections.
 SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]

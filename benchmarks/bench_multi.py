@@ -12,7 +12,7 @@ stacks padded to 64). Variants:
 * ``peft_loop``   PEFT's mixed-batch method: base once, then per adapter present a
                   gather of its rows, two small GEMMs and a scatter-add;
 * ``gather_bmm``  gather each row's ``A_i``, ``B_i`` (padded to max_rank), two bmm;
-* ``fastpeft``    ``fastpeft.ops_multi.multi_lora_linear`` with the batch metadata built
+* ``fastpeft``    ``fastpeft.methods.lora.multi_op.multi_lora_linear`` with the batch metadata built
                   once (as a model does: once per batch, shared by every layer);
 * ``fastpeft_meta`` the same with the metadata built inside the timed call;
 * ``fastpeft_seg`` / ``fastpeft_gather`` (M <= 256): the launcher with the expand's
@@ -38,7 +38,7 @@ import torch.nn.functional as F  # noqa: E402
 from fastpeft.kernels.reference import multi_lora_linear_ref  # noqa: E402
 from fastpeft.kernels.multi_lora import multi_lora_linear_fwd  # noqa: E402
 from fastpeft.kernels.multi_lora_meta import MultiLoraLaunch  # noqa: E402
-from fastpeft.ops_multi import build_meta, multi_lora_linear  # noqa: E402
+from fastpeft.methods.lora.multi_op import build_meta, multi_lora_linear  # noqa: E402
 
 K = N = 4096
 N_ADAPTERS = [1, 8, 64, 256]

@@ -157,7 +157,7 @@ def _gpu_timings(shapes: Sequence[tuple], ms: Sequence[int], r: int) -> List[str
     """A short table: cuBLAS base vs fused LoRA (bf16), ratios from the same run."""
     import triton.testing
 
-    from fastpeft.ops import lora_linear
+    from fastpeft.methods.lora.op import lora_linear
 
     lines = [f"{'K':>6} {'N':>6} {'M':>6}  base ms  fused ms  fused/base  (bf16, r={r})"]
     for K, N in shapes:

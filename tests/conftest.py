@@ -49,7 +49,7 @@ def triton_tiles_only(monkeypatch):
 def launches(monkeypatch):
     """Input shapes of the mixed-adapter kernel's launches (it runs inside the custom op):
     a test proves the fused kernel ran, not the reference."""
-    from fastpeft import ops_multi  # after TRITON_INTERPRET is set above
+    from fastpeft.methods.lora import multi_op as ops_multi  # after TRITON_INTERPRET is set above
 
     calls = []
     real = ops_multi._kernels.multi_lora_linear_fwd

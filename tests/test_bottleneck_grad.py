@@ -7,7 +7,7 @@ import torch
 from conftest import DEVICE, KERNEL_DTYPES
 from numerics import TOL, rel_err
 
-import fastpeft.ops_adapters as ops
+import fastpeft.methods.bottleneck.op as ops
 from fastpeft.kernels.reference import bottleneck_linear_ref
 
 ACTS = ["relu", "gelu", "silu", "tanh"]

@@ -1,4 +1,4 @@
-"""The fused bottleneck-adapter op (Triton through fastpeft.ops_adapters) vs float64 reference."""
+"""The fused bottleneck-adapter op (Triton through fastpeft.methods.bottleneck.op) vs float64 reference."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 from conftest import DEVICE, KERNEL_DTYPES
 from numerics import TOL, assert_matches_ref, rel_err
 
-import fastpeft.ops_adapters as ops
+import fastpeft.methods.bottleneck.op as ops
 from fastpeft.kernels import bottleneck as bn_kernels
 from fastpeft.kernels.autotune import LIBRARY_GEMM
 from fastpeft.kernels.reference import bottleneck_linear_ref

@@ -12,8 +12,8 @@ import tiny_models
 from tiny_models import VOCAB
 
 import fastpeft as fp
-import fastpeft.ops_adapters as ops
-from fastpeft.bottleneck import BottleneckLinear
+import fastpeft.methods.bottleneck.op as ops
+from fastpeft.methods.bottleneck.layer import BottleneckLinear
 from fastpeft.kernels import bottleneck as bn_kernels
 
 

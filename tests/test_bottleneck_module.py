@@ -8,8 +8,8 @@ import torch.nn as nn
 from conftest import DEVICE
 from numerics import rel_err
 
-import fastpeft.ops_adapters as ops
-from fastpeft.bottleneck import BottleneckAdapter, BottleneckLinear, bottleneck_size_for
+import fastpeft.methods.bottleneck.op as ops
+from fastpeft.methods.bottleneck.layer import BottleneckAdapter, BottleneckLinear, bottleneck_size_for
 from fastpeft.kernels import bottleneck as bn_kernels
 from fastpeft.kernels.reference import bottleneck_linear_ref
 

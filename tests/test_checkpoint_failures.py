@@ -19,9 +19,9 @@ import torch
 pytest.importorskip("transformers")
 
 import fastpeft as fp  # noqa: E402
-import fastpeft.checkpoint as ck  # noqa: E402
-import fastpeft.model as fm  # noqa: E402
-from fastpeft.checkpoint import AdapterCheckpointError  # noqa: E402
+import fastpeft.core.checkpoint as ck  # noqa: E402
+import fastpeft.core.inject as fm  # noqa: E402
+from fastpeft.core.checkpoint import AdapterCheckpointError  # noqa: E402
 
 from tiny_models import assert_same_snapshot, input_ids, logits, snapshot, tiny_llama  # noqa: E402
 
@@ -206,7 +206,7 @@ def test_a_failed_load_leaves_no_trace(tmp_path, model, case):
     assert_same_snapshot(before, snapshot(model))
 
 
-@pytest.mark.parametrize("step", ["_upcast_adapter", "_mark_trainable", "_sync_active"])
+@pytest.mark.parametrize("step", ["upcast_adapter", "mark_trainable", "sync_active"])
 def test_a_failure_late_in_inject_leaves_no_trace(model, monkeypatch, step):
     """Fails after the model's attributes were set: they must go again."""
     def boom(*args, **kwargs):

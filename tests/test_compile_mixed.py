@@ -19,10 +19,10 @@ from numerics import rel_err
 from tiny_models import input_ids, tiny_llama
 
 import fastpeft as fp
-from fastpeft.bottleneck import BottleneckLinear
-from fastpeft.ia3 import IA3Linear
-from fastpeft.lora import FastLoRALinear
-from fastpeft.serving import AdapterPool
+from fastpeft.methods.bottleneck.layer import BottleneckLinear
+from fastpeft.methods.ia3.layer import IA3Linear
+from fastpeft.methods.lora.layer import FastLoRALinear
+from fastpeft.serving.pool import AdapterPool
 
 
 @pytest.fixture(autouse=True)
@@ -92,14 +92,14 @@ def test_own_adapters_compiled_sees_weights_edited_between_calls():
     q_proj = model.model.layers[0].self_attn.q_proj
     with torch.no_grad(), fp.batch_adapters(model, names):
         before = compiled(input_ids=ids).logits
-        q_proj.lora_B_weights["a"].mul_(3.0)
-        model.model.layers[1].self_attn.o_proj.lora_A_weights["b"].add_(0.5)
+        q_proj.adapters["a"].lora_B.mul_(3.0)
+        model.model.layers[1].self_attn.o_proj.adapters["b"].lora_A.add_(0.5)
         after = compiled(input_ids=ids).logits
         eager = model(input_ids=ids).logits
         assert rel_err(after, eager) < 1e-6
         assert rel_err(after[0], before[0]) > 1e-3 and rel_err(after[1], before[1]) > 1e-3
         assert torch.equal(after[2], before[2])  # the base row did not change
-        q_proj.lora_A_weights["b"].data = torch.randn_like(q_proj.lora_A_weights["b"])
+        q_proj.adapters["b"].lora_A.data = torch.randn_like(q_proj.adapters["b"].lora_A)
         again = compiled(input_ids=ids).logits
         assert rel_err(again, model(input_ids=ids).logits) < 1e-6
         assert rel_err(again[1], after[1]) > 1e-3
@@ -277,7 +277,7 @@ def test_lora_bias_rows_and_adapters_added_during_a_batch_compiled():
     with torch.no_grad():
         _no_breaks(model, x)
         assert rel_err(compiled(x), model(x)) < 1e-6
-        model[2].lora_B_biases["b"].add_(1.0)
+        model[2].adapters["b"].lora_bias.add_(1.0)
         assert rel_err(compiled(x), model(x)) < 1e-6
         model[2].add_adapter("a", 3, 6, init_lora_weights=False)  # "a" now targets both layers
         got = compiled(x)
@@ -297,7 +297,7 @@ def test_inductor_compiles_a_mixed_batch():
     compiled = torch.compile(model, backend="inductor", fullgraph=True)
     with torch.no_grad():
         assert rel_err(compiled(x), model(x)) < 1e-5
-        model[0].lora_A_weights["a"].mul_(-2.0)
+        model[0].adapters["a"].lora_A.mul_(-2.0)
         assert rel_err(compiled(x), model(x)) < 1e-5
 
 

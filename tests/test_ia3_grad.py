@@ -7,7 +7,7 @@ import torch
 from conftest import DEVICE, KERNEL_DTYPES
 from numerics import TOL, rel_err
 
-import fastpeft.ops_adapters as ops
+import fastpeft.methods.ia3.op as ops
 from fastpeft.kernels.reference import ia3_linear_ref
 
 

@@ -1,4 +1,4 @@
-"""The fused (IA)^3 op (Triton kernel through fastpeft.ops_adapters) vs the float64 reference."""
+"""The fused (IA)^3 op (Triton kernel through fastpeft.methods.ia3.op) vs the float64 reference."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 from conftest import DEVICE, KERNEL_DTYPES
 from numerics import TOL, assert_matches_ref, rel_err
 
-import fastpeft.ops_adapters as ops
+import fastpeft.methods.ia3.op as ops
 from fastpeft.kernels import ia3 as ia3_kernels
 from fastpeft.kernels.autotune import LIBRARY_GEMM
 from fastpeft.kernels.reference import ia3_linear_ref

@@ -12,8 +12,8 @@ import tiny_models
 from tiny_models import VOCAB
 
 import fastpeft as fp
-import fastpeft.ops_adapters as ops
-from fastpeft.ia3 import IA3Linear
+import fastpeft.methods.ia3.op as ops
+from fastpeft.methods.ia3.layer import IA3Linear
 from fastpeft.kernels import ia3 as ia3_kernels
 
 TARGETS = ["k_proj", "v_proj", "down_proj"]
@@ -121,7 +121,7 @@ def test_inject_at_init_is_identity_and_trains_only_vectors():
     model = fp.inject(tiny_llama(), fp.IA3Config(target_modules=TARGETS, feedforward_modules=FF))
     assert rel_err(_logits(model), ref) <= 1e-6
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all(n.endswith("ia3_l.default") for n in trainable)
+    assert trainable and all(n.endswith("adapters.default.ia3_l") for n in trainable)
     assert len(trainable) == 6
     model.train()
     out = model(_ids(), labels=_ids())
@@ -226,7 +226,7 @@ def test_training_gradients_match_peft(tmp_path):
     model(ids, labels=ids).loss.backward()
     theirs = {n.replace("base_model.model.", "").replace(".ia3_l.default", ""): p.grad
               for n, p in peft_model.named_parameters() if p.requires_grad}
-    ours = {n.replace(".ia3_l.default", ""): p.grad for n, p in model.named_parameters() if p.requires_grad}
+    ours = {n.replace(".adapters.default.ia3_l", ""): p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert ours.keys() == theirs.keys() and len(ours) == 6
     for name in ours:
         assert rel_err(ours[name], theirs[name].double()) <= 1e-5, name

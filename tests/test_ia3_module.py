@@ -10,8 +10,8 @@ import torch.nn as nn
 from conftest import DEVICE
 from numerics import rel_err
 
-import fastpeft.ops_adapters as ops
-from fastpeft.ia3 import IA3Linear
+import fastpeft.methods.ia3.op as ops
+from fastpeft.methods.ia3.layer import IA3Linear
 from fastpeft.kernels import ia3 as ia3_kernels
 from fastpeft.kernels.reference import ia3_linear_ref
 
@@ -38,7 +38,7 @@ def test_from_linear_at_init_equals_base(ff, kernel_calls):
     lin = _linear()
     layer = IA3Linear.from_linear(lin, is_feedforward=ff)
     assert layer.weight.data_ptr() == lin.weight.data_ptr() and not layer.weight.requires_grad
-    assert layer.ia3_l["default"].shape == ((1, 24) if ff else (20, 1))
+    assert layer.adapters["default"].ia3_l.shape == ((1, 24) if ff else (20, 1))
     x = torch.randn(2, 5, 24, device=DEVICE)
     torch.testing.assert_close(layer(x), lin(x), rtol=1e-6, atol=1e-6)
     assert kernel_calls
@@ -55,7 +55,7 @@ def test_forward_matches_reference_and_trains(ff, bias, kernel_calls):
     assert rel_err(y, ref) < 1e-5
     y.square().sum().backward()
     assert layer.ia3_vector.grad is not None and layer.weight.grad is None
-    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["ia3_l.default"]
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["adapters.default.ia3_l"]
 
 
 @pytest.mark.parametrize("ff", [False, True])
@@ -100,7 +100,7 @@ def test_named_adapters_switch_and_delete():
     assert layer.active_adapter == "default"
     torch.testing.assert_close(layer(x), base, rtol=1e-6, atol=1e-6)
     layer.set_adapter("b")
-    assert rel_err(layer(x), base * layer.ia3_l["b"].reshape(-1)) < 1e-5
+    assert rel_err(layer(x), base * layer.adapters["b"].ia3_l.reshape(-1)) < 1e-5
     layer.set_adapter(None)
     torch.testing.assert_close(layer(x), base)
     with pytest.raises(KeyError, match="no adapter named 'c'"):
@@ -144,12 +144,12 @@ def test_conv1d_layout():
 
 def test_bad_vector_shape_changes_nothing():
     layer = IA3Linear(16, 12, device=DEVICE, is_feedforward=True)
-    before = layer.ia3_l["default"].detach().clone()
+    before = layer.adapters["default"].ia3_l.detach().clone()
     with pytest.raises(ValueError, match=r"must have shape \(1, 16\), got \(12, 1\)"):
         layer.load_vector("default", torch.ones(12, 1))
-    torch.testing.assert_close(layer.ia3_l["default"], before)
+    torch.testing.assert_close(layer.adapters["default"].ia3_l, before)
     layer.load_vector("default", torch.full((16,), 2.0))
-    assert layer.ia3_l["default"].shape == (1, 16)
+    assert layer.adapters["default"].ia3_l.shape == (1, 16)
     with pytest.raises(TypeError, match="nn.Linear"):
         IA3Linear.from_linear(nn.Conv2d(2, 2, 1))
     with pytest.raises(ValueError, match="backend must be one of"):

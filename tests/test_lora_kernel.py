@@ -1,4 +1,4 @@
-"""The fused LoRA linear op (Triton kernel through fastpeft.ops) vs the float64 reference."""
+"""The fused LoRA linear op (Triton kernel through fastpeft.methods.lora.op) vs the float64 reference."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import DEVICE, KERNEL_DTYPES
 from numerics import assert_matches_ref, rel_err
 
-import fastpeft.ops as ops
+import fastpeft.methods.lora.op as ops
 from fastpeft.kernels import lora as lora_kernels
 from fastpeft.kernels.autotune import KernelConfig, lora_candidates
 from fastpeft.kernels.runtime import input_precision, rows_view

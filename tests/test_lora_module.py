@@ -13,7 +13,7 @@ from conftest import DEVICE, INTERPRETED, KERNEL_DTYPES, ON_GPU
 from numerics import assert_matches_ref, rel_err
 
 import fastpeft as fp
-import fastpeft.ops as ops
+import fastpeft.methods.lora.op as ops
 from fastpeft.kernels.reference import lora_linear_ref
 
 

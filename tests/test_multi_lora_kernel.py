@@ -1,4 +1,4 @@
-"""Mixed-adapter LoRA (Triton kernels through fastpeft.ops_multi) vs float64 references.
+"""Mixed-adapter LoRA (Triton kernels through fastpeft.methods.lora.multi_op) vs float64 references.
 
 Every row must equal running its own adapter alone: the oracle here is the single-adapter
 reference ``lora_linear_ref`` applied per adapter in float64, not the mixed reference.
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import DEVICE, KERNEL_DTYPES
 from numerics import assert_matches_ref, rel_err
 
-import fastpeft.ops_multi as ops_multi
+import fastpeft.methods.lora.multi_op as ops_multi
 from fastpeft.kernels import autotune
 from fastpeft.kernels import multi_lora as ml
 from fastpeft.kernels.multi_lora_meta import GATHER_MAX_M, MultiLoraLaunch, MultiLoraMeta

@@ -10,7 +10,7 @@ from conftest import DEVICE, KERNEL_DTYPES
 from numerics import assert_matches_ref, rel_err
 
 from fastpeft.kernels.reference import lora_linear_ref
-from fastpeft.lora import FastLoRALinear
+from fastpeft.methods.lora.layer import FastLoRALinear
 
 
 
@@ -32,12 +32,12 @@ def _alone64(layer, x, names):
     out = []
     for b, name in enumerate(names):
         xb = x[b : b + 1].double()
-        if name is None or name not in layer.r:
+        if name is None or name not in layer.adapters:
             out.append(torch.nn.functional.linear(xb, d(layer.weight), d(layer.bias)))
             continue
         bias = d(layer._effective_bias(name))
-        out.append(lora_linear_ref(xb, d(layer.weight), bias, d(layer.lora_A_weights[name]),
-                                   d(layer.lora_B_weights[name]), layer.scalings[name]))
+        out.append(lora_linear_ref(xb, d(layer.weight), bias, d(layer.adapters[name].lora_A),
+                                   d(layer.adapters[name].lora_B), layer.adapters[name].scaling))
     return torch.cat(out)
 
 
@@ -88,7 +88,7 @@ def test_lora_bias_rows_of_a_half_layer_under_cpu_autocast():
     """fp16 layer, fp32 adapters and lora_bias, CPU autocast in bf16: the stacks are built
     with autocast off (CPU autocast refuses to stack fp16), the batch runs in bf16."""
     layer = _layer(24, 20, [("a", 3, 6), ("b", 8, 8)], dtype=torch.float16, lora_bias=("a", "b"))
-    for p in list(layer.lora_A_weights.values()) + list(layer.lora_B_weights.values()):
+    for p in [t for a in layer.adapters.values() for t in (a.lora_A, a.lora_B)]:
         p.data = p.data.float()
     layer.row_adapters = ["b", "a", None]
     x = torch.randn(3, 24, dtype=torch.float16)
@@ -124,9 +124,11 @@ def test_gradients_of_mixed_batch_equal_each_row_alone(backend):
     layer.backend = backend
     layer.weight.requires_grad_(True)
     layer.bias.requires_grad_(True)
-    params = [layer.weight, layer.bias, *layer.lora_A_weights.values(), *layer.lora_B_weights.values(),
-              *layer.lora_B_biases.values()]
-    labels = ["x", "weight", "bias", *[f"A.{n}" for n in layer.r], *[f"B.{n}" for n in layer.r], "lora_bias.b"]
+    adapters = layer.adapters.values()
+    params = [layer.weight, layer.bias, *[a.lora_A for a in adapters], *[a.lora_B for a in adapters],
+              *[a.lora_bias for a in adapters if a.lora_bias is not None]]
+    labels = ["x", "weight", "bias", *[f"A.{n}" for n in layer.adapters], *[f"B.{n}" for n in layer.adapters],
+              "lora_bias.b"]
     names = ["a", "b", None, "a"]
     x = torch.randn(4, 3, 24, device=DEVICE)
     g = torch.randn(4, 3, 20, device=DEVICE)
@@ -148,6 +150,21 @@ def test_gradients_of_mixed_batch_equal_each_row_alone(backend):
     assert not got[labels.index("A.c")].any() and not got[labels.index("B.c")].any()  # "c" serves no row
 
 
+def test_stacks_kept_from_a_no_grad_batch_do_not_cut_the_backward():
+    """A mixed batch run under no_grad keeps its stacks; the next call with grad on must
+    not reuse them (they hold no graph): the adapters get their gradients."""
+    layer = _layer(24, 20, [("a", 3, 6), ("b", 5, 5)])
+    layer.row_adapters = ["a", "b"]
+    x = torch.randn(2, 3, 24, device=DEVICE)
+    with torch.no_grad():
+        layer(x)
+    y = layer(x)
+    assert y.requires_grad
+    y.sum().backward()
+    for name, adapter in layer.adapters.items():
+        assert adapter.lora_A.grad is not None and adapter.lora_A.grad.abs().sum() > 0, name
+
+
 def test_batch_stacks_are_reused_until_names_or_weights_change(monkeypatch):
     """Decoding step after step with one batch stacks the adapters once; an in-place
     update of an adapter, a new name list or lora_bias change it, and results follow."""
@@ -162,12 +179,12 @@ def test_batch_stacks_are_reused_until_names_or_weights_change(monkeypatch):
         first = layer(x)
         n = len(stacked)
         assert torch.equal(layer(x), first) and len(stacked) == n  # reused
-        layer.lora_B_weights["a"].mul_(2.0)  # in place: the cache must notice
+        layer.adapters["a"].lora_B.mul_(2.0)  # in place: the cache must notice
         changed = layer(x)
         assert len(stacked) > n
         assert rel_err(changed, _alone64(layer, x, names)) < 1e-5
         assert not torch.equal(changed[2], first[2]) and torch.equal(changed[1], first[1])
-        layer.lora_B_biases["b"].add_(1.0)
+        layer.adapters["b"].lora_bias.add_(1.0)
         assert rel_err(layer(x), _alone64(layer, x, names)) < 1e-5
         layer.row_adapters = ["a", "a", None]
         assert rel_err(layer(x), _alone64(layer, x, ["a", "a", None])) < 1e-5

@@ -20,9 +20,10 @@ from conftest import DEVICE, INTERPRETED
 from numerics import TOL, assert_matches_ref, rel_err
 
 import fastpeft as fp
-import fastpeft.ops as ops
-import fastpeft.ops_adapters as ops_adapters
-import fastpeft.ops_multi as ops_multi
+import fastpeft.methods.bottleneck.op as bottleneck_op
+import fastpeft.methods.ia3.op as ia3_op
+import fastpeft.methods.lora.multi_op as ops_multi
+import fastpeft.methods.lora.op as ops
 from fastpeft.kernels import bottleneck as bn_kernels
 from fastpeft.kernels import ia3 as ia3_kernels
 from fastpeft.kernels import lora as lora_kernels
@@ -218,11 +219,11 @@ def _ops_bf16():
                          lora_linear_ref(_d(x), _d(w), _d(bias), _d(a), _d(b), 0.5, _d(x) * 2)),
         "multi_lora": (lambda be: ops_multi.multi_lora_linear(x, w, bias, A, B, ranks, scal, slots, backend=be),
                        multi_lora_linear_ref(_d(x), _d(w), _d(bias), _d(A), _d(B), ranks, _d(scal), slots)),
-        "ia3-output": (lambda be: ops_adapters.ia3_linear(x, w, bias, l_out, False, backend=be),
+        "ia3-output": (lambda be: ia3_op.ia3_linear(x, w, bias, l_out, False, backend=be),
                        ia3_linear_ref(_d(x), _d(w), _d(bias), _d(l_out), False)),
-        "ia3-input": (lambda be: ops_adapters.ia3_linear(x, w, bias, l_in, True, backend=be),
+        "ia3-input": (lambda be: ia3_op.ia3_linear(x, w, bias, l_in, True, backend=be),
                       ia3_linear_ref(_d(x), _d(w), _d(bias), _d(l_in), True)),
-        "bottleneck": (lambda be: ops_adapters.bottleneck_linear(x, w, bias, dw, db, uw, ub, 0.5, "gelu", backend=be),
+        "bottleneck": (lambda be: bottleneck_op.bottleneck_linear(x, w, bias, dw, db, uw, ub, 0.5, "gelu", backend=be),
                        bottleneck_linear_ref(_d(x), _d(w), _d(bias), _d(dw), _d(db), _d(uw), _d(ub), 0.5, "gelu")),
     }
 
@@ -283,8 +284,8 @@ def test_bf16_module_and_model_match_peft_under_the_interpreter(tmp_path, fp32_a
     with torch.no_grad():
         layer.weight.copy_(w)
         layer.bias.copy_(bias)
-        layer.lora_A_weights["default"].copy_(a)
-        layer.lora_B_weights["default"].copy_(b)
+        layer.adapters["default"].lora_A.copy_(a)
+        layer.adapters["default"].lora_B.copy_(b)
     ref = lora_linear_ref(_d(x), _d(w), _d(bias), _d(a), _d(b), 2.0)
     assert rel_err(layer(x), ref) < TOL[BF16]
 

@@ -10,8 +10,8 @@ from conftest import DEVICE
 from numerics import rel_err
 
 import fastpeft as fp
-import fastpeft.ops as ops
-import fastpeft.ops_multi as ops_multi
+import fastpeft.methods.lora.op as ops
+import fastpeft.methods.lora.multi_op as ops_multi
 from fastpeft.kernels.reference import lora_linear_ref, multi_lora_linear_ref
 
 M, K, N, R = 5, 48, 40, 8

@@ -10,8 +10,8 @@ pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import fastpeft as fp  # noqa: E402
-from fastpeft.model import as_config  # noqa: E402
-from fastpeft.targets import find_targets, is_target  # noqa: E402
+from fastpeft.core.method import as_config  # noqa: E402
+from fastpeft.core.targets import find_targets, is_target  # noqa: E402
 
 from tiny_models import BUILDERS  # noqa: E402
 
@@ -62,7 +62,7 @@ def test_rank_and_alpha_patterns_match_peft():
     for name, m in pm.base_model.model.named_modules():
         if isinstance(m, peft.tuners.lora.LoraLayer):
             layer = ours[name]
-            assert layer.r["default"] == m.r["default"], name
+            assert layer.adapters["default"].r == m.r["default"], name
             assert layer.scaling == pytest.approx(m.scaling["default"]), name
 
 
@@ -133,16 +133,18 @@ def test_print_trainable_parameters(capsys):
 
 # ------------------------------------------------------------------ default targets
 
-from fastpeft import targets as targets_mod  # noqa: E402
+from fastpeft.core import targets as targets_mod  # noqa: E402
+from fastpeft.methods.ia3.method import IA3_DEFAULTS  # noqa: E402
+from fastpeft.methods.lora.method import LORA_DEFAULTS  # noqa: E402
 
 
 def test_builtin_default_tables_equal_peft():
     """The built-in tables (used when peft is not installed) say what peft says."""
     from peft.utils import constants
 
-    for model_type, names in targets_mod._LORA_DEFAULTS.items():
+    for model_type, names in LORA_DEFAULTS.items():
         assert names == list(constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[model_type]), model_type
-    for model_type, (names, ff) in targets_mod._IA3_DEFAULTS.items():
+    for model_type, (names, ff) in IA3_DEFAULTS.items():
         assert names == list(constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING[model_type]), model_type
         assert ff == list(constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING[model_type]), model_type
 
@@ -155,7 +157,7 @@ def _adapted(model, layer_type):
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
 def test_unset_targets_take_peft_defaults(kind, with_peft_tables, monkeypatch, tmp_path):
     if not with_peft_tables:
-        monkeypatch.setattr(targets_mod, "_peft_table", lambda name: None)
+        monkeypatch.setattr(targets_mod, "peft_table", lambda name: None)
     theirs = peft.get_peft_model(BUILDERS[kind](), peft.LoraConfig(r=4))
     ours = fp.inject(BUILDERS[kind](), fp.LoraConfig(r=4))
     peft_names = sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()

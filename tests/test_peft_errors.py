@@ -11,8 +11,8 @@ pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import fastpeft as fp  # noqa: E402
-from fastpeft.checkpoint import AdapterCheckpointError  # noqa: E402
-from fastpeft.targets import replace_modules  # noqa: E402
+from fastpeft.core.checkpoint import AdapterCheckpointError  # noqa: E402
+from fastpeft.core.targets import replace_modules  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from conftest import DEVICE  # noqa: E402
@@ -297,7 +297,7 @@ def test_replace_modules_is_atomic():
 def test_failure_after_partial_copy_restores_base(model, good_dir, monkeypatch):
     """Even an error in the middle of copying tensors (e.g. out of memory) restores
     base tensors that were overwritten (bias='all' writes base biases)."""
-    import fastpeft.checkpoint as ck
+    import fastpeft.core.checkpoint as ck
 
     calls = {"n": 0}
     real = torch.Tensor.copy_

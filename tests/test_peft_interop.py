@@ -14,8 +14,9 @@ peft = pytest.importorskip("peft")
 
 import fastpeft as fp  # noqa: E402
 from fastpeft.kernels import lora as lora_kernels  # noqa: E402
-from fastpeft.lora import FastLoRALinear  # noqa: E402
-from fastpeft.model import ModulesToSaveWrapper  # noqa: E402
+from fastpeft.methods.lora.layer import FastLoRALinear  # noqa: E402
+from fastpeft.core.modules_to_save import ModulesToSaveWrapper  # noqa: E402
+from fastpeft.core.state import adapter_tensors  # noqa: E402
 
 from conftest import DEVICE, ON_GPU  # noqa: E402
 from numerics import rel_err  # noqa: E402
@@ -251,7 +252,7 @@ def test_training_changes_only_adapter_parameters(tmp_path):
     expected = set()
     for n, m in model.named_modules():
         if isinstance(m, FastLoRALinear):
-            expected |= {f"{n}.lora_A_weights.default", f"{n}.lora_B_weights.default", f"{n}.bias"}
+            expected |= {f"{n}.adapters.default.lora_A", f"{n}.adapters.default.lora_B", f"{n}.bias"}
     expected |= {f"lm_head.modules_to_save.default.{k}" for k, _ in model.lm_head.original_module.named_parameters()}
     assert trainable == expected
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -370,10 +371,10 @@ def test_set_adapter_moves_trainability_as_peft_does():
     fp.inject(model, fp.LoraConfig(r=2, target_modules=["v_proj"], modules_to_save=["lm_head"]), "b")
 
     def trainable(name):
-        return {id(t) for t in fp.model.adapter_tensors(model, name).values() if t.requires_grad}
+        return {id(t) for t in adapter_tensors(model, name).values() if t.requires_grad}
 
     def count(name):
-        return len(fp.model.adapter_tensors(model, name))
+        return len(adapter_tensors(model, name))
 
     base = [p for n, p in model.named_parameters() if "lora_" not in n and "modules_to_save" not in n]
     fp.set_adapter(model, "b")

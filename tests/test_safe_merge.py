@@ -29,7 +29,7 @@ def _lora_model(dtype=torch.float32):
 
 def _poison(model, value):
     with torch.no_grad():
-        model.get_submodule(BAD).lora_B_weights["default"][0, 0] = value
+        model.get_submodule(BAD).adapters["default"].lora_B[0, 0] = value
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
@@ -58,10 +58,10 @@ def test_safe_merge_refuses_an_fp16_overflow_as_peft_does(tmp_path):
     layer = model.get_submodule(BAD)
     with torch.no_grad():
         layer.weight[0, 0] = 65000.0
-        layer.lora_A_weights["default"].zero_()
-        layer.lora_B_weights["default"].zero_()
-        layer.lora_A_weights["default"][0, 0] = 100.0
-        layer.lora_B_weights["default"][0, 0] = 100.0  # s * B A = 10^4 at [0, 0]
+        layer.adapters["default"].lora_A.zero_()
+        layer.adapters["default"].lora_B.zero_()
+        layer.adapters["default"].lora_A[0, 0] = 100.0
+        layer.adapters["default"].lora_B[0, 0] = 100.0  # s * B A = 10^4 at [0, 0]
     fp.save_adapter(model, tmp_path)
     before = snapshot(model)
     with pytest.raises(ValueError, match=rf"layer '{BAD}'.*beyond the range of torch.float16"):
@@ -103,7 +103,7 @@ def test_layer_merge_takes_peft_arguments_and_is_all_or_nothing():
     assert torch.equal(layer.weight, one_by_one.weight) and torch.equal(layer.bias, one_by_one.bias)
     layer.unmerge()
     with torch.no_grad():
-        layer.lora_A_weights["b"][0, 0] = float("nan")
+        layer.adapters["b"].lora_A[0, 0] = float("nan")
     before = layer.weight.detach().clone()
     with pytest.raises(ValueError, match=r"merging adapter\(s\) \['a', 'b'\] would put NaN or inf"):
         layer.merge(adapter_names=["a", "b"], safe_merge=True)
@@ -133,7 +133,7 @@ def test_peft_layer_safe_merge_raises_too():
         theirs.merge(safe_merge=True)
     ours = fp.FastLoRALinear.from_linear(torch.nn.Linear(12, 10), r=2, lora_alpha=2, adapter_name="a")
     with torch.no_grad():
-        ours.lora_A_weights["a"][0, 0] = float("nan")
+        ours.adapters["a"].lora_A[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or inf"):
         ours.merge(safe_merge=True)
 
@@ -146,8 +146,8 @@ def test_ia3_safe_merge_checks_after_the_cast_to_the_weight_dtype():
     model = fp.inject(tiny_llama().half(), fp.IA3Config(target_modules=["k_proj", "v_proj"]), backend="torch")
     layer = model.get_submodule(BAD)
     with torch.no_grad():
-        layer.ia3_l["default"].fill_(2.0)
-        layer.ia3_l["default"][0] = 1e9  # row 0 of the weight (~0.02) times 1e9: past 65504
+        layer.adapters["default"].ia3_l.fill_(2.0)
+        layer.adapters["default"].ia3_l[0] = 1e9  # row 0 of the weight (~0.02) times 1e9: past 65504
     before = snapshot(model)
     with pytest.raises(ValueError, match=rf"layer '{BAD}'.*NaN or inf"):
         fp.merge(model, safe_merge=True)
@@ -158,7 +158,7 @@ def test_ia3_safe_merge_checks_after_the_cast_to_the_weight_dtype():
     pm = peft.get_peft_model(tiny_llama().half(), peft.IA3Config(target_modules=["k_proj", "v_proj"],
                                                                  feedforward_modules=[]))
     with torch.no_grad():
-        pm.get_submodule(f"base_model.model.{BAD}").ia3_l["default"].copy_(layer.ia3_l["default"])
+        pm.get_submodule(f"base_model.model.{BAD}").ia3_l["default"].copy_(layer.adapters["default"].ia3_l)
     merged = pm.merge_and_unload(safe_merge=True)
     assert torch.isinf(merged.get_submodule(BAD).weight).any()
 

@@ -13,10 +13,12 @@ import torch.nn.functional as F
 from conftest import DEVICE
 from numerics import rel_err
 
-import fastpeft.ops_multi as ops_multi
+import fastpeft as fp
+import fastpeft.methods.lora.multi_op as ops_multi
 from fastpeft.kernels.reference import lora_linear_ref
-from fastpeft.lora import FastLoRALinear
-from fastpeft.serving import AdapterError, AdapterPool, PoolFullError, ServingEngine
+from fastpeft.methods.lora.layer import FastLoRALinear
+from fastpeft.serving.engine import ServingEngine
+from fastpeft.serving.pool import AdapterError, AdapterPool, PoolFullError
 
 transformers = pytest.importorskip("transformers")
 
@@ -60,7 +62,7 @@ def _weights(pool, r, seed, layers=None, scale=0.4):
 
 
 def _snapshot(pool):
-    state = {n: (ls.lora_A.clone(), ls.lora_B.clone(), ls.ranks.clone(), ls.scalings.clone(), list(ls.ranks_host))
+    state = {n: (ls.lora_A.clone(), ls.lora_B.clone(), ls.ranks.clone(), ls.scalings.clone())
              for n, ls in pool.layers.items()}
     return state, dict(pool._slot_of), list(pool.adapters), set(pool._pinned)
 
@@ -69,17 +71,16 @@ def _assert_same(pool, snap):
     state, slots, order, pinned = snap
     assert dict(pool._slot_of) == slots and pool.adapters == order and set(pool._pinned) == pinned
     for n, ls in pool.layers.items():
-        A, B, r, s, rh = state[n]
+        A, B, r, s = state[n]
         assert torch.equal(ls.lora_A, A) and torch.equal(ls.lora_B, B)
-        assert torch.equal(ls.ranks, r) and torch.equal(ls.scalings, s) and ls.ranks_host == rh
+        assert torch.equal(ls.ranks, r) and torch.equal(ls.scalings, s)
 
 
-def _layer_check(pool, layer_name, layer, adapters, names, x):
+def _layer_check(model, layer_name, layer, adapters, names, x):
     """The layer's mixed forward through the pool vs each row's adapter alone (float64)."""
-    layer.row_adapters = names
-    with torch.no_grad():
+    with torch.no_grad(), fp.batch_adapters(model, names):
         y = layer(x)
-    layer.row_adapters = None
+    assert layer.row_adapters is None
     d = lambda t: None if t is None else t.detach().double()  # noqa: E731
     ref = []
     for b, n in enumerate(names):
@@ -111,7 +112,7 @@ def test_pool_slots_are_fixed_and_loads_write_in_place(model, launches):
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
         layer = model.get_submodule(name)
         x = torch.randn(5, 3, layer.in_features, device=DEVICE)
-        assert _layer_check(pool, name, layer, adapters, ["c", "a", None, "b", "a"], x) < 1e-5
+        assert _layer_check(model, name, layer, adapters, ["c", "a", None, "b", "a"], x) < 1e-5
     assert launches
     pool.unload("b")
     pool.load("b2", _weights(pool, 7, 9), lora_alpha=7.0)
@@ -163,7 +164,7 @@ def test_load_evict_reload_cycles_keep_results_right(model):
             pool.unload(rng.choice(pool.adapters))
         loaded = pool.adapters
         names = [rng.choice(loaded + [None]) if loaded else None for _ in range(6)]
-        assert _layer_check(pool, name, layer, adapters, names, x) < 1e-5, (step, names)
+        assert _layer_check(model, name, layer, adapters, names, x) < 1e-5, (step, names)
 
 
 def _peft_dir(tmp_path, base, name, r, alpha, seed, **extra):
@@ -190,10 +191,9 @@ def test_peft_directories_match_peft_logits(tmp_path, launches):
     pool.load("two", p2)
     ids = torch.tensor([PROMPTS[0], PROMPTS[3][:3] + [4], PROMPTS[2][:4]], device=DEVICE)
     names = ["two", None, "one"]
-    for layer in (m for m in model.modules() if isinstance(m, FastLoRALinear)):
-        layer.row_adapters = names
     with torch.no_grad():
-        logits = model(ids).logits
+        with fp.batch_adapters(model, names):
+            logits = model(ids).logits
         ref = torch.cat([
             pm2(ids[0:1]).logits, base(ids[1:2]).logits, pm1(ids[2:3]).logits,
         ])
@@ -457,10 +457,10 @@ def test_load_peft_state_dict_with_peft_config(tmp_path):
     pool.load("mem", tensors, config=pm.peft_config["default"])
     for ls in pool.layers.values():
         a, b = pool.slot_of("dir"), pool.slot_of("mem")
-        assert ls.ranks_host[a] == ls.ranks_host[b] and float(ls.scalings[a]) == float(ls.scalings[b])
+        assert int(ls.ranks[a]) == int(ls.ranks[b]) and float(ls.scalings[a]) == float(ls.scalings[b])
         assert torch.equal(ls.lora_A[a], ls.lora_A[b]) and torch.equal(ls.lora_B[a], ls.lora_B[b])
     q = pool.layers["model.layers.0.self_attn.q_proj"]
-    assert q.ranks_host[:2] == [2, 2] and float(q.scalings[0]) == pytest.approx(6.0)
+    assert q.ranks[:2].tolist() == [2, 2] and float(q.scalings[0]) == pytest.approx(6.0)
 
 
 def test_detach_returns_layers_to_their_own_adapters(model):
@@ -468,25 +468,23 @@ def test_detach_returns_layers_to_their_own_adapters(model):
     layer = model.get_submodule("model.layers.0.self_attn.q_proj")
     layer.add_adapter("own", 3, 3, init_lora_weights=False)
     x = torch.randn(2, 32, device=DEVICE)
-    layer.row_adapters = ["a", "own"]
     with pytest.raises(KeyError, match="from the pool or from the layers"):
-        layer(x)
+        with fp.batch_adapters(model, ["a", "own"]):
+            layer(x)
     pool.detach()
     assert "AdapterPool(" in repr(pool)
     layer.row_adapters = ["own", None]
     with torch.no_grad():
         y = layer(x)
     layer.row_adapters = None
-    ref = lora_linear_ref(x.double(), layer.weight.double(), layer.bias, layer.lora_A_weights["own"].double(),
-                          layer.lora_B_weights["own"].double(), layer.scalings["own"])
+    ref = lora_linear_ref(x.double(), layer.weight.double(), layer.bias, layer.adapters["own"].lora_A.double(),
+                          layer.adapters["own"].lora_B.double(), layer.adapters["own"].scaling)
     assert rel_err(y[:1], ref[:1]) < 1e-5 and rel_err(y[1:], F.linear(x[1:], layer.weight, layer.bias)) < 1e-6
 
 
 def test_batch_adapters_accepts_pool_adapters(model, launches):
     """fp.batch_adapters takes names loaded only in the attached pool; each row equals
     its adapter run alone; unknown names are still refused."""
-    import fastpeft as fp
-
     pool = _pool_with_three(model)
     ids = torch.tensor([PROMPTS[0], PROMPTS[0], PROMPTS[0]], device=DEVICE)
     with torch.no_grad(), fp.batch_adapters(model, ["b", None, "a"]):
@@ -500,6 +498,38 @@ def test_batch_adapters_accepts_pool_adapters(model, launches):
         with fp.batch_adapters(model, ["zz", None, "a"]):
             pass
     assert pool.adapters  # the pool is untouched by the refused call
+
+
+def test_one_plan_per_generate_metadata_once_per_row_shape(model, monkeypatch):
+    """A generate call asks the pool once (one LRU touch) and builds the mixed-batch
+    metadata once per row-token shape (prompt, then one token), shared by every layer,
+    instead of once per layer and step."""
+    import fastpeft.methods.lora.stacks as stacks
+
+    pool = _pool_with_three(model)
+    touches, builds = [], []
+    real_touch, real_build = pool.touch, stacks.build_meta
+    monkeypatch.setattr(pool, "touch", lambda names: touches.append(list(names)) or real_touch(names))
+    monkeypatch.setattr(stacks, "build_meta", lambda *a, **k: builds.append(a[0].shape) or real_build(*a, **k))
+    names = ["a", "b", None, "c"]
+    ServingEngine(model, pool, eos_token_id=None).generate(PROMPTS, names, max_new_tokens=3)
+    assert touches == [names]
+    assert builds == [(4 * 6,), (4,)]  # 6 prompt tokens per row (left-padded), then 1
+
+
+def test_layers_own_adapters_share_metadata_across_layers(model, monkeypatch):
+    import fastpeft.methods.lora.stacks as stacks
+
+    layers = [m for m in model.modules() if isinstance(m, FastLoRALinear)]
+    for layer in layers:
+        layer.add_adapter("x", 3, 6, init_lora_weights=False)
+    builds = []
+    real_build = stacks.build_meta
+    monkeypatch.setattr(stacks, "build_meta", lambda *a, **k: builds.append(1) or real_build(*a, **k))
+    ids = torch.tensor([PROMPTS[0], PROMPTS[2][:4]], device=DEVICE)
+    with torch.no_grad(), fp.batch_adapters(model, ["x", None]):
+        model(ids)
+    assert len(layers) == 6 and len(builds) == 1
 
 
 # ----------------------------------------------------------------------------- refusals (pool unchanged)

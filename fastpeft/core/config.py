@@ -1,4 +1,4 @@
-"""Adapter configs that read and write ``adapter_config.json`` as Hugging Face PEFT does.
+"""The config fields every method shares, read and written as PEFT's ``adapter_config.json``.
 
 ``AdapterConfig`` holds the fields every injected method shares (which modules to
 target, which to train in full); a method subclasses it with its own fields and a
@@ -10,27 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Union
 
-__all__ = ["AdapterConfig", "LoraConfig", "config_to_plain", "LORA_INIT_CHOICES"]
+__all__ = ["AdapterConfig", "TargetSpec", "config_to_plain", "norm_targets", "pattern_key"]
 
 TargetSpec = Optional[Union[List[str], str]]
-
-# Values of PEFT's ``init_lora_weights`` that fastpeft can initialise itself. Other PEFT
-# values that touch only the adapter ("eva", "orthogonal", "mica") matter only when a new
-# adapter is made: a saved adapter with them loads (its weights replace the initial
-# ones). Those that rewrite the base weights are refused (BASE_REWRITING_INITS).
-LORA_INIT_CHOICES = (True, False, "gaussian")
-
-# PEFT inits that also rewrite the base weights (W <- W - s B0 A0, from an SVD, QR or
-# quantisation of W), and do so again whenever PEFT loads such an adapter: its outputs
-# hold only on the rewritten base, which fastpeft does not make. PEFT converts them to
-# plain LoRA adapters (save_pretrained(path_initial_model_for_weight_conversion=...)).
-BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
-
 
 def _plain(value: Any) -> Any:
     """JSON-friendly copy of a config value: enums to their value, sets/tuples to lists."""
@@ -79,8 +65,8 @@ class AdapterConfig:
     extra: Dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        self.target_modules = _norm_targets(self.target_modules, "target_modules")
-        self.exclude_modules = _norm_targets(self.exclude_modules, "exclude_modules")
+        self.target_modules = norm_targets(self.target_modules, "target_modules")
+        self.exclude_modules = norm_targets(self.exclude_modules, "exclude_modules")
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, str):
                 self.modules_to_save = [self.modules_to_save]
@@ -136,7 +122,7 @@ class AdapterConfig:
         return cls.from_dict(config_to_plain(config))
 
 
-def _norm_targets(value: TargetSpec, what: str) -> TargetSpec:
+def norm_targets(value: TargetSpec, what: str) -> TargetSpec:
     if value is None or isinstance(value, str):
         if isinstance(value, str):
             try:
@@ -150,91 +136,6 @@ def _norm_targets(value: TargetSpec, what: str) -> TargetSpec:
             raise TypeError(f"{what} must be a list of module-name strings or a regex string, got {value!r}")
         return names
     raise TypeError(f"{what} must be a list of module names or a regex string, got {type(value).__name__}")
-
-
-@dataclass
-class LoraConfig(AdapterConfig):
-    """LoRA: PEFT's ``LoraConfig`` fields, defaults and JSON form.
-
-    ``target_modules``: list of module-name suffixes, a regex (full match on the module
-    path) or ``"all-linear"`` (every Linear/Conv1D except the output head).
-    ``rank_pattern`` / ``alpha_pattern``: ``{regex: value}`` overriding ``r`` /
-    ``lora_alpha`` for the modules whose path ends with a match.
-    ``bias``: ``"none"``, ``"all"`` (train and save every bias in the model) or
-    ``"lora_only"`` (the biases of the adapted layers). ``lora_bias``: a trainable bias
-    on ``lora_B``. ``init_lora_weights``: True (B = 0: a no-op adapter), ``"gaussian"``,
-    or False (random A and B: a non-trivial adapter, for tests).
-    """
-
-    peft_type: ClassVar[str] = "LORA"
-
-    r: int = 8
-    lora_alpha: float = 8
-    lora_dropout: float = 0.0
-    fan_in_fan_out: bool = False
-    bias: str = "none"
-    use_rslora: bool = False
-    init_lora_weights: Union[bool, str] = True
-    rank_pattern: Dict[str, int] = field(default_factory=dict)
-    alpha_pattern: Dict[str, float] = field(default_factory=dict)
-    lora_bias: bool = False
-    use_dora: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.bias not in ("none", "all", "lora_only"):
-            raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        self.rank_pattern = dict(self.rank_pattern or {})
-        self.alpha_pattern = dict(self.alpha_pattern or {})
-        if self.lora_bias and self.init_lora_weights not in (True, False):
-            raise ValueError(
-                f"lora_bias=True needs init_lora_weights True or False (as PEFT), got {self.init_lora_weights!r}"
-            )
-        for key, value in [("lora_alpha", self.lora_alpha)] + [
-            (f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items()
-        ]:
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise ValueError(f"{key} must be a number, got {value!r}")
-        for key, value in self.rank_pattern.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
-
-    def rank_and_alpha(self, module_name: str) -> tuple:
-        """``(r, lora_alpha)`` of one module, after ``rank_pattern`` / ``alpha_pattern``.
-
-        The first pattern key whose regex matches the end of the module path (after a
-        dot, or the whole path) wins, exactly as PEFT's ``get_pattern_key``.
-        """
-        return (
-            self.rank_pattern.get(pattern_key(self.rank_pattern, module_name), self.r),
-            self.alpha_pattern.get(pattern_key(self.alpha_pattern, module_name), self.lora_alpha),
-        )
-
-    def unsupported(self) -> List[str]:
-        """Features of this config fastpeft cannot run yet (empty when all is supported)."""
-        problems = []
-        if self.use_dora:
-            problems.append("DoRA (use_dora=True) is not supported yet; use plain LoRA")
-        init = self.init_lora_weights
-        if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
-            problems.append(
-                f"init_lora_weights={init!r} rewrites the base weights (PEFT subtracts the initial adapter "
-                "from W whenever it creates or loads this adapter), which fastpeft does not do; convert it "
-                "to a plain LoRA adapter with PEFT first: peft_model.save_pretrained(out_dir, "
-                "path_initial_model_for_weight_conversion=<the saved initial adapter>)"
-            )
-        for key in ("target_parameters", "layer_replication", "trainable_token_indices", "megatron_config"):
-            if self.extra.get(key):
-                problems.append(f"{key}={self.extra[key]!r} is not supported")
-        for key in ("use_qalora", "alora_invocation_tokens", "use_bdlora", "arrow_config", "velora_config",
-                    "monteclora_config", "kasa_config"):
-            if self.extra.get(key):
-                problems.append(f"{key} (a LoRA variant) is not supported")
-        return problems
 
 
 def pattern_key(patterns: Mapping[str, Any], module_name: str) -> Optional[str]:

@@ -8,8 +8,9 @@
   ``y = (x * l) W^T + b``, ``l`` of shape ``(1, in_features)``.
 
 ``l`` is kept in PEFT's checkpoint shape, so ``ia3_l`` tensors load and save unchanged.
+Each adapter is one :class:`IA3Adapter` module in ``adapters`` (``adapters.<name>.ia3_l``).
 The forward of the active adapter is one call of the fused op
-(``fastpeft.ops_adapters.ia3_linear``): the scale is applied in the GEMM's prologue or
+(``fastpeft.methods.ia3.op.ia3_linear``): the scale is applied in the GEMM's prologue or
 epilogue, with no extra pass over ``x`` or ``y``. ``merge`` folds ``l`` into the base
 weight (and, for output scaling, the bias) exactly as PEFT does.
 """
@@ -17,16 +18,32 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastpeft.layers import AdapterLinear
-from fastpeft.ops_adapters import ia3_linear
+from fastpeft.core.linear import AdapterLinear
+from fastpeft.methods.ia3.op import ia3_linear
 
-__all__ = ["IA3Linear"]
+__all__ = ["IA3Adapter", "IA3Linear"]
+
+
+class IA3Adapter(nn.Module):
+    """One (IA)^3 adapter: the vector ``ia3_l`` in PEFT's shape, ``(1, in)`` (input
+    scaling) or ``(out, 1)`` (output scaling); ``l = 1`` or, with ``init_ia3_weights=False``,
+    ``l ~ N(0, 1)``, as PEFT initialises it."""
+
+    def __init__(self, shape: Tuple[int, int], init_ia3_weights: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        if not isinstance(init_ia3_weights, bool):
+            raise ValueError(f"init_ia3_weights must be True or False, got {init_ia3_weights!r}")
+        if init_ia3_weights:
+            l = torch.ones(shape, device=device, dtype=dtype)
+        else:
+            l = torch.randn(shape, device=device).to(dtype)
+        self.ia3_l = nn.Parameter(l)
 
 
 class IA3Linear(AdapterLinear):
@@ -64,52 +81,42 @@ class IA3Linear(AdapterLinear):
     def _setup(self, parts, is_feedforward, backend, fan_in_fan_out, base_cls) -> None:
         self._init_base(*parts, fan_in_fan_out=fan_in_fan_out, base_cls=base_cls, backend=backend)
         self.is_feedforward = bool(is_feedforward)
-        self.ia3_l = nn.ParameterDict()
-
-    def _adapter_store(self) -> nn.ParameterDict:
-        return self.ia3_l
-
-    def adapter_parameters(self, adapter_name: str) -> List[torch.Tensor]:
-        self._require(adapter_name)
-        return [self.ia3_l[adapter_name]]
 
     # ---------------------------------------------------------------- construction
 
     @classmethod
-    def from_linear(
+    def wrap(
         cls,
-        linear: nn.Linear,
+        module: nn.Module,
         is_feedforward: bool = False,
         *,
         adapter_name: str = "default",
         init_ia3_weights: bool = True,
         backend: str = "auto",
     ) -> "IA3Linear":
-        """Wrap ``linear``: the new layer shares its weight and bias tensors (no copy)."""
+        """Wrap an ``nn.Linear`` or a GPT-2 style ``Conv1D`` (weight ``(in, out)``; PEFT's
+        ``fan_in_fan_out``, read through a transposed view): the new layer shares the
+        module's weight and bias tensors (no copy)."""
+        parts, fan_in_fan_out, base_cls = cls.base_parts(module)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._setup(cls._linear_parts(linear), is_feedforward, backend, fan_in_fan_out=False, base_cls=nn.Linear)
+        layer._setup(parts, is_feedforward, backend, fan_in_fan_out=fan_in_fan_out, base_cls=base_cls)
         layer.add_adapter(adapter_name, init_ia3_weights)
         return layer
 
     @classmethod
-    def from_conv1d(
-        cls,
-        conv: nn.Module,
-        is_feedforward: bool = False,
-        *,
-        adapter_name: str = "default",
-        init_ia3_weights: bool = True,
-        backend: str = "auto",
-    ) -> "IA3Linear":
-        """Wrap a GPT-2 style ``Conv1D`` (weight ``(in, out)``; PEFT's ``fan_in_fan_out``).
-        The kernel reads the transposed view through strides: no copy of the weight."""
-        parts = cls._conv1d_parts(conv)
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer._setup(parts, is_feedforward, backend, fan_in_fan_out=True, base_cls=type(conv))
-        layer.add_adapter(adapter_name, init_ia3_weights)
-        return layer
+    def from_linear(cls, linear: nn.Linear, *args, **kwargs) -> "IA3Linear":
+        """Wrap ``linear`` (arguments as :meth:`wrap`)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        return cls.wrap(linear, *args, **kwargs)
+
+    @classmethod
+    def from_conv1d(cls, conv: nn.Module, *args, **kwargs) -> "IA3Linear":
+        """Wrap a transformers ``Conv1D`` (arguments as :meth:`wrap`)."""
+        if isinstance(conv, nn.Linear):
+            raise TypeError("from_conv1d expects a transformers Conv1D, got an nn.Linear (use from_linear)")
+        return cls.wrap(conv, *args, **kwargs)
 
     @property
     def l_shape(self) -> tuple:
@@ -122,15 +129,8 @@ class IA3Linear(AdapterLinear):
         """Add an adapter (active if none is): ``l = 1``, or ``N(0, 1)`` with
         ``init_ia3_weights=False``, as PEFT initialises it."""
         self._check_new_name(adapter_name)
-        if not isinstance(init_ia3_weights, bool):
-            raise ValueError(f"init_ia3_weights must be True or False, got {init_ia3_weights!r}")
-        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
-        if init_ia3_weights:
-            l = torch.ones(self.l_shape, **factory)
-        else:
-            l = torch.randn(self.l_shape, device=self.weight.device).to(self.weight.dtype)
-        self.ia3_l[adapter_name] = nn.Parameter(l)
-        self._after_add(adapter_name)
+        adapter = IA3Adapter(self.l_shape, init_ia3_weights, device=self.weight.device, dtype=self.weight.dtype)
+        self._added(adapter_name, adapter)
 
     def load_vector(self, adapter_name: str, value: torch.Tensor) -> None:
         """Copy a checkpoint's ``ia3_l`` into an adapter, after checking its shape.
@@ -147,28 +147,17 @@ class IA3Linear(AdapterLinear):
         if adapter_name in self.merged_adapters:
             raise RuntimeError(f"adapter {adapter_name!r} is merged; unmerge before loading new values")
         with torch.no_grad():
-            self.ia3_l[adapter_name].copy_(value.reshape(want))
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter; unmerges first if it is merged."""
-        self._require(adapter_name)
-        if adapter_name in self.merged_adapters:
-            self._undo_merge(adapter_name)
-            self.merged_adapters.remove(adapter_name)
-        del self.ia3_l[adapter_name]
-        self._after_delete(adapter_name)
+            self.adapters[adapter_name].ia3_l.copy_(value.reshape(want))
 
     @property
     def ia3_vector(self) -> nn.Parameter:
         """``l`` of the active adapter, in PEFT's shape."""
-        if self.active_adapter is None:
-            raise AttributeError("this layer has no active adapter (set_adapter(None) was called)")
-        return self.ia3_l[self.active_adapter]
+        return self.adapters[self._active()].ia3_l
 
     # ---------------------------------------------------------------- merge
 
     def _check_mergeable(self, adapter_name: str) -> None:
-        if not bool(torch.isfinite(self.ia3_l[adapter_name].detach()).all()):
+        if not bool(torch.isfinite(self.adapters[adapter_name].ia3_l.detach()).all()):
             raise ValueError(f"cannot merge adapter {adapter_name!r}: ia3_l holds NaN or inf")
 
     def _fold(
@@ -177,7 +166,7 @@ class IA3Linear(AdapterLinear):
         """``W * l`` (rows for output scaling, columns for input scaling) and, for output
         scaling, ``b * l``; ``inverse`` divides. fp32 math, stored in the base dtypes, as
         new tensors."""
-        l = self.ia3_l[adapter_name].detach().float().reshape(-1)
+        l = self.adapters[adapter_name].ia3_l.detach().float().reshape(-1)
         if inverse:
             if bool((l == 0).any()):
                 warnings.warn(
@@ -202,32 +191,30 @@ class IA3Linear(AdapterLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         weight = self.base_weight()
-        if self.row_adapters is not None:
-            if self.merged:
-                raise RuntimeError(
-                    "mixed-adapter batches need unmerged adapters: call fastpeft.unmerge(model) first"
-                )
+        if self.__dict__.get("_row_plan") is not None:
             return self._mixed_forward(x)
         name = self.active_adapter
-        if name is None or self.merged:
+        if name is None or self.merged_adapters:
             # Base only, or an adapter already folded into the weights: cuBLAS.
             return F.linear(x, weight, self.bias)
-        return ia3_linear(x, weight, self.bias, self.ia3_l[name], self.is_feedforward, backend=self.backend)
+        return self._run(x, name)
+
+    def _run(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return ia3_linear(
+            x, self.base_weight(), self.bias, self.adapters[name].ia3_l, self.is_feedforward, backend=self.backend
+        )
 
     def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Each batch row (``x``'s dim 0) through its own adapter (``row_adapters``);
-        ``None`` or a name this layer does not hold: the base only. One sub-batch per adapter."""
-        weight = self.base_weight()
-
-        def run(rows: torch.Tensor, name: str) -> torch.Tensor:
-            return ia3_linear(rows, weight, self.bias, self.ia3_l[name], self.is_feedforward, backend=self.backend)
-
-        return self._forward_by_row_groups(x, run)
+        """Each batch row (``x``'s dim 0) through its own adapter (the row plan); ``None``
+        or a name this layer does not hold: the base only. One sub-batch per adapter."""
+        if self.merged_adapters:
+            raise RuntimeError("mixed-adapter batches need unmerged adapters: call fastpeft.unmerge(model) first")
+        return self._forward_by_row_groups(x, self._run)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, is_feedforward={self.is_feedforward}, "
-            f"fan_in_fan_out={self.fan_in_fan_out}, adapters={list(self.ia3_l)}, "
+            f"fan_in_fan_out={self.fan_in_fan_out}, adapters={list(self.adapters)}, "
             f"active={self.active_adapter!r}, backend={self.backend!r}"
         )

@@ -11,7 +11,7 @@
 
 With neither layer norm (the default; Houlsby's and Pfeiffer's placements differ only
 in *which* sub-layers get an adapter) the whole layer is one call of the fused op
-``fastpeft.ops_adapters.bottleneck_linear``: ``h`` is never written to memory. The
+``fastpeft.methods.bottleneck.op.bottleneck_linear``: ``h`` is never written to memory. The
 down-projection is moved in front of the GEMM through ``W_eff = Wd W``, which this
 module caches per adapter and recomputes only when one of the tensors it is made of
 changes (an optimizer step, a ``load_state_dict``). With a layer norm the math needs
@@ -29,15 +29,16 @@ Parameter names follow AdapterHub's ``Adapter`` module: ``adapters.<name>.adapte
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastpeft.layers import AdapterLinear
-from fastpeft.ops import resolve_backend
-from fastpeft.ops_adapters import bottleneck_down_eff, bottleneck_linear, check_activation
+from fastpeft.core.dispatch import resolve_backend
+from fastpeft.core.linear import AdapterLinear
+from fastpeft.methods.bottleneck.config import check_activation
+from fastpeft.methods.bottleneck.op import bottleneck_down_eff, bottleneck_linear
 
 __all__ = ["BottleneckAdapter", "BottleneckLinear", "bottleneck_size_for"]
 
@@ -137,24 +138,18 @@ class BottleneckLinear(AdapterLinear):
     ``out_features // reduction_factor``.
     """
 
+    _CACHES = ("_eff_cache",)
+
     def __init__(self, *args, **kwargs) -> None:
         raise TypeError("build a BottleneckLinear with BottleneckLinear.from_linear(linear, ...)")
 
     @classmethod
-    def _wrap(cls, parts, fan_in_fan_out, base_cls, backend) -> "BottleneckLinear":
+    def _wrap(cls, module: nn.Module, backend: str) -> "BottleneckLinear":
+        parts, fan_in_fan_out, base_cls = cls.base_parts(module)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._init_base(*parts, fan_in_fan_out=fan_in_fan_out, base_cls=base_cls, backend=backend)
-        layer.adapters = nn.ModuleDict()
-        layer._eff_cache = {}
         return layer
-
-    def _adapter_store(self) -> nn.ModuleDict:
-        return self.adapters
-
-    def adapter_parameters(self, adapter_name: str) -> List[torch.Tensor]:
-        self._require(adapter_name)
-        return list(self.adapters[adapter_name].parameters())
 
     @classmethod
     def from_linear(
@@ -173,7 +168,9 @@ class BottleneckLinear(AdapterLinear):
         backend: str = "auto",
     ) -> "BottleneckLinear":
         """Wrap ``linear`` (sharing its tensors) and add one adapter named ``adapter_name``."""
-        layer = cls._wrap(cls._linear_parts(linear), False, nn.Linear, backend)
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        layer = cls._wrap(linear, backend)
         layer.add_adapter(adapter_name, bottleneck_size, reduction_factor, non_linearity, scaling,
                           ln_before, ln_after, residual_before_ln, init_weights=init_weights)
         return layer
@@ -182,7 +179,9 @@ class BottleneckLinear(AdapterLinear):
     def from_conv1d(cls, conv: nn.Module, *args, adapter_name: str = "default", init_weights: bool = True,
                     backend: str = "auto", **kwargs) -> "BottleneckLinear":
         """Wrap a GPT-2 style ``Conv1D`` (weight ``(in, out)``), read through a transposed view."""
-        layer = cls._wrap(cls._conv1d_parts(conv), True, type(conv), backend)
+        if isinstance(conv, nn.Linear):
+            raise TypeError("from_conv1d expects a transformers Conv1D, got an nn.Linear (use from_linear)")
+        layer = cls._wrap(conv, backend)
         layer.add_adapter(adapter_name, *args, init_weights=init_weights, **kwargs)
         return layer
 
@@ -208,14 +207,7 @@ class BottleneckLinear(AdapterLinear):
             self.out_features, size, non_linearity, scaling, ln_before, ln_after, residual_before_ln,
             init_weights, device=self.weight.device, dtype=self.weight.dtype,
         )
-        self.adapters[adapter_name] = adapter
-        self._after_add(adapter_name)
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        self._require(adapter_name)
-        del self.adapters[adapter_name]
-        self._eff_cache.pop(adapter_name, None)
-        self._after_delete(adapter_name)
+        self._added(adapter_name, adapter)
 
     # Bottleneck adapters are non-linear: nothing is ever folded into the base weight, so
     # ``merged_adapters`` stays empty and ``merged`` False.
@@ -256,17 +248,11 @@ class BottleneckLinear(AdapterLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        weight = self.base_weight()
-        if self.row_adapters is not None:
-            return self._mixed_forward(x)
+        if self.__dict__.get("_row_plan") is not None:
+            return self._forward_by_row_groups(x, self._adapter_forward)
         if self.active_adapter is None:
-            return F.linear(x, weight, self.bias)
+            return F.linear(x, self.base_weight(), self.bias)
         return self._adapter_forward(x, self.active_adapter)
-
-    def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Each batch row through its own adapter (``row_adapters``); ``None`` or an
-        unknown name: base only."""
-        return self._forward_by_row_groups(x, self._adapter_forward)
 
     def extra_repr(self) -> str:
         return (

@@ -1,4 +1,4 @@
-"""Op layer for mixed-adapter batches: every row with its own LoRA adapter (or none).
+"""LoRA's mixed-adapter op: every row with its own LoRA adapter (or none).
 
 ``multi_lora_linear`` validates its inputs, builds (or takes) the batch metadata
 (:class:`fastpeft.kernels.multi_lora.MultiLoraMeta`), picks a backend and calls the custom
@@ -10,14 +10,15 @@ backward whenever an input requires grad).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
 from fastpeft.kernels import multi_lora as _kernels
 from fastpeft.kernels.multi_lora_meta import MultiLoraMeta
 from fastpeft.kernels.reference import multi_lora_linear_ref
-from fastpeft.ops import check_bias, check_linear_input, resolve_backend
+from fastpeft.core.dispatch import check_bias, check_linear_input, resolve_backend
+from fastpeft.core.dispatch import rows as _rows
 
 __all__ = ["MultiLoraMeta", "multi_lora_linear", "build_meta", "row_slots_for_tokens"]
 
@@ -59,10 +60,6 @@ def _(x, weight, bias, lora_A, lora_B, ranks, scalings, row_slot, sorted_rows, s
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, t.shape[-1])
-
-
 @torch.library.custom_op("fastpeft::multi_lora_adapter_grads", mutates_args=())
 def _adapter_grads_op(
     grad_y: torch.Tensor,
@@ -89,8 +86,8 @@ def _adapter_grads_op(
     for i, (start, n, r) in enumerate(zip(*counts)):
         if n == 0 or r == 0:
             continue
-        rows = sorted_rows[start : start + n].long()
-        x_i, g_i = x2.index_select(0, rows), g.index_select(0, rows)
+        idx = sorted_rows[start : start + n].long()
+        x_i, g_i = x2.index_select(0, idx), g.index_select(0, idx)
         A_i, B_i = lora_A[i, :r], lora_B[i, :, :r]
         s_i = scalings[i]  # fp32, as the forward kernels apply it
         d_b[i, :, :r] = (g_i.t() @ (x_i @ A_i.t())) * s_i
@@ -103,13 +100,33 @@ def _(grad_y, x, lora_A, lora_B, ranks, scalings, sorted_rows, slot_rows, slot_s
     return torch.empty_like(lora_A), torch.empty_like(lora_B)
 
 
+class _Grads(NamedTuple):
+    """One entry per input of the op: its gradient, or (``ctx.needs_input_grad``)
+    whether it is needed (the integer inputs never have one)."""
+
+    x: Optional[torch.Tensor] = None
+    weight: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+    lora_A: Optional[torch.Tensor] = None
+    lora_B: Optional[torch.Tensor] = None
+    ranks: None = None
+    scalings: None = None
+    row_slot: None = None
+    sorted_rows: None = None
+    sorted_slot: None = None
+    seg_end: None = None
+    slot_rows: None = None
+    slot_start: None = None
+    use_triton: None = None
+
+
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, lora_A, lora_B, ranks, scalings, *meta, use_triton = inputs
     ctx.use_triton = use_triton
     ctx.save_for_backward(x, weight, lora_A, lora_B, ranks, scalings, *meta)
 
 
-def _backward(ctx, grad_y: torch.Tensor):
+def _backward(ctx, grad_y: torch.Tensor) -> _Grads:
     """Gradients of ``y[m] = x[m] W^T + b + s_i (x[m] A_i^T) B_i^T`` (``i`` = slot of row
     ``m``, ``A_i = lora_A[i, :r_i]``, ``B_i = lora_B[i, :, :r_i]``; ``g = dL/dy``, rows
     flattened). Per slot, over its rows ``X_i``, ``G_i``, with ``XA_i = X_i A_i^T`` and
@@ -127,22 +144,22 @@ def _backward(ctx, grad_y: torch.Tensor):
     """
     x, weight, lora_A, lora_B, ranks, scalings, *meta = ctx.saved_tensors
     _, sorted_rows, _, _, slot_rows, slot_start = meta
-    need = ctx.needs_input_grad
-    d_x = d_w = d_b = d_a = d_bm = None
-    if need[0]:
-        d_x = _multi_lora_linear_op(
+    need = _Grads(*ctx.needs_input_grad)
+    d = {}
+    if need.x:
+        d["x"] = _multi_lora_linear_op(
             grad_y, weight.t(), None, lora_B.transpose(1, 2), lora_A.transpose(1, 2), ranks, scalings,
             *meta, ctx.use_triton,
         ).reshape(x.shape)
-    if need[3] or need[4]:
-        d_a, d_bm = _adapter_grads_op(grad_y, x, lora_A, lora_B, ranks, scalings, sorted_rows, slot_rows, slot_start)
-        d_a, d_bm = (d_a if need[3] else None), (d_bm if need[4] else None)
+    if need.lora_A or need.lora_B:
+        d_a, d_b = _adapter_grads_op(grad_y, x, lora_A, lora_B, ranks, scalings, sorted_rows, slot_rows, slot_start)
+        d.update({k: v for k, v in (("lora_A", d_a), ("lora_B", d_b)) if getattr(need, k)})
     g = _rows(grad_y)
-    if need[1]:
-        d_w = (g.t() @ _rows(x)).to(weight.dtype)
-    if need[2]:
-        d_b = g.sum(0)
-    return (d_x, d_w, d_b, d_a, d_bm) + (None,) * 9
+    if need.weight:
+        d["weight"] = (g.t() @ _rows(x)).to(weight.dtype)
+    if need.bias:
+        d["bias"] = g.sum(0)
+    return _Grads(**d)
 
 
 _multi_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -182,6 +199,25 @@ def row_slots_for_tokens(batch_slot: torch.Tensor, x: torch.Tensor) -> torch.Ten
     return batch_slot if per_row == 1 else batch_slot.repeat_interleave(per_row)
 
 
+def _check_stacks(x, weight, bias, lora_A, lora_B) -> Tuple[int, int]:
+    """``(S, max_rank)`` of slot stacks that fit ``x`` and ``weight`` (else a clear error)."""
+    N, K = weight.shape
+    if bias is not None and bias.dtype != x.dtype:
+        raise ValueError(f"bias must be a {x.dtype} tensor of shape ({N},), got {bias.dtype} {tuple(bias.shape)}")
+    if lora_A.dim() != 3 or lora_A.shape[2] != K:
+        raise ValueError(f"lora_A must be a slot stack of shape (S, max_rank, {K}), got {tuple(lora_A.shape)}")
+    S, max_rank = lora_A.shape[0], lora_A.shape[1]
+    if lora_B.shape != (S, N, max_rank):
+        raise ValueError(
+            f"lora_B must be a slot stack of shape ({S}, {N}, {max_rank}) to match lora_A "
+            f"{tuple(lora_A.shape)}, got {tuple(lora_B.shape)}"
+        )
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if not t.dtype.is_floating_point or t.device != x.device:
+            raise ValueError(f"{name} must be a floating tensor on {x.device}, got {t.dtype} on {t.device}")
+    return S, max_rank
+
+
 def multi_lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -206,7 +242,7 @@ def multi_lora_linear(
         scalings: ``(S,)`` scaling ``s_i`` of each slot.
         rows: ``(M,)`` slot of each row (``-1``: base only), or a prebuilt
             :class:`MultiLoraMeta` (build it once per batch and share it across layers).
-        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``fastpeft.ops.resolve_backend``).
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see ``fastpeft.core.dispatch.resolve_backend``).
         check: verify the values of ``ranks`` and ``rows`` (host syncs); callers that own
             them (the adapter pool) pass False on the hot path.
 
@@ -214,21 +250,8 @@ def multi_lora_linear(
     slot's first ``r_i`` rank lanes; the padding's gradient is 0), ``weight`` and ``bias``.
     """
     check_linear_input(x, weight, "multi_lora_linear")
-    N, K = weight.shape
     check_bias(bias, weight, x, "multi_lora_linear")
-    if bias is not None and bias.dtype != x.dtype:
-        raise ValueError(f"bias must be a {x.dtype} tensor of shape ({N},), got {bias.dtype} {tuple(bias.shape)}")
-    if lora_A.dim() != 3 or lora_A.shape[2] != K:
-        raise ValueError(f"lora_A must be a slot stack of shape (S, max_rank, {K}), got {tuple(lora_A.shape)}")
-    S, max_rank = lora_A.shape[0], lora_A.shape[1]
-    if lora_B.shape != (S, N, max_rank):
-        raise ValueError(
-            f"lora_B must be a slot stack of shape ({S}, {N}, {max_rank}) to match lora_A "
-            f"{tuple(lora_A.shape)}, got {tuple(lora_B.shape)}"
-        )
-    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
-        if not t.dtype.is_floating_point or t.device != x.device:
-            raise ValueError(f"{name} must be a floating tensor on {x.device}, got {t.dtype} on {t.device}")
+    S, max_rank = _check_stacks(x, weight, bias, lora_A, lora_B)
     # The kernels read one entry per slot with unit stride.
     ranks = torch.as_tensor(ranks, device=x.device).to(torch.int32).contiguous()
     scalings = torch.as_tensor(scalings, device=x.device).to(torch.float32).contiguous()

@@ -19,20 +19,20 @@ the same modules in fastpeft as in PEFT:
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch.nn as nn
 
 __all__ = [
     "ALL_LINEAR",
-    "default_ia3_targets",
-    "default_lora_targets",
     "model_type_of",
+    "peft_table",
     "find_targets",
     "is_target",
     "linear_types",
     "replace_modules",
     "parent_of",
+    "named_modules_of",
 ]
 
 ALL_LINEAR = "all-linear"
@@ -197,7 +197,20 @@ def find_targets(
     names: List[str] = []
     inside: List[str] = []
     for name, module in model.named_modules():
-        if not name or any(name.startswith(p + ".") for p in inside):
+        if not name:
+            continue
+        outer = next((p for p in inside if name.startswith(p + ".")), None)
+        if outer is not None:
+            if name.startswith(outer + ".base_layer.") and is_target(
+                name, target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save
+            ):
+                # A module another method's layer wraps (an attention block, say): adapting
+                # it from inside the wrapper would be skipped silently or break that layer.
+                raise ValueError(
+                    f"target {name!r} lies inside {outer!r}, which another adapter wraps "
+                    f"({type(dict(model.named_modules())[outer]).__name__}); one module takes adapters of one "
+                    "method only: narrow target_modules (exclude_modules) or adapt it in another model"
+                )
             continue
         if is_target(name, target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save):
             names.append(name)
@@ -213,8 +226,9 @@ def find_targets(
     return names
 
 
-def parent_of(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
-    """``(parent module, attribute name)`` of the submodule at path ``name``."""
+def parent_of(model: nn.Module, name: str, *, must_exist: bool = True) -> Tuple[nn.Module, str]:
+    """``(parent module, attribute name)`` of the submodule at path ``name`` (with
+    ``must_exist=False``, of a submodule that may not exist yet)."""
     if not name:
         raise ValueError("cannot replace the root module itself")
     parent_name, _, attr = name.rpartition(".")
@@ -222,33 +236,42 @@ def parent_of(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
         parent = model.get_submodule(parent_name) if parent_name else model
     except AttributeError:
         raise KeyError(f"the model has no module {parent_name!r} (parent of {name!r})") from None
-    if attr not in parent._modules:
+    if must_exist and attr not in parent._modules:
         raise KeyError(f"the model has no module {name!r}")
+    if not must_exist and attr not in parent._modules and hasattr(parent, attr):
+        raise ValueError(f"cannot add a module at {name!r}: {type(parent).__name__} has an attribute {attr!r}")
     return parent, attr
 
 
-def replace_modules(model: nn.Module, new_modules: Mapping[str, nn.Module]) -> Dict[str, nn.Module]:
+def replace_modules(
+    model: nn.Module, new_modules: Mapping[str, Optional[nn.Module]], *, add: bool = False
+) -> Dict[str, Optional[nn.Module]]:
     """Swap the submodules at the given paths for new ones, all or nothing.
 
     Every path is checked (it exists, the new value is an ``nn.Module``) before any swap,
     so a bad entry leaves the model untouched. Returns ``{path: old module}``; passing
     that back to ``replace_modules`` undoes the swap. A path inside another replaced path
-    is refused (the order of the two swaps would be ambiguous).
+    is refused (the order of the two swaps would be ambiguous). With ``add=True`` a path
+    may also name a new child (its old module is None) and a None value removes a child:
+    the returned map undoes those too.
     """
     plan = []
     paths = sorted(new_modules)
     for i, name in enumerate(paths):
         module = new_modules[name]
-        if not isinstance(module, nn.Module):
+        if not isinstance(module, nn.Module) and not (add and module is None):
             raise TypeError(f"replacement for {name!r} must be an nn.Module, got {type(module).__name__}")
         if i + 1 < len(paths) and paths[i + 1].startswith(name + "."):
             raise ValueError(f"cannot replace both {name!r} and {paths[i + 1]!r}: one is inside the other")
-        parent, attr = parent_of(model, name)
+        parent, attr = parent_of(model, name, must_exist=not add)
         plan.append((name, parent, attr, module))
-    old: Dict[str, nn.Module] = {}
+    old: Dict[str, Optional[nn.Module]] = {}
     for name, parent, attr, module in plan:
-        old[name] = parent._modules[attr]
-        setattr(parent, attr, module)
+        old[name] = parent._modules.get(attr)
+        if module is None:
+            parent._modules.pop(attr, None)
+        else:
+            setattr(parent, attr, module)
     return old
 
 
@@ -262,59 +285,17 @@ def named_modules_of(model: nn.Module, types: Iterable[type]) -> List[Tuple[str,
 
 # --------------------------------------------------------------------- defaults
 
-# Default targets per transformers ``model_type`` when a config leaves ``target_modules``
-# unset, as PEFT chooses them (tests/test_peft_config.py checks every entry against the
-# installed peft). With peft installed, its own table is used, covering more models.
-_LORA_DEFAULTS: Dict[str, List[str]] = {
-    **{t: ["q_proj", "v_proj"] for t in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "opt")},
-    "gpt2": ["c_attn"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "t5": ["q", "v"],
-    **{t: ["query_key_value"] for t in ("gpt_neox", "falcon", "bloom")},
-}
-# (IA)^3: (target_modules, feedforward_modules).
-_IA3_DEFAULTS: Dict[str, Tuple[List[str], List[str]]] = {
-    **{t: (["k_proj", "v_proj", "down_proj"], ["down_proj"]) for t in ("llama", "mistral")},
-    **{t: (["q_proj", "v_proj", "down_proj"], ["down_proj"]) for t in ("qwen2", "qwen3", "gemma", "gemma2")},
-    "mixtral": (["k_proj", "v_proj", "w2"], ["w2"]),
-    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
-    "bert": (["key", "value", "output.dense"], ["output.dense"]),
-    "roberta": (["key", "value", "output.dense"], ["output.dense"]),
-    "t5": (["k", "v", "wo"], ["wo"]),
-    "opt": (["q_proj", "k_proj", "fc2"], ["fc2"]),
-}
-
 
 def model_type_of(model: nn.Module) -> Optional[str]:
     """The transformers ``config.model_type`` of ``model`` (None for other modules)."""
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
-def _peft_table(name: str) -> Optional[Mapping[str, List[str]]]:
+def peft_table(name: str) -> Optional[Mapping[str, Any]]:
+    """A per-architecture table of the installed peft (``peft.utils.constants.<name>``),
+    e.g. its default targets; None without peft. Methods fall back to their own copy."""
     try:
         from peft.utils import constants
     except ImportError:
         return None
     return getattr(constants, name, None)
-
-
-def default_lora_targets(model_type: Optional[str]) -> Optional[List[str]]:
-    """PEFT's default LoRA ``target_modules`` for a ``model_type`` (None: no default)."""
-    table = _peft_table("TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING") or _LORA_DEFAULTS
-    found = table.get(model_type) if model_type else None
-    return list(found) if found else None
-
-
-def default_ia3_targets(model_type: Optional[str]) -> Optional[Tuple[List[str], List[str]]]:
-    """PEFT's default (IA)^3 ``(target_modules, feedforward_modules)`` for a ``model_type``."""
-    if not model_type:
-        return None
-    targets = _peft_table("TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING")
-    feedforward = _peft_table("TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING")
-    if targets is not None and feedforward is not None:
-        if model_type in targets and model_type in feedforward:
-            return list(targets[model_type]), list(feedforward[model_type])
-        return None
-    found = _IA3_DEFAULTS.get(model_type)
-    return (list(found[0]), list(found[1])) if found else None

@@ -9,8 +9,11 @@ modules appear under their own path (``base_model.model.lm_head.weight``).
 Loading validates everything first (the config, the file, the key set, every shape and
 dtype) and only then copies tensors in; any error leaves the model as it was, with no
 trace (not even the ``fastpeft_config`` attribute on a model that had none). Saving
-replaces the adapter's files in the directory as one unit; any error leaves the
-directory as it was, with no temporary files.
+replaces the adapter's files in the directory as one unit (``fastpeft.core.files``);
+any error leaves the directory as it was, with no temporary files. The keys each method
+writes and reads are its own key map (``Method.save_keys`` / ``load_keys`` /
+``optional_keys``). This is the one reader of PEFT directories: the serving pool reads
+them through :func:`read_adapter` too.
 
 With ``bias="all"`` PEFT spells the bias of a module that another adapter wraps after
 the wrapper (``<path>.base_layer.bias``, ``<path>.original_module.bias``); such
@@ -22,14 +25,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
-import warnings
-from typing import Any, Callable, Dict, List, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from fastpeft.model import _inject, _require_adapter, adapter_tensors, get_method, optional_adapter_tensors
+from fastpeft.core.files import missing_dirs, replace_files
+from fastpeft.core.inject import inject_with_undo
+from fastpeft.core.method import get_method, method_of
+from fastpeft.core.modules_to_save import ModulesToSaveWrapper
+from fastpeft.core.state import adapter_layers, adapter_tensors, require_adapter
 
 __all__ = [
     "CONFIG_NAME",
@@ -39,6 +44,9 @@ __all__ = [
     "AdapterCheckpointError",
     "read_adapter_config",
     "read_adapter_weights",
+    "read_adapter",
+    "strip_prefix",
+    "strip_model_prefix",
     "load_adapter",
     "save_adapter",
 ]
@@ -115,13 +123,42 @@ def read_adapter_weights(path: PathLike) -> Dict[str, torch.Tensor]:
     return tensors
 
 
-def _strip_prefix(tensors: Dict[str, torch.Tensor], where: str) -> Dict[str, torch.Tensor]:
-    bad = [k for k in tensors if not k.startswith(PREFIX)]
+def strip_model_prefix(path: str) -> str:
+    """A key or module path without PEFT's ``base_model.model.`` (or ``base_model.``) prefix."""
+    for prefix in (PREFIX, "base_model."):
+        if path.startswith(prefix):
+            return path[len(prefix):]
+    return path
+
+
+def strip_prefix(
+    tensors: Mapping[str, Any], where: str, prefix: str = PREFIX, bare: Tuple[str, ...] = ()
+) -> Dict[str, Any]:
+    """A saved directory's tensors keyed without PEFT's ``base_model.model.`` prefix
+    (or the method's ``key_prefix``), which every key must have but the method's
+    ``bare`` keys (saved as they are)."""
+    bad = [k for k in tensors if k not in bare and not k.startswith(prefix)]
     if bad:
         raise AdapterCheckpointError(
-            f"{where}: {len(bad)} key(s) do not start with {PREFIX!r} as PEFT writes them, e.g. {bad[:3]}"
+            f"{where}: {len(bad)} key(s) do not start with {prefix!r} as PEFT writes them, e.g. {bad[:3]}"
         )
-    return {k[len(PREFIX):]: v for k, v in tensors.items()}
+    return {k if k in bare else k[len(prefix):]: v for k, v in tensors.items()}
+
+
+def _key_spelling(data: Dict[str, Any]) -> Tuple[str, Tuple[str, ...]]:
+    """``(key_prefix, bare_keys)`` of a checkpoint of this config's method (PEFT's
+    ``base_model.model.`` for an unknown method: its error comes later, with its name)."""
+    try:
+        method = get_method(data.get("peft_type"))
+    except ValueError:
+        return PREFIX, ()
+    return method.key_prefix, tuple(method.bare_keys)
+
+
+def read_adapter(path: PathLike) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    """``(config dict, tensors keyed without the prefix)`` of a PEFT adapter directory."""
+    data = read_adapter_config(path)
+    return data, strip_prefix(read_adapter_weights(path), os.fspath(path), *_key_spelling(data))
 
 
 def _list(keys, limit: int = 5) -> str:
@@ -180,40 +217,15 @@ def load_adapter(
     was: the same modules, tensors, flags and modes, and no attribute added.
     """
     where = os.fspath(path)
-    data = read_adapter_config(path)
-    spec = get_method(data["peft_type"])
-    config = spec.config_cls.from_dict(data)
+    data, tensors = read_adapter(path)
+    config = get_method(data["peft_type"]).config_cls.from_dict(data)
     # As PEFT's from_pretrained: the saved inference_mode gives way to is_trainable.
     config.inference_mode = not is_trainable
-    tensors = _strip_prefix(read_adapter_weights(path), where)
 
-    undo = _inject(model, config, adapter_name, backend, for_loading=True, autocast_adapter_dtype=autocast_adapter_dtype)
+    undo = inject_with_undo(model, config, adapter_name, backend, autocast_adapter_dtype)
     try:
-        targets = adapter_tensors(model, adapter_name)
-        optional = optional_adapter_tensors(model, adapter_name)
-        tensors = _respell(tensors, targets, optional, where)
-        if spec.check_shapes is not None:
-            try:
-                spec.check_shapes(model.fastpeft_config[adapter_name], tensors, targets, where)
-            except ValueError as exc:
-                raise AdapterCheckpointError(str(exc)) from None
-        extras = {key: optional[key] for key in tensors if key not in targets and key in optional}
-        _check_tensors({k: v for k, v in tensors.items() if k not in extras}, targets, where)
-        _check_tensors({k: tensors[k] for k in extras}, extras, where)
-        to_copy = {**targets, **extras}
-        # Tensors that belonged to the model before (e.g. base biases with bias="all")
-        # are saved so that a failure while copying can still restore them.
-        fresh = {id(t) for t in _fresh_tensors(model, adapter_name)}
-        saved = [(t, t.detach().clone()) for t in to_copy.values() if id(t) not in fresh]
-        try:
-            with torch.no_grad():
-                for key, dst in to_copy.items():
-                    dst.copy_(tensors[key].to(device=dst.device, dtype=dst.dtype))
-        except BaseException:
-            with torch.no_grad():
-                for t, value in saved:
-                    t.copy_(value)
-            raise
+        tensors, targets = _checked_tensors(model, adapter_name, tensors, where)
+        _copy_in(model, adapter_name, tensors, targets)
     except BaseException:
         undo()
         raise
@@ -223,6 +235,44 @@ def load_adapter(
                 t.requires_grad_(False)
         model.eval()
     return model
+
+
+def _checked_tensors(
+    model: nn.Module, adapter_name: str, tensors: Dict[str, torch.Tensor], where: str
+) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """``(tensors, {key: destination})``: the checkpoint's tensors (respelled where PEFT
+    spelled a wrapped module's bias otherwise) and where each goes, after the method's
+    own check and the generic one (keys, shapes, dtypes)."""
+    config = model.fastpeft_config[adapter_name]
+    method = method_of(config)
+    targets = adapter_tensors(model, adapter_name, loading=True)
+    optional = {k: t for k, t in method.optional_keys(model, adapter_name, config).items() if k not in targets}
+    tensors = _respell(tensors, targets, optional, where)
+    try:
+        method.check_checkpoint(config, tensors, targets, where)
+    except ValueError as exc:
+        raise AdapterCheckpointError(str(exc)) from None
+    extras = {key: optional[key] for key in tensors if key not in targets and key in optional}
+    _check_tensors({k: v for k, v in tensors.items() if k not in extras}, targets, where)
+    _check_tensors({k: tensors[k] for k in extras}, extras, where)
+    return tensors, {**targets, **extras}
+
+
+def _copy_in(model: nn.Module, adapter_name: str, tensors: Dict[str, torch.Tensor], targets: Dict[str, torch.Tensor]) -> None:
+    """Copy the checkpoint in. Tensors that belonged to the model before (e.g. base
+    biases with bias="all") are saved first, so that a failure while copying can still
+    restore them."""
+    fresh = {id(t) for t in _fresh_tensors(model, adapter_name)}
+    saved = [(t, t.detach().clone()) for t in targets.values() if id(t) not in fresh]
+    try:
+        with torch.no_grad():
+            for key, dst in targets.items():
+                dst.copy_(tensors[key].to(device=dst.device, dtype=dst.dtype))
+    except BaseException:
+        with torch.no_grad():
+            for t, value in saved:
+                t.copy_(value)
+        raise
 
 
 def _bias_spellings(key: str) -> List[str]:
@@ -239,10 +289,7 @@ def _bias_spellings(key: str) -> List[str]:
 
 
 def _respell(
-    source: Dict[str, torch.Tensor],
-    targets: Dict[str, torch.Tensor],
-    optional: Dict[str, torch.Tensor],
-    where: str,
+    source: Dict[str, torch.Tensor], targets: Dict[str, torch.Tensor], optional: Dict[str, torch.Tensor], where: str
 ) -> Dict[str, torch.Tensor]:
     """``source`` with the biases PEFT spelled for a wrapped module renamed to the key
     this model expects (see ``_bias_spellings``): which spelling PEFT writes depends on
@@ -261,10 +308,8 @@ def _respell(
 
 def _fresh_tensors(model: nn.Module, adapter_name: str):
     """Tensors created for this adapter (its own weights and modules_to_save copies)."""
-    from fastpeft.model import ModulesToSaveWrapper, _adapter_layers
-
     out = []
-    for _, layer in _adapter_layers(model):
+    for _, layer in adapter_layers(model):
         if isinstance(layer, ModulesToSaveWrapper):
             if adapter_name in layer.modules_to_save:
                 out.extend(layer.modules_to_save[adapter_name].state_dict(keep_vars=True).values())
@@ -286,13 +331,14 @@ def save_adapter(
     removed again) and no temporary file remains. Other files in the directory (a
     README, a trainer's state) are left alone.
     """
-    config = _require_adapter(model, adapter_name)
+    config = require_adapter(model, adapter_name)
+    method = method_of(config)
     path = os.fspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise NotADirectoryError(f"{path!r} is a file; save_adapter writes a directory")
     # Own copies: safetensors refuses tensors that share storage (e.g. tied weights).
     tensors = {
-        PREFIX + key: t.detach().to("cpu").contiguous().clone()
+        (key if key in method.bare_keys else method.key_prefix + key): t.detach().to("cpu").contiguous().clone()
         for key, t in adapter_tensors(model, adapter_name).items()
     }
     data = config.to_dict()
@@ -308,126 +354,15 @@ def save_adapter(
         weights, write_weights, stale = SAFETENSORS_NAME, (lambda f: f.write(blob)), BIN_NAME
     else:
         weights, write_weights, stale = BIN_NAME, (lambda f: torch.save(tensors, f)), SAFETENSORS_NAME
-    created = _missing_dirs(path)
+    created = missing_dirs(path)
     try:
         os.makedirs(path, exist_ok=True)
         # The reader prefers safetensors: an older file in the other format would shadow
         # or contradict this save, so it goes in the same step.
-        _replace_files(path, {weights: write_weights, CONFIG_NAME: lambda f: f.write(config_blob)}, remove=[stale])
+        writers = {weights: write_weights, CONFIG_NAME: lambda f: f.write(config_blob)}
+        replace_files(path, writers, remove=[stale], last=CONFIG_NAME)
     except BaseException:
         for directory in reversed(created):  # innermost first; only the (empty) ones made here
             with contextlib.suppress(OSError):
                 os.rmdir(directory)
         raise
-
-
-def _missing_dirs(path: str) -> List[str]:
-    """``path`` and those of its parents that do not exist yet, outermost first."""
-    missing = []
-    head = os.path.abspath(path)
-    while not os.path.isdir(head):
-        missing.append(head)
-        parent = os.path.dirname(head)
-        if parent == head:
-            break
-        head = parent
-    return missing[::-1]
-
-
-def _replace_files(directory: str, writers: Dict[str, Callable[[Any], Any]], remove: Sequence[str]) -> None:
-    """Replace the files ``writers`` names (``name -> write(binary file)``) and delete
-    those in ``remove``, as one unit: after an error every file is as it was and no
-    temporary is left.
-
-    Steps: each new file is written (and synced) to a temporary beside its target; the
-    current files are renamed aside; the new ones renamed into place; the old ones
-    deleted. ``CONFIG_NAME`` goes aside first and comes back last, so that whenever a
-    config is present the weights beside it are its own: a process killed part-way
-    leaves a directory without a config (which nothing loads), never a config with the
-    other save's weights. An error before the last rename undoes the renames done so far.
-    """
-    order = sorted(writers, key=lambda n: n == CONFIG_NAME)  # the config last in, first out
-    staged: Dict[str, str] = {}
-    aside: Dict[str, str] = {}
-    placed: List[str] = []
-    try:
-        for name in order:
-            staged[name] = _write_temp(directory, name, writers[name])
-        for name in order[::-1] + [n for n in remove if n not in writers]:
-            if os.path.lexists(os.path.join(directory, name)):
-                aside[name] = _move_aside(directory, name)
-        for name in order:
-            os.replace(staged[name], os.path.join(directory, name))
-            del staged[name]
-            placed.append(name)
-    except BaseException as exc:
-        _roll_back(directory, staged, aside, placed, exc)
-        raise
-    for name, old in aside.items():
-        try:
-            os.unlink(old)
-        except OSError as exc:  # the save itself is complete: say what is left behind
-            warnings.warn(f"saved, but could not delete the previous {name} kept at {old!r}: {exc}", stacklevel=3)
-
-
-def _new_file(directory: str, name: str, suffix: str) -> Tuple[int, str]:
-    """A new empty file ``.<name>.<random><suffix>`` in ``directory``, open for writing.
-    Unlike ``mkstemp``'s 0600 its mode follows the umask, as a plain ``open`` (and
-    PEFT's ``save_pretrained``) would make it."""
-    while True:
-        tmp = os.path.join(directory, f".{name}.{secrets.token_hex(6)}{suffix}")
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
-        except FileExistsError:
-            continue
-
-
-def _write_temp(directory: str, name: str, write: Callable[[Any], Any]) -> str:
-    fd, tmp = _new_file(directory, name, ".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())  # a full disk shows here, before anything is replaced
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return tmp
-
-
-def _move_aside(directory: str, name: str) -> str:
-    """Rename ``directory/name`` to a new temporary name beside it; that name."""
-    fd, old = _new_file(directory, name, ".old")
-    os.close(fd)
-    try:
-        os.replace(os.path.join(directory, name), old)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(old)
-        raise
-    return old
-
-
-def _roll_back(
-    directory: str, staged: Dict[str, str], aside: Dict[str, str], placed: List[str], error: BaseException
-) -> None:
-    """Undo a part-done ``_replace_files``: the new files out, the old ones back (the
-    config last), the temporaries deleted. Steps that fail are named on ``error``."""
-    failed = []
-    for name in placed:
-        if name not in aside:
-            try:
-                os.unlink(os.path.join(directory, name))
-            except OSError as exc:
-                failed.append(f"remove the new {name} ({exc})")
-    for name in sorted(aside, key=lambda n: n == CONFIG_NAME):
-        try:
-            os.replace(aside[name], os.path.join(directory, name))
-        except OSError as exc:
-            failed.append(f"restore {name} from {aside[name]!r} ({exc})")
-    for tmp in staged.values():
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-    if failed and hasattr(error, "add_note"):
-        error.add_note(f"save_adapter could not undo everything in {directory!r}: " + "; ".join(failed))

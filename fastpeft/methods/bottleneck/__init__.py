@@ -1,0 +1,2 @@
+"""Bottleneck adapters: ``config`` (BottleneckConfig), ``op`` (the fused op), ``layer``
+(BottleneckAdapter, BottleneckLinear), ``method``."""
