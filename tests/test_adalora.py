@@ -414,3 +414,120 @@ def test_rank_pattern_spellings_and_bad_masks():
     with pytest.raises(ValueError, match="adapt no module"):
         fp.inject(fresh, fp.AdaLoraConfig(**CFG, rank_pattern={"lm_head.lora_E": [True] * 4}))
     assert_same_snapshot(before, snapshot(fresh))
+
+
+# ------------------------------------------------------------------ serving from the pool
+
+
+def _pool_setup(tmp_path):
+    """A pruned PEFT AdaLoRA adapter (ranks 4, 2, 1, 0) and a PEFT LoRA adapter, saved;
+    a pool over a tiny Llama with LoRA layers on the same targets."""
+    from fastpeft.serving.pool import AdapterPool
+
+    ada = _peft_model()
+    _rank_pattern(ada)
+    ada.save_pretrained(tmp_path / "ada")
+    torch.manual_seed(5)
+    lora = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=3, lora_alpha=6, target_modules=TARGETS,
+                                                             init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "lora")
+    model = fp.inject(tiny_llama(), fp.LoraConfig(r=4, target_modules=TARGETS)).eval()  # own adapter: B = 0
+    pool = AdapterPool(model, max_adapters=3, max_rank=4)
+    pool.load("ada", str(tmp_path / "ada"))
+    pool.load("lora", str(tmp_path / "lora"))
+    refs = {"ada": peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "ada").eval(),
+            "lora": lora.eval(), None: tiny_llama()}
+    return model, pool, refs, ada
+
+
+def test_pool_serves_peft_adalora_in_mixed_batches_and_generation(tmp_path):
+    from fastpeft.serving.engine import ServingEngine
+
+    model, pool, refs, _ = _pool_setup(tmp_path)
+    # Each layer: its current rank (the pruned layer: none), A ∘ E, and the AdaLoRA layer's own scale.
+    loaded = _layers(fp.load_adapter(tiny_llama(), tmp_path / "ada"))
+    slot = pool.slot_of("ada")
+    assert sorted(int(ls.ranks[slot]) for ls in pool.layers.values()) == [0, 1, 2, 4]
+    for path, layer in loaded.items():
+        a, ls = layer.adapters["default"], pool.layers[path]
+        assert int(ls.ranks[slot]) == a.r
+        assert float(ls.scalings[slot]) == (float(torch.tensor(a.scale)) if a.r else 0.0)  # rank 0: no adapter
+        assert torch.equal(ls.lora_A[slot, : a.r], a.lora_A * a.lora_E)
+        assert torch.equal(ls.lora_B[slot, :, : a.r], a.lora_B)
+    ids = input_ids(batch=4)
+    rows = ["ada", "lora", None, "ada"]
+    with fp.batch_adapters(model, rows):
+        mixed = logits(model, ids)
+    for i, name in enumerate(rows):
+        torch.testing.assert_close(mixed[i], logits(refs[name], ids[i : i + 1])[0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(mixed[0], mixed[2])  # the adapter changes the output: the test is not vacuous
+    prompts, names = [[5, 17, 3, 9], [42, 7], [11, 12, 13, 14, 15]], ["lora", "ada", None]
+    out = ServingEngine(model, pool, eos_token_id=None).generate(prompts, names, max_new_tokens=5)
+    for row, (prompt, name) in enumerate(zip(prompts, names)):
+        seq = torch.tensor([prompt])
+        for _ in range(5):
+            seq = torch.cat([seq, logits(refs[name], seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert out.new_tokens[row].tolist() == seq[0, -5:].tolist()
+
+
+def test_pool_loads_an_adalora_state_dict_with_its_config(tmp_path):
+    model, pool, _, ada = _pool_setup(tmp_path)
+    tensors = peft.get_peft_model_state_dict(ada)  # pruned to the rank_pattern, as PEFT saves
+    pool.load("mem", tensors, config=ada.peft_config["default"])
+    a, m = pool.slot_of("ada"), pool.slot_of("mem")
+    for ls in pool.layers.values():
+        assert int(ls.ranks[a]) == int(ls.ranks[m]) and float(ls.scalings[a]) == float(ls.scalings[m])
+        assert torch.equal(ls.lora_A[a], ls.lora_A[m]) and torch.equal(ls.lora_B[a], ls.lora_B[m])
+
+
+def _pool_state(pool):
+    return ({n: [t.clone() for t in (ls.lora_A, ls.lora_B, ls.ranks, ls.scalings)] for n, ls in pool.layers.items()},
+            dict(pool._slot_of), pool.adapters)
+
+
+@pytest.mark.parametrize("case", ["E_shape_dir", "E_shape_state_dict", "no_config", "pattern_absent",
+                                  "lora_alpha_given", "nan_E", "rank_vs_config"])
+def test_pool_refuses_bad_adalora_adapters_unchanged(tmp_path, case):
+    from fastpeft.serving.pool import AdapterError
+
+    model, pool, _, ada = _pool_setup(tmp_path)
+    pool.load("extra", peft.get_peft_model_state_dict(ada), config=ada.peft_config["default"])  # full: no eviction
+    before = _pool_state(pool)
+    tensors = dict(peft.get_peft_model_state_dict(ada))
+    config = ada.peft_config["default"].to_dict()
+    e_key = next(k for k in sorted(tensors) if k.endswith(".lora_E") and tensors[k].shape[0] > 0)
+    kwargs = {"config": config}
+    if case == "E_shape_dir":
+        from safetensors.torch import load_file, save_file
+
+        file = tmp_path / "ada" / "adapter_model.safetensors"
+        saved = load_file(file)
+        saved[e_key] = torch.zeros(saved[e_key].shape[0], 2)
+        save_file(saved, file)
+        source, kwargs, what = str(tmp_path / "ada"), {}, r"lora_E has shape \(\d, 2\) but lora_A has rank"
+    else:
+        source = tensors
+    if case == "E_shape_state_dict":
+        tensors[e_key] = tensors[e_key].reshape(1, -1)
+        what = r"lora_E has shape \(1, \d\) but lora_A has rank"
+    elif case == "no_config":
+        kwargs, what = {}, r"an AdaLoRA adapter \(its tensors include .*give its AdaLoRA config"
+    elif case == "pattern_absent":
+        config["rank_pattern"] = {**config["rank_pattern"], "model.layers.7.self_attn.q_proj.lora_E": [True] * 4}
+        what = r"rank_pattern names 'model.layers.7.*no weights for it"
+    elif case == "lora_alpha_given":
+        kwargs["lora_alpha"] = 8
+        what = "its config fixes each layer's scale"
+    elif case == "nan_E":
+        tensors[e_key] = tensors[e_key].clone()
+        tensors[e_key][0, 0] = float("nan")
+        what = "lora_E holds NaN or inf"
+    elif case == "rank_vs_config":
+        config["rank_pattern"] = None
+        what = r"the tensors have rank \d but the config gives this layer rank 4"
+    with pytest.raises(AdapterError, match=what):
+        pool.load("bad", source, **kwargs)
+    after = _pool_state(pool)
+    assert after[1:] == before[1:]
+    for n, ts in before[0].items():
+        assert all(torch.equal(x, y) for x, y in zip(ts, after[0][n])), n

@@ -158,14 +158,14 @@ class AdapterLayer(PlanReader, nn.Module):
         Under ``torch.compile`` nothing is kept: the value is traced from the tensors,
         so the compiled graph reads them on every call (a change between calls is always
         seen, with no guard to check) and dynamo never meets a version counter. A value
-        that holds an autograd graph is never kept either, and a call that needs one (grad
-        enabled, a source tensor that requires grad) always builds afresh: a value kept
-        from a ``no_grad`` call would silently cut the adapters out of the backward.
+        that holds an autograd graph is never kept either, and whether the call needs one
+        (grad enabled, a source tensor that requires grad) is part of the key: a value
+        kept from a ``no_grad`` call must not cut the adapters out of a later backward.
         """
         if torch.compiler.is_compiling():
             return build()
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            return build()
+        needs_graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        key = (key, needs_graph)
         cache = self.__dict__.setdefault(cache_name, {})
         hit = cache.get(entry)
         if hit is not None and hit[0] == key and hit[1].matches(tensors):

@@ -207,7 +207,12 @@ class AdapterPool:
           (keys with or without ``base_model.model.`` and an adapter-name segment), with
           ``config`` (a fastpeft/peft ``LoraConfig`` or its dict) or ``lora_alpha``;
         * ``{layer name: (A, B)}`` with ``lora_alpha`` or ``scaling`` (one float, or one
-          per layer).
+          per layer);
+        * an AdaLoRA adapter: a PEFT AdaLoRA directory, or its state dict (``lora_A``,
+          ``lora_E``, ``lora_B``) with ``config`` (a fastpeft/peft ``AdaLoraConfig`` or its
+          dict). It is served as a LoRA adapter of each layer's current rank: ``A ∘ E``
+          and ``B``, scale ``scaling / (ranknum + 1e-5)`` as the AdaLoRA layer computes it
+          (``rank_pattern`` ranks; layers pruned to rank 0 get no adapter).
 
         Each layer's scaling is ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), with
         ``rank_pattern`` / ``alpha_pattern`` of the config applied per layer as PEFT does.
@@ -216,8 +221,8 @@ class AdapterPool:
         not fit the layers or the config, NaN/inf weights or values past the range of the
         pool's dtype (checked as the slots would hold them), tensors of several adapters or
         of one layer twice, another PEFT method ((IA)^3, bottleneck, ...) or LoRA features
-        the kernels do not run (DoRA, lora_bias). Raises :class:`PoolFullError` when every
-        slot is pinned or in use.
+        the kernels do not run (DoRA, lora_bias), an AdaLoRA ``lora_E`` that does not fit.
+        Raises :class:`PoolFullError` when every slot is pinned or in use.
         """
         if not isinstance(name, str) or not name:
             raise AdapterError(f"adapter name must be a non-empty string, got {name!r}")
@@ -294,11 +299,17 @@ class AdapterPool:
         cfg, lora_config, pairs = read_source(name, source, config)
         if not pairs:
             raise AdapterError(f"adapter {name!r} holds no LoRA weights (no lora_A/lora_B tensors)")
+        fixed = any(pair.scale is not None for pair in pairs.values())  # AdaLoRA: scales from its config
+        if fixed and (scaling is not None or lora_alpha is not None or use_rslora):
+            raise AdapterError(
+                f"adapter {name!r} is an AdaLoRA adapter: its config fixes each layer's scale "
+                "(scaling / (ranknum + 1e-5)); do not pass scaling=, lora_alpha= or use_rslora="
+            )
         staged: Dict[str, Tuple[torch.Tensor, torch.Tensor, float]] = {}
         keys_of: Dict[str, Tuple[str, ...]] = {}
         for key, pair in pairs.items():
             lname = self._match_layer(key, name)
-            if lname in staged:
+            if lname in keys_of:
                 raise AdapterError(
                     f"adapter {name!r}: {keys_text(keys_of[lname])} and {keys_text(pair.keys)} both map to layer "
                     f"{lname!r}; give each layer's weights once"
@@ -306,15 +317,20 @@ class AdapterPool:
             keys_of[lname] = pair.keys
             ls = self.layers[lname]
             where = f"adapter {name!r}, layer {lname!r}"
-            r = check_pair(pair.A, pair.B, ls.in_features, ls.out_features, self.max_rank, where)
-            if scaling is not None:
+            r = check_pair(pair.A, pair.B, ls.in_features, ls.out_features, self.max_rank, where,
+                           min_rank=0 if fixed else 1)
+            if r == 0:  # an AdaLoRA layer pruned away: no adapter there (the slot's rank stays 0)
+                continue
+            if fixed:
+                s = pair.scale
+            elif scaling is not None:
                 s = given_scaling(scaling, lname, key, where)
             else:
                 s = layer_scaling(key, r, cfg, lora_config, lora_alpha, use_rslora, where)
             # Checked as the slots will hold them: finite fp32 values can overflow fp16/bf16 slots.
             A_slot = pair.A.detach().to(ls.lora_A.device, ls.lora_A.dtype)
             B_slot = pair.B.detach().to(ls.lora_B.device, ls.lora_B.dtype)
-            check_finite(where, "lora_A", pair.A, A_slot)
+            check_finite(where, "lora_A ∘ lora_E" if fixed else "lora_A", pair.A, A_slot)
             check_finite(where, "lora_B", pair.B, B_slot)
             staged[lname] = (A_slot, B_slot, s)
         return Staged(staged)

@@ -4,6 +4,8 @@ Sources are PEFT directories (read by ``fastpeft.core.checkpoint``, the one PEFT
 PEFT state dicts, or ``{layer: (A, B)}``; state-dict keys are read with LoRA's own key
 map (``fastpeft.methods.lora.method.parse_lora_key``) and each layer's scaling follows
 the LoRA config's own rank/alpha rules (``LoraConfig.rank_and_alpha``, ``lora_scaling``).
+AdaLoRA adapters (``peft_type`` ADALORA) are read with the AdaLoRA package's key map and
+rules and folded to LoRA pairs (``A ∘ E``, ``B``) with each layer's scale fixed.
 Every check runs before any slot is written, so a bad adapter leaves the pool as it was;
 the messages say what an adapter is when it is not LoRA (another PEFT method, LoRA
 features the kernels do not run) rather than which key is unexpected.
@@ -14,13 +16,16 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
 from fastpeft.core.checkpoint import CONFIG_NAME, read_adapter, strip_model_prefix
 from fastpeft.core.config import config_to_plain, pattern_key
 from fastpeft.core.method import registered_methods
+from fastpeft.methods.adalora.config import AdaLoraConfig, adalora_scale, adalora_scaling, layer_rank, pattern_paths
+from fastpeft.methods.adalora.layer import fold_E
+from fastpeft.methods.adalora.method import parse_adalora_key
 from fastpeft.methods.lora.config import LoraConfig, lora_scaling
 from fastpeft.methods.lora.method import parse_lora_key
 
@@ -38,11 +43,14 @@ class AdapterError(ValueError):
 
 @dataclass
 class Pair:
-    """One layer's LoRA factors as given, and the source keys they came from (for messages)."""
+    """One layer's LoRA factors as given, and the source keys they came from (for messages).
+    ``scale``: set when the source fixes the layer's scale itself (an AdaLoRA adapter
+    folded to LoRA, whose layers may have rank 0: pruned away)."""
 
     A: Any
     B: Any
     keys: Tuple[str, ...]
+    scale: Optional[float] = None
 
 
 @dataclass
@@ -86,6 +94,11 @@ _METHOD_TENSORS = (
 def _not_lora(peft_type: str, name: str, evidence: str) -> AdapterError:
     """The error for an adapter of another PEFT method: what it is, and where it runs."""
     kind = _METHOD_NAMES.get(peft_type, f"a non-LoRA ({peft_type})")
+    if peft_type == "ADALORA":  # served, folded to LoRA: its config fixes each layer's rank and scale
+        return AdapterError(
+            f"adapter {name!r} is an AdaLoRA adapter ({evidence}): give its AdaLoRA config (config= a fastpeft "
+            "or peft AdaLoraConfig, or its adapter_config.json dict), which fixes each layer's rank and scale"
+        )
     hint = ""
     if peft_type in registered_methods():
         hint = f"; fastpeft runs {kind.split(' ', 1)[1]} adapters in the model itself (fastpeft.load_adapter)"
@@ -102,15 +115,19 @@ def lora_config_of(name: str, cfg: Mapping[str, Any], origin: str) -> LoraConfig
     peft_type = cfg.get("peft_type")
     if peft_type is not None and str(peft_type).upper() != "LORA":
         raise _not_lora(str(peft_type).upper(), name, f"peft_type {peft_type!r} in {origin}")
-    problems = []
-    if cfg.get("lora_bias"):
-        problems.append("lora_bias=True")
+    return _servable(name, LoraConfig, {**cfg, "peft_type": "LORA"}, origin,
+                     ["lora_bias=True"] if cfg.get("lora_bias") else [])
+
+
+def _servable(name: str, config_cls: type, cfg: Mapping[str, Any], origin: str, problems: List[str]) -> Any:
+    """``config_cls.from_dict(cfg)``, or an ``AdapterError`` listing ``problems`` and what
+    of the config fastpeft does not run (``unsupported()``) or cannot read."""
     config = None
     try:
-        config = LoraConfig.from_dict({**cfg, "peft_type": "LORA"})
-        problems += config.unsupported()
+        config = config_cls.from_dict(dict(cfg))
+        problems = problems + config.unsupported()
     except (TypeError, ValueError) as exc:
-        problems.append(f"an invalid config ({exc})")
+        problems = problems + [f"an invalid config ({exc})"]
     if problems or config is None:
         raise AdapterError(f"adapter {name!r} cannot be served from the pool ({origin}): {', '.join(problems)}")
     return config
@@ -132,12 +149,16 @@ def read_source(name: str, source: Source, config: Any) -> Tuple[Optional[Dict[s
             raise AdapterError(f"cannot read adapter directory {os.fspath(source)!r}: {e}") from e
         if cfg is None:
             cfg, origin = saved, f"{CONFIG_NAME} of {os.fspath(source)!r}"
+        if is_adalora(cfg):
+            return cfg, None, adalora_pairs(name, cfg, tensors, origin)
         lora = lora_config_of(name, cfg, origin)
         return cfg, lora, _pairs(tensors, name, os.fspath(source))
     if not isinstance(source, Mapping):
         raise AdapterError(
             f"adapter {name!r}: source must be a PEFT directory path or a mapping of tensors, got {type(source).__name__}"
         )
+    if is_adalora(cfg):
+        return cfg, None, adalora_pairs(name, cfg, source, origin)
     lora = None if cfg is None else lora_config_of(name, cfg, origin)
     if source and all(isinstance(v, (tuple, list)) for v in source.values()):
         pairs = {}
@@ -172,38 +193,51 @@ def _not_lora_key(key: str) -> str:
 
 
 def _pairs(tensors: Mapping[str, Any], name: str, origin: str = "") -> Dict[str, Pair]:
-    """``{module path: Pair}`` from the PEFT state-dict keys of one adapter.
-
-    Paths lose PEFT's ``base_model.model.`` prefix; anything but one ``lora_A`` and one
-    ``lora_B`` weight per module is an error: other methods' tensors, a module given
-    twice (``x.lora_A.weight`` and ``base_model.model.x.lora_A.weight``), or tensors of
-    several adapters (``lora_A.default.weight`` and ``lora_A.other.weight``).
-    """
+    """``{module path: Pair}`` from the PEFT state-dict keys of one LoRA adapter: one
+    ``lora_A`` and one ``lora_B`` weight per module (see :func:`_groups`); another
+    method's tensors are named as such."""
     where = f"adapter {name!r}" + (f" ({origin})" if origin else "")
-    parsed = {str(key): parse_lora_key(str(key)) for key in tensors}
-    for key, found in parsed.items():
-        if found is None:
+    for key in tensors:
+        if parse_lora_key(str(key)) is None:
             for pattern, peft_type in _METHOD_TENSORS:
-                if pattern.search(key):
+                if pattern.search(str(key)):
                     raise _not_lora(peft_type, name, f"its tensors include {key!r}")
-    halves: Dict[str, Dict[str, Tuple[str, Any]]] = {}
+
+    def unknown(key: str) -> str:
+        return (f"{where}: tensor {key!r} is not a LoRA A/B weight ({_not_lora_key(key)}); pass only the adapter's "
+                "tensors (what PEFT saves: peft.get_peft_model_state_dict), not a whole model's state dict")
+
+    groups = _groups(tensors, where, parse_lora_key, unknown)
+    return {path: Pair(h["A"][1], h["B"][1], (h["A"][0], h["B"][0])) for path, h in _complete(groups, "AB", where)}
+
+
+def _groups(
+    tensors: Mapping[str, Any], where: str, parse: Callable[[str], Optional[Tuple[str, str, Optional[str]]]],
+    unknown: Callable[[str], str], ignored: Sequence[str] = (),
+) -> Dict[str, Dict[str, Tuple[str, Any]]]:
+    """``{module path: {part: (key, tensor)}}`` of one adapter's state dict, read with the
+    method's key map (``parse``: ``(path, part, adapter segment)`` or None; parts in
+    ``ignored`` are dropped). Paths lose PEFT's ``base_model.model.`` prefix. Refused: a
+    key ``parse`` does not know (``unknown`` words the message), a part given twice
+    (``x.lora_A.weight`` and ``base_model.model.x.lora_A.weight``), tensors of several
+    adapters (``lora_A.default.weight`` and ``lora_A.other.weight``)."""
+    groups: Dict[str, Dict[str, Tuple[str, Any]]] = {}
     adapters: Dict[str, str] = {}  # adapter-name segment -> first key that has it
     for key, t in tensors.items():
-        found = parsed[str(key)]
+        found = parse(str(key))
         if found is None:
-            raise AdapterError(
-                f"{where}: tensor {key!r} is not a LoRA A/B weight ({_not_lora_key(str(key))}); pass only the "
-                "adapter's tensors (what PEFT saves: peft.get_peft_model_state_dict), not a whole model's state dict"
-            )
-        path, ab, segment = found
+            raise AdapterError(unknown(str(key)))
+        path, part, segment = found
+        if part in ignored:
+            continue
         path = strip_model_prefix(path)
-        seen = halves.setdefault(path, {}).get(ab)
+        seen = groups.setdefault(path, {}).get(part)
         if seen is not None:
             raise AdapterError(
-                f"{where}: {seen[0]!r} and {key!r} are both the lora_{ab} weight of {path!r}, so it is "
+                f"{where}: {seen[0]!r} and {key!r} are both the {_part(part)} weight of {path!r}, so it is "
                 "ambiguous which one to serve; pass the tensors of one adapter, each once"
             )
-        halves[path][ab] = (str(key), t)
+        groups[path][part] = (str(key), t)
         if segment is not None:
             adapters.setdefault(segment, str(key))
     if len(adapters) > 1:
@@ -212,21 +246,83 @@ def _pairs(tensors: Mapping[str, Any], name: str, origin: str = "") -> Dict[str,
             f"{where}: the tensors belong to several adapters ({sorted(adapters)}), e.g. {k1!r} ({n1!r}) and "
             f"{k2!r} ({n2!r}); pass one adapter's tensors (peft.get_peft_model_state_dict(model, adapter_name=...))"
         )
+    return groups
+
+
+def _part(part: str) -> str:
+    return part if part.startswith("lora_") else f"lora_{part}"
+
+
+def _complete(groups: Dict[str, Dict[str, Tuple[str, Any]]], parts: Sequence[str], where: str):
+    """``(path, parts)`` of each module, after checking it has every one of ``parts``."""
+    for path, h in groups.items():
+        missing = [p for p in parts if p not in h]
+        if missing:
+            have = ", ".join(f"a {_part(p)} weight ({k!r})" for p, (k, _) in h.items())
+            raise AdapterError(f"{where}: layer {path!r} has {have} but no {' or '.join(map(_part, missing))} weight")
+        yield path, h
+
+
+# --------------------------------------------------------------------- AdaLoRA
+
+
+def is_adalora(cfg: Optional[Mapping[str, Any]]) -> bool:
+    return cfg is not None and str(cfg.get("peft_type") or "").upper() == "ADALORA"
+
+
+def adalora_pairs(name: str, cfg: Dict[str, Any], tensors: Mapping[str, Any], origin: str) -> Dict[str, Pair]:
+    """An AdaLoRA adapter as LoRA pairs of each layer's current rank: ``A' = A ∘ E``,
+    ``B' = B`` and the scale ``scaling / (ranknum + 1e-5)`` fixed per layer, by the AdaLoRA
+    package's own rules (config, per-layer rank from the ``rank_pattern``, key map with
+    legacy ``ranknum`` keys ignored). Layers pruned to rank 0 are kept (shapes checked;
+    the pool serves them as no adapter)."""
+    where = f"adapter {name!r} ({origin})"
+    config: AdaLoraConfig = _servable(name, AdaLoraConfig, cfg, origin, [])
+
+    def unknown(key: str) -> str:
+        return (f"{where}: tensor {key!r} is not an AdaLoRA lora_A/lora_E/lora_B tensor; pass only the adapter's "
+                "tensors (what PEFT saves: peft.get_peft_model_state_dict)")
+
+    groups = _groups(tensors, where, parse_adalora_key, unknown, ignored=("ranknum",))
+    for path, mask in pattern_paths(config, name).items():
+        if len(mask) != config.init_r:
+            raise AdapterError(f"{where}: rank_pattern for {path!r} has {len(mask)} entries but init_r is "
+                               f"{config.init_r} (one per initial triplet)")
+        if strip_model_prefix(path) not in groups:
+            raise AdapterError(f"{where}: rank_pattern names {path!r}, but the adapter has no weights for it: "
+                               "config and weights do not belong together")
     pairs = {}
-    for path, h in halves.items():
-        if set(h) != {"A", "B"}:
-            have, missing = ("lora_A", "lora_B") if "A" in h else ("lora_B", "lora_A")
-            raise AdapterError(f"{where}: layer {path!r} has a {have} weight ({next(iter(h.values()))[0]!r}) "
-                               f"but no {missing} weight")
-        pairs[path] = Pair(h["A"][1], h["B"][1], (h["A"][0], h["B"][0]))
+    for path, h in _complete(groups, ("lora_A", "lora_E", "lora_B"), where):
+        (kA, A), (kE, E), (kB, B) = h["lora_A"], h["lora_E"], h["lora_B"]
+        lwhere = f"{where}, layer {path!r}"
+        for what, t in (("lora_A", A), ("lora_E", E)):
+            if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point or t.dim() != 2:
+                raise AdapterError(f"{lwhere}: {what} must be a 2-D floating tensor, got {describe(t)}")
+            check_finite(lwhere, what, t, t)
+        r = A.shape[0]
+        if tuple(E.shape) != (r, 1):
+            raise AdapterError(f"{lwhere}: lora_E has shape {tuple(E.shape)} but lora_A has rank {r} (shape "
+                               f"{tuple(A.shape)}); AdaLoRA needs E ({r}, 1): a damaged or mixed-up adapter")
+        expected = layer_rank(config, name, path)
+        if r != expected:
+            raise AdapterError(
+                f"{lwhere}: the tensors have rank {r} but the config gives this layer rank {expected} (init_r="
+                f"{config.init_r}{', and its rank_pattern' if config.rank_pattern else ', no rank_pattern'}): config "
+                "and weights do not belong together (PEFT saves the tensors pruned to the rank_pattern)"
+            )
+        scale = adalora_scale(adalora_scaling(r, config.lora_alpha), config.init_r)
+        pairs[path] = Pair(fold_E(A.detach(), E.detach()), B, (kA, kE, kB), finite_scaling(scale, lwhere))
     return pairs
 
 
 # --------------------------------------------------------------------- checks
 
 
-def check_pair(A: Any, B: Any, in_features: int, out_features: int, max_rank: int, where: str) -> int:
-    """The rank of ``(A, B)`` after checking them against a layer's sizes and the pool."""
+def check_pair(
+    A: Any, B: Any, in_features: int, out_features: int, max_rank: int, where: str, min_rank: int = 1
+) -> int:
+    """The rank of ``(A, B)`` after checking them against a layer's sizes and the pool
+    (``min_rank`` 0: a layer pruned away is allowed)."""
     for what, t in (("lora_A", A), ("lora_B", B)):
         if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point or t.dim() != 2:
             raise AdapterError(f"{where}: {what} must be a 2-D floating tensor, got {describe(t)}")
@@ -246,8 +342,8 @@ def check_pair(A: Any, B: Any, in_features: int, out_features: int, max_rank: in
             f"{where}: lora_B has shape {tuple(B.shape)} but the layer has out_features "
             f"{out_features} (expected ({out_features}, r)): adapter made for another base model?"
         )
-    if not 1 <= r <= max_rank:
-        raise AdapterError(f"{where}: rank {r} is outside 1..{max_rank} (the pool's max_rank)")
+    if not min_rank <= r <= max_rank:
+        raise AdapterError(f"{where}: rank {r} is outside {min_rank}..{max_rank} (the pool's max_rank)")
     return r
 
 

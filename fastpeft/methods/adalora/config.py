@@ -13,13 +13,24 @@ from typing import ClassVar, Dict, List, Optional, Union
 
 from fastpeft.core.config import AdapterConfig
 
-__all__ = ["AdaLoraConfig", "adalora_scaling", "pattern_paths", "pattern_path", "pattern_mask"]
+__all__ = [
+    "AdaLoraConfig", "adalora_scaling", "adalora_scale", "layer_rank", "pattern_paths", "pattern_path",
+    "pattern_mask", "RANKNUM_EPS",
+]
+
+RANKNUM_EPS = 1e-5  # PEFT's ``ranknum + 1e-5``
 
 
 def adalora_scaling(r: int, lora_alpha: float) -> float:
     """PEFT's ``scaling``: ``lora_alpha``, or the layer's rank when ``lora_alpha <= 0``
     (the forward divides it by ``ranknum + 1e-5``)."""
     return lora_alpha if lora_alpha > 0 else float(r)
+
+
+def adalora_scale(scaling: float, ranknum: float) -> float:
+    """The factor of a layer's low-rank term: ``scaling / (ranknum + 1e-5)`` (``ranknum``
+    is ``init_r``, kept through pruning as PEFT keeps it)."""
+    return scaling / (float(ranknum) + RANKNUM_EPS)
 
 
 @dataclass
@@ -137,3 +148,10 @@ def pattern_path(key: str, adapter_name: str) -> str:
 
 def pattern_mask(config: AdaLoraConfig, adapter_name: str, path: str) -> Optional[List[bool]]:
     return pattern_paths(config, adapter_name).get(path)
+
+
+def layer_rank(config: AdaLoraConfig, adapter_name: str, path: str) -> int:
+    """The rank of the layer at ``path``: its ``rank_pattern`` entry's kept triplets, or
+    ``init_r`` (the rank a saved checkpoint's tensors have there)."""
+    mask = pattern_mask(config, adapter_name, path)
+    return config.init_r if mask is None else sum(mask)

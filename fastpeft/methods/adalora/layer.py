@@ -25,13 +25,17 @@ import torch.nn.functional as F
 from fastpeft.core.dispatch import autocast_cast, autocast_dtype, check_linear_input
 from fastpeft.core.batch import BatchPlan, check_rows
 from fastpeft.core.linear import AdapterLinear
-from fastpeft.methods.adalora.config import adalora_scaling
+from fastpeft.methods.adalora.config import RANKNUM_EPS, adalora_scale, adalora_scaling
 from fastpeft.methods.lora.multi_op import build_meta, multi_lora_linear, row_slots_for_tokens
 from fastpeft.methods.lora.op import lora_linear_unchecked
 
-__all__ = ["AdaLoraAdapter", "AdaLoraLinear", "AdaLoraRows", "RANKNUM_EPS"]
+__all__ = ["AdaLoraAdapter", "AdaLoraLinear", "AdaLoraRows", "RANKNUM_EPS", "fold_E"]
 
-RANKNUM_EPS = 1e-5  # PEFT's ``ranknum + 1e-5``
+
+def fold_E(lora_A: torch.Tensor, lora_E: torch.Tensor) -> torch.Tensor:
+    """``A ∘ E``: ``A (r, in)`` with each row scaled by its singular value ``E (r, 1)``,
+    the ``A`` of the equivalent LoRA adapter (differentiable)."""
+    return lora_A * lora_E
 
 
 class AdaLoraAdapter(nn.Module):
@@ -68,16 +72,16 @@ class AdaLoraAdapter(nn.Module):
     @property
     def scale(self) -> float:
         """The factor of the low-rank term: ``scaling / (ranknum + 1e-5)``."""
-        return self.scaling / (self.ranknum + RANKNUM_EPS)
+        return adalora_scale(self.scaling, self.ranknum)
 
     def folded_A(self) -> torch.Tensor:
         """``lora_A ∘ lora_E`` (differentiable): the ``A`` of the equivalent LoRA adapter."""
-        return self.lora_A * self.lora_E
+        return fold_E(self.lora_A, self.lora_E)
 
     def delta_weight(self) -> torch.Tensor:
         """``B (A ∘ E) * scaling / (ranknum + 1e-5)`` in fp32, shape ``(out, in)``."""
         A, E, B = (t.detach().float() for t in (self.lora_A, self.lora_E, self.lora_B))
-        return (B @ (A * E)) * self.scaling / (self.ranknum + RANKNUM_EPS)
+        return (B @ fold_E(A, E)) * self.scaling / (self.ranknum + RANKNUM_EPS)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, lora_alpha={self.lora_alpha}, ranknum={self.ranknum}"

@@ -11,6 +11,7 @@ new adapter given one), with the scale of ``init_r`` (PEFT's ``ranknum``). Legac
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -19,11 +20,23 @@ import torch.nn as nn
 from fastpeft.core import targets as core_targets
 from fastpeft.core.method import Method
 from fastpeft.core.targets import linear_types
-from fastpeft.methods.adalora.config import AdaLoraConfig, pattern_mask, pattern_path, pattern_paths
+from fastpeft.methods.adalora.config import AdaLoraConfig, layer_rank, pattern_path, pattern_paths
 from fastpeft.methods.adalora.layer import AdaLoraLinear
 from fastpeft.methods.adalora import allocator
 
-__all__ = ["AdaLoraMethod", "ADALORA"]
+__all__ = ["AdaLoraMethod", "ADALORA", "parse_adalora_key"]
+
+# ``<path>.lora_A`` as PEFT saves it, or ``<path>.lora_A.<adapter>`` as a live PEFT
+# model's state dict holds it (E and B alike); the legacy ``<path>.ranknum`` likewise.
+_ADALORA_KEY = re.compile(r"^(?P<path>.+)\.(?P<part>lora_[AEB]|ranknum)(?:\.(?P<adapter>[^.]+))?$")
+
+
+def parse_adalora_key(key: str) -> Optional[Tuple[str, str, Optional[str]]]:
+    """``(layer path, "lora_A" / "lora_E" / "lora_B" / "ranknum", adapter-name segment or
+    None)`` of an AdaLoRA checkpoint key (the key map read backwards; ``ranknum``: a
+    legacy key, ignored on load); None for any other key."""
+    m = _ADALORA_KEY.match(key)
+    return None if m is None else (m.group("path"), m.group("part"), m.group("adapter"))
 
 
 # AdaLoRA's default targets per ``model_type`` (a few of PEFT's); with peft installed its
@@ -74,9 +87,8 @@ class AdaLoraMethod(Method):
 
     @staticmethod
     def _layer_args(path: str, config: AdaLoraConfig, adapter_name: str) -> Dict[str, Any]:
-        mask = pattern_mask(config, adapter_name, path)
-        r = config.init_r if mask is None else sum(mask)
-        return dict(r=r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        return dict(r=layer_rank(config, adapter_name, path), lora_alpha=config.lora_alpha,
+                    lora_dropout=config.lora_dropout,
                     init_lora_weights=bool(config.init_lora_weights), ranknum=float(config.init_r))
 
     def build_layer(self, path: str, module: nn.Module, config: AdaLoraConfig, adapter_name: str,
