@@ -36,7 +36,9 @@ import triton
 import triton.language as tl
 
 from .autotune import INTERPRETER_CONFIG, KernelConfig, LibraryGemm, Variant, m_bucket, pick, tiles_and_library
-from .runtime import Rows, check_interpretable, input_precision, interpreter_active, on_device, output_for, rows_view
+from .runtime import (
+    Rows, cdiv, check_interpretable, input_precision, interpreter_active, on_device, output_for, rows_view,
+)
 from .tiles import ACTIVATIONS, activation, add_bias, gemm_k_loop, row_offsets, tile_offsets
 
 __all__ = ["ACTIVATIONS", "BLOCK_D", "EPILOGUE_CONFIG", "bottleneck_linear_fwd", "bottleneck_down_eff"]
@@ -271,7 +273,7 @@ def _launch(
     False) the epilogue alone on the ``h`` that ``y2`` already holds."""
     M, N = y2.shape
     K = weight.shape[1]
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)
     _bottleneck_linear_fwd_kernel[grid](
         x_ptr=rows.x, w_ptr=weight, bias_ptr=bias if bias is not None else weight, z_ptr=z, beff_ptr=z_bias,
         up_ptr=up_w, upb_ptr=up_b if up_b is not None else up_w, y_ptr=y2,

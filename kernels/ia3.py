@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .autotune import KernelConfig, LibraryGemm, Variant, m_bucket, pick, tiles_and_library
-from .runtime import Rows, check_interpretable, input_precision, on_device, output_for, rows_view
+from .runtime import Rows, cdiv, check_interpretable, input_precision, on_device, output_for, rows_view
 from .tiles import add_bias, gemm_k_loop, row_offsets, scale_columns, tile_offsets
 
 __all__ = ["ia3_linear_fwd"]
@@ -138,7 +138,7 @@ def _launch(
     y2: torch.Tensor,
 ) -> None:
     M, (N, K) = rows.M, weight.shape
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)
     _ia3_linear_fwd_kernel[grid](
         x_ptr=rows.x, w_ptr=weight, bias_ptr=bias if bias is not None else weight, l_ptr=ia3_l, y_ptr=y2,
         M=M, N=N, K=K, M_INNER=rows.m_inner,

@@ -34,10 +34,13 @@ from .autotune import INTERPRETER_CONFIG, TMA_MIN_M, KernelConfig, lora_candidat
 from .runtime import (
     Rows,
     as_2d,
+    cdiv,
     check_interpretable,
     input_precision,
     interpreter_active,
+    k_splits,
     lora_in_fp32,
+    next_power_of_2,
     on_device,
     output_for,
     rows_view,
@@ -273,7 +276,7 @@ def _launch(
         xa = _shrink(rows, lora_A)
     in_loop = lora_A is not None and xa is None
     R = lora_A.shape[0] if lora_A is not None else 0
-    block_r = max(16, triton.next_power_of_2(R)) if in_loop else _EPILOGUE_BLOCK_R
+    block_r = max(16, next_power_of_2(R)) if in_loop else _EPILOGUE_BLOCK_R
     lora_fp32 = lora_A is not None and lora_in_fp32(rows.x.dtype, lora_A.dtype)
     if cfg.tma:
         _launch_tma(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r, lora_fp32)
@@ -302,12 +305,11 @@ def _launch_tiles(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block
     a = lora_A if lora_A is not None else weight
     b = lora_B if lora_A is not None else weight
     xa_t = xa if xa is not None else weight
-    k_per_split = triton.cdiv(triton.cdiv(K, max(1, cfg.split_k)), cfg.block_k) * cfg.block_k
-    split = triton.cdiv(K, k_per_split)  # no split is left without K columns
+    k_per_split, split = k_splits(K, cfg.split_k, cfg.block_k)
     # Split-K programs write fp32 partial sums, reduced into ``y`` below.
     out = y if split == 1 else torch.empty((split, M, N), device=y.device, dtype=torch.float32)
     stride_ps, stride_ym, stride_yn = (0, y.stride(0), y.stride(1)) if split == 1 else out.stride()
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
+    grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n), split)
     _lora_linear_fwd_kernel[grid](
         x_ptr=rows.x, w_ptr=weight, bias_ptr=bias if bias is not None else weight, a_ptr=a, b_ptr=b,
         xa_ptr=xa_t, y_ptr=out,
@@ -360,7 +362,7 @@ def _shrink(rows: Rows, lora_A: torch.Tensor) -> torch.Tensor:
 
 def _reduce_splits(partial: torch.Tensor, bias: Optional[torch.Tensor], y: torch.Tensor) -> None:
     split, M, N = partial.shape
-    grid = (triton.cdiv(M, _REDUCE_BLOCK_M), triton.cdiv(N, _REDUCE_BLOCK_N))
+    grid = (cdiv(M, _REDUCE_BLOCK_M), cdiv(N, _REDUCE_BLOCK_N))
     _splitk_reduce_kernel[grid](
         p_ptr=partial, bias_ptr=bias if bias is not None else partial, y_ptr=y,
         M=M, N=N,

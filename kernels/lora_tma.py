@@ -25,7 +25,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .autotune import KernelConfig
-from .runtime import Rows, as_2d, interpreter_active
+from .runtime import Rows, as_2d, cdiv, interpreter_active
 from .tiles import add_bias, grouped_tile, lora_dot, lora_expand_from_memory, lora_expand_resident
 
 __all__ = ["tma_eligible", "tma_fits", "lora_linear_tma_launch"]
@@ -202,7 +202,7 @@ def lora_linear_tma_launch(
     # Unused pointers still need a tensor; ``weight`` is a safe placeholder.
     b = lora_B if has_lora else weight
     xa_t = xa if xa is not None else weight
-    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
     programs = min(tiles, _num_programs(x2.device, interpreter_active()))
     _lora_linear_tma_kernel[(programs,)](
         x_desc=x_desc, w_desc=w_desc, a_desc=a_desc, y_desc=y_desc,

@@ -53,7 +53,8 @@ from .multi_lora_meta import (
     shrink_plan,
 )
 from .runtime import (
-    Rows, check_interpretable, input_precision, interpreter_active, lora_in_fp32, on_device, output_for, rows_view,
+    Rows, cdiv, check_interpretable, input_precision, interpreter_active, k_splits, lora_in_fp32, on_device,
+    output_for, rows_view,
 )
 from .tiles import add_bias, gemm_k_loop, grouped_tile, lora_expand_gathered, lora_expand_segments, row_offsets
 
@@ -341,11 +342,10 @@ def _launch_shrink(
     row order (never zeroed: the expand reads only the positions and ranks it wrote)."""
     S, max_rank, K = lora_A.shape
     block_m, block_k, split_k = shrink_plan(rows.M, K, launch)
-    k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
-    split_k = triton.cdiv(K, k_per_split)
+    k_per_split, split_k = k_splits(K, split_k, block_k)
     xa = torch.empty((split_k, rows.M, max_rank), device=rows.x.device, dtype=torch.float32)
     interp = interpreter_active()
-    _mlora_shrink_kernel[(triton.cdiv(rows.M, block_m), S, split_k)](
+    _mlora_shrink_kernel[(cdiv(rows.M, block_m), S, split_k)](
         x_ptr=rows.x, a_ptr=lora_A, xa_ptr=xa, sorted_rows_ptr=meta.sorted_rows, slot_rows_ptr=meta.slot_rows,
         slot_start_ptr=meta.slot_start, rank_ptr=ranks,
         K=K, M_INNER=rows.m_inner, K_PER_SPLIT=k_per_split,
@@ -386,7 +386,7 @@ def _launch_expand(
         block_r = launch.gather_block_r or gather_block_r(cfg)
     else:
         block_r = block_r_for_dot(launch.block_r)
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)
     _mlora_expand_kernel[grid](
         x_ptr=rows.x, w_ptr=weight, bias_ptr=bias if bias is not None else weight, b_ptr=lora_B, xa_ptr=xa, y_ptr=y2,
         sorted_rows_ptr=meta.sorted_rows, sorted_slot_ptr=meta.sorted_slot, seg_end_ptr=meta.seg_end,

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
-import triton
 
 from .autotune import KernelConfig
-from .runtime import interpreter_active
+from .runtime import cdiv, interpreter_active, next_power_of_2
 
 __all__ = [
     "FUSE_BASE_MAX_M",
@@ -137,7 +136,7 @@ _INTERPRETER_SHRINK_BLOCK_K = 32
 
 def block_r_for_dot(block_r: int) -> int:
     """A rank chunk that ``tl.dot`` accepts (a power of two, at least 16)."""
-    return max(16, triton.next_power_of_2(int(block_r)))
+    return max(16, next_power_of_2(int(block_r)))
 
 
 def gather_block_r(cfg: KernelConfig) -> int:
@@ -163,7 +162,7 @@ def shrink_plan(M: int, K: int, launch: MultiLoraLaunch) -> Tuple[int, int, int]
     else:
         # Few rows: one program per (tile, slot) is too little work to fill the GPU.
         split_k = 8 if M <= 64 else (4 if M <= 512 else 1)
-    split_k = max(1, min(split_k, triton.cdiv(K, block_k)))
+    split_k = max(1, min(split_k, cdiv(K, block_k)))
     return block_m, block_k, split_k
 
 

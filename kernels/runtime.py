@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -17,14 +17,39 @@ __all__ = [
     "Rows",
     "as_2d",
     "capturing",
+    "cdiv",
     "check_interpretable",
     "input_precision",
     "interpreter_active",
+    "k_splits",
     "lora_in_fp32",
+    "next_power_of_2",
     "on_device",
     "output_for",
     "rows_view",
 ]
+
+
+# Host-side integer helpers. triton.cdiv and triton.next_power_of_2 are constexpr
+# functions in triton 3.6: a call from Python unwraps its arguments and costs ~2 us, and a
+# launch needs several; these are the same integer math.
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ``b`` (as ``triton.cdiv``)."""
+    return (a + b - 1) // b
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ``>= n``; 0 for ``n <= 0`` (as ``triton.next_power_of_2``)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def k_splits(K: int, split_k: int, block_k: int) -> Tuple[int, int]:
+    """``(k_per_split, splits)``: K cut into at most ``split_k`` chunks of whole
+    ``block_k`` tiles, none of them left without K columns."""
+    k_per_split = cdiv(cdiv(K, max(1, split_k)), block_k) * block_k
+    return k_per_split, cdiv(K, k_per_split)
 
 
 def on_device(t: torch.Tensor):
