@@ -18,7 +18,7 @@ Variants (bf16, ``W: (N, K)``, no base bias; every ratio is to ``base`` in the s
 
 ``*_pick`` says which implementation the fused op's tuner kept for the point: a Triton
 tile (``BMxBNxBK``) or ``library`` (cuBLAS plus one in-place pass, see
-``fastpeft.kernels.ia3.LIBRARY_GEMM``). At M <= 256 every variant is also timed replayed
+``fastpeft.kernels.autotune.LIBRARY_GEMM``). At M <= 256 every variant is also timed replayed
 from a CUDA graph (``*_graph``). Each variant is checked against an fp32 reference
 before it is timed. Without a GPU the script says so and runs a correctness-only pass
 of the kernels under the Triton interpreter.
@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from fastpeft.kernels import lora as lora_kernels  # noqa: E402
+from fastpeft.kernels import autotune  # noqa: E402
 from fastpeft.kernels.reference import bottleneck_linear_ref, ia3_linear_ref  # noqa: E402
 from fastpeft.methods.bottleneck.op import bottleneck_down_eff, bottleneck_linear  # noqa: E402
 from fastpeft.methods.ia3.op import ia3_linear  # noqa: E402
@@ -132,12 +132,14 @@ def _time_point(K: int, N: int, M: int, dev: str = "cuda", dt: torch.dtype = tor
 
 
 def _fmt_cfg(cfg) -> str:
-    return "library" if cfg.block_m == 0 else f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}"
+    if isinstance(cfg, autotune.LibraryGemm):
+        return "library"
+    return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}"
 
 
 def _pick_ia3(dt, N, K, M, scale_input) -> Optional[str]:
-    bucket = lora_kernels._m_bucket(M)
-    for key, cfg in lora_kernels._TUNED.items():
+    bucket = autotune.m_bucket(M)
+    for key, cfg in autotune.TUNED.items():
         # key: ("ia3", device, dtype, precision, l dtype, N, K, scale_input, no bias, M bucket)
         if key[0] == "ia3" and key[2] == dt and key[5:8] == (N, K, scale_input) and key[-1] == bucket:
             return _fmt_cfg(cfg)
@@ -145,8 +147,8 @@ def _pick_ia3(dt, N, K, M, scale_input) -> Optional[str]:
 
 
 def _pick_bn(dt, N, K, M, cached: bool) -> Optional[str]:
-    bucket = lora_kernels._m_bucket(M)
-    for key, cfg in lora_kernels._TUNED.items():
+    bucket = autotune.m_bucket(M)
+    for key, cfg in autotune.TUNED.items():
         # key: ("bottleneck", device, dtype, precision, up dtype, N, K, D, act, ..., cached, M bucket)
         if key[0] == "bottleneck" and key[2] == dt and key[5:7] == (N, K) and key[-2:] == (cached, bucket):
             return _fmt_cfg(cfg)

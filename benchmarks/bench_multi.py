@@ -36,7 +36,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from fastpeft.kernels.reference import multi_lora_linear_ref  # noqa: E402
-from fastpeft.kernels.multi_lora import MultiLoraLaunch, multi_lora_linear_fwd  # noqa: E402
+from fastpeft.kernels.multi_lora import multi_lora_linear_fwd  # noqa: E402
+from fastpeft.kernels.multi_lora_meta import MultiLoraLaunch  # noqa: E402
 from fastpeft.methods.lora.multi_op import build_meta, multi_lora_linear  # noqa: E402
 
 K = N = 4096

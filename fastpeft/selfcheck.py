@@ -190,7 +190,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     import triton
 
     import fastpeft as fp
-    from fastpeft.kernels.lora import interpreter_active
+    from fastpeft.kernels.runtime import interpreter_active
 
     gpu = torch.cuda.is_available() and not interpreter_active()
     device = "cuda" if gpu else "cpu"

@@ -1,5 +1,13 @@
 """Triton kernels of fastpeft (installed as ``fastpeft.kernels``).
 
-Each kernel file holds ``@triton.jit`` kernels and one typed launcher per kernel;
-``reference.py`` holds the pure-PyTorch math of every fused op.
+* ``runtime.py``: launch helpers (device guard, interpreter check, ``tl.dot`` precision,
+  row views of ``x``, outputs);
+* ``autotune.py``: tile configs, kernel variants and the one tuner every launcher uses;
+* ``tiles.py``: ``@triton.jit`` helpers the kernels share (tile order, row offsets, the K
+  loop, epilogues, activations);
+* ``lora.py``, ``lora_tma.py``, ``ia3.py``, ``bottleneck.py``, ``multi_lora.py`` (with
+  ``multi_lora_meta.py``): ``@triton.jit`` kernels and one typed launcher per op;
+* ``reference.py``: the pure-PyTorch math of every fused op.
+
+A kernel file imports only public names of the others.
 """

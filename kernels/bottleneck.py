@@ -20,71 +20,38 @@ the epilogue ``acc += b + s * bu + s * f(z + b_eff) Wu^T`` (``f(z)`` rounded to 
 dtype before the dot, as the unfused low-precision adapter rounds it). ``h`` is never
 written to or read back from HBM.
 
-On a GPU the launcher's tuner also times :data:`LIBRARY_GEMM`: ``h`` by cuBLAS into the
-output, ``z = h Wd^T`` by cuBLAS (no ``W_eff`` needed), then the same kernel with
-``HAS_GEMM=False`` applies the adapter in place (one extra read of ``h`` for ``z`` and
-one read and write in the epilogue). It keeps the faster variant per shape, M bucket
-and whether ``W_eff`` came cached: a tiled Triton GEMM can trail cuBLAS by more than
-those extra passes cost.
-
-Rows of ``x`` are addressed with the two row strides of ``kernels.lora.rows_view``.
+On a GPU the launcher's tuner also times the :data:`autotune.LIBRARY_GEMM` variant:
+``h`` by cuBLAS into the output, ``z = h Wd^T`` by cuBLAS (no ``W_eff`` needed), then the
+same kernel with ``HAS_GEMM=False`` applies the adapter in place (one extra read of ``h``
+for ``z`` and one read and write in the epilogue). It keeps the faster variant per
+shape, M bucket and whether ``W_eff`` came cached: a tiled Triton GEMM can trail cuBLAS
+by more than those extra passes cost.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .ia3 import LIBRARY_GEMM, _candidates
-from .tiles import grouped_tile
-from .lora import (
-    _INTERPRETER_CONFIG,
-    LoraKernelConfig,
-    _input_precision,
-    _m_bucket,
-    _pick_config,
-    check_interpretable,
-    interpreter_active,
-    on_device,
-    output_for,
-    rows_view,
+from .autotune import INTERPRETER_CONFIG, KernelConfig, LibraryGemm, Variant, m_bucket, pick, tiles_and_library
+from .runtime import (
+    Rows, cdiv, check_interpretable, input_precision, interpreter_active, on_device, output_for, rows_view,
 )
+from .tiles import ACTIVATIONS, activation, add_bias, gemm_k_loop, row_offsets, tile_offsets
 
-__all__ = ["ACTIVATIONS", "LIBRARY_GEMM", "bottleneck_linear_fwd", "bottleneck_down_eff"]
+__all__ = ["ACTIVATIONS", "BLOCK_D", "EPILOGUE_CONFIG", "bottleneck_linear_fwd", "bottleneck_down_eff"]
 
-# Non-linearity name -> constexpr code of the kernel's epilogue.
-ACTIVATIONS = {"relu": 0, "gelu": 1, "silu": 2, "swish": 2, "tanh": 3}
+# Chunk of the bottleneck dimension D the epilogue walks.
+BLOCK_D = 32
 
-_BLOCK_D = 32
-
-# Tiles of the epilogue-only launch of the LIBRARY_GEMM variant (no K loop: a
+# Tiles of the epilogue-only launch of the library-GEMM variant (no K loop: a
 # bandwidth-bound pass over h plus the small up-projection dot).
-_EPILOGUE_CONFIG = LoraKernelConfig(block_m=64, block_n=128, block_k=16, group_m=8, num_warps=4, num_stages=2)
+EPILOGUE_CONFIG = KernelConfig(block_m=64, block_n=128, block_k=16, group_m=8, num_warps=4, num_stages=2)
 
 
-@triton.jit
-def _activation(z, ACTIVATION: tl.constexpr):
-    """``f(z)`` in fp32: 0 relu, 1 gelu (exact, erf), 2 silu/swish, 3 tanh. NaN stays
-    NaN, as in PyTorch (the hardware max returns the non-NaN operand: relu(NaN) = 0)."""
-    if ACTIVATION == 0:
-        return tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    elif ACTIVATION == 1:
-        return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
-    elif ACTIVATION == 2:
-        # sigmoid from exp(-|z|) <= 1: no overflow for large negative z.
-        e = tl.exp(-tl.abs(z))
-        sig = tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-        return z * sig
-    else:
-        # tanh(z) = 2 sigmoid(2z) - 1, written with exp of a non-positive argument so
-        # that large |z| saturates to +-1 instead of overflowing.
-        e = tl.exp(-2.0 * tl.abs(z))
-        t = (1.0 - e) / (1.0 + e)
-        return tl.where(z >= 0, t, -t)
-
-
+# Over 60 lines: its grouped argument list (pointers, sizes, strides, constexprs) is a third of it.
 @triton.jit
 def _bottleneck_linear_fwd_kernel(
     # pointers
@@ -113,42 +80,24 @@ def _bottleneck_linear_fwd_kernel(
 ):
     """One ``(BLOCK_M, BLOCK_N)`` tile of ``y = x W^T + b + s * (f(z + b_eff) Wu^T + bu)``.
 
-    ``z = x W_eff^T`` (``(M, D)``) is precomputed; the epilogue walks D in chunks of
-    ``BLOCK_D``: ``a = f(z + b_eff)`` (fp32), rounded to the input dtype, times ``s``
-    folded into the fp32 accumulate as ``acc += s * (a Wu^T)``.
+    ``z = x W_eff^T`` (``(M, D)``) is precomputed. ``HAS_GEMM``: ``acc = x W^T`` over the
+    K loop; else ``acc = y`` (``h``, bias included, which the library GEMM wrote; each
+    program reads its own tile and overwrites it, so in place is safe). The epilogue
+    walks D in chunks of ``BLOCK_D``: ``a = f(z + b_eff)`` (fp32), rounded to the input
+    dtype, ``up = a Wu^T + bu``; then ``acc += s * up`` and ``acc += b``. Rows of ``x``
+    holding inf or NaN get a NaN ``z``, as the reference's ``h Wd^T`` gives them.
     """
     pid = tl.program_id(axis=0)
-    pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-
-    # int64 row offsets: M * stride can pass 2^31 on long prefill batches.
+    offs_m, offs_n, mask_m, mask_n = tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m64 = offs_m.to(tl.int64)
-    row_off = (offs_m64 // M_INNER) * stride_xm0 + (offs_m64 % M_INNER) * stride_xm1
-    x_ptrs = x_ptr + row_off[:, None] + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk
 
     y_ptrs = y_ptr + offs_m64[:, None] * stride_ym + offs_n[None, :] * stride_yn
     if HAS_GEMM:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            mask_k = (k0 + offs_k) < K
-            x_tile = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w_tile = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
-            x_ptrs += BLOCK_K * stride_xk
-            w_ptrs += BLOCK_K * stride_wk
-    else:
-        # Epilogue only: ``y`` already holds ``h`` (library GEMM, bias included); each
-        # program reads its own tile and overwrites it, so in place is safe.
-        acc = tl.load(y_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-
-    if HAS_GEMM:
+        acc = gemm_k_loop(
+            acc, x_ptr, row_offsets(offs_m64, M_INNER, stride_xm0, stride_xm1), mask_m, w_ptr, offs_n, mask_n,
+            0, K, stride_xk, stride_wn, stride_wk, BLOCK_K, INPUT_PRECISION,
+        )
         # A row of x holding inf or NaN makes every column of its h non-finite (it meets
         # every column of W). The reference's z = h Wd^T sums those N values, which gives
         # NaN unless all their signs agree; x W_eff^T, with Wd folded into W first, gives
@@ -157,7 +106,11 @@ def _bottleneck_linear_fwd_kernel(
         # finite x) does not count.
         nonfinite = tl.sum(tl.where(tl.abs(acc) < float("inf"), 0, 1), axis=1)
         row_nan = tl.where(nonfinite > 0, float("nan"), 0.0)
+    else:
+        acc = tl.load(y_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+
     # Adapter branch: up(f(z + b_eff)), accumulated separately so that s scales it alone.
+    offs_d = tl.arange(0, BLOCK_D)
     up_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         mask_d = (d0 + offs_d) < D
@@ -167,20 +120,17 @@ def _bottleneck_linear_fwd_kernel(
         z_tile = z_tile + b_eff[None, :]
         if HAS_GEMM:
             z_tile = z_tile + row_nan[:, None]
-        a_tile = _activation(z_tile, ACTIVATION)
+        a_tile = activation(z_tile, ACTIVATION)
         # Padded columns (d >= D) may hold f(0) != 0; the zeroed Wu^T rows cancel them.
         a_lp = a_tile.to(x_ptr.dtype.element_ty)
         ut_ptrs = up_ptr + offs_n[None, :] * stride_un + (d0 + offs_d)[:, None] * stride_ud
         ut_tile = tl.load(ut_ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
         up_acc = tl.dot(a_lp, ut_tile.to(a_lp.dtype), up_acc, input_precision=INPUT_PRECISION)
     if HAS_UP_BIAS:
-        up_b = tl.load(upb_ptr + offs_n, mask=mask_n, other=0.0)
-        up_acc += up_b.to(tl.float32)[None, :]
+        up_acc = add_bias(up_acc, upb_ptr, offs_n, mask_n)
     acc += scaling * up_acc
-
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
+        acc = add_bias(acc, bias_ptr, offs_n, mask_n)
 
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -190,7 +140,7 @@ def bottleneck_down_eff(
     bias: Optional[torch.Tensor],
     down_w: torch.Tensor,
     down_b: Optional[torch.Tensor],
-):
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(W_eff, b_eff) = (Wd W, Wd b + bd)``: the down-projection moved in front of the GEMM.
 
     ``W_eff`` is one GEMM in ``weight``'s dtype (fp32 accumulation inside the GEMM; no
@@ -218,7 +168,7 @@ def bottleneck_linear_fwd(
     activation: str,
     w_eff: Optional[torch.Tensor] = None,
     b_eff: Optional[torch.Tensor] = None,
-    config: Optional[LoraKernelConfig] = None,
+    config: Optional[Variant] = None,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``y = h + s * (f(h Wd^T + bd) Wu^T + bu)`` with ``h = x W^T + b``: the bottleneck linear.
@@ -231,28 +181,24 @@ def bottleneck_linear_fwd(
         activation: a key of :data:`ACTIVATIONS`.
         w_eff, b_eff: optional :func:`bottleneck_down_eff` of these weights (a cache
             the caller keeps valid); the fused variant computes them when absent.
-        config: force a launch config (benchmarks); default: tuned per shape.
+        config: force a variant (a tile config, or ``LIBRARY_GEMM``); default: tuned.
         out: optional preallocated contiguous output of shape ``(..., N)``.
 
     Returns:
         ``y`` of shape ``(..., N)``, contiguous, in ``x``'s dtype.
 
-    Two variants, timed against each other by the GPU tuner (with their whole cost:
-    the fused one includes ``z = x W_eff^T`` and, without a cache, ``W_eff`` itself):
-
-    * fused (a Triton tile config): ``z = x W_eff^T + b_eff``, then one kernel for the
-      GEMM and the adapter epilogue;
-    * :data:`LIBRARY_GEMM`: ``h`` by cuBLAS into ``y``, ``z = h Wd^T`` (cuBLAS), then the
-      kernel's epilogue alone in place (``HAS_GEMM=False``).
+    The GPU tuner times the fused variant (a Triton tile config: ``z = x W_eff^T +
+    b_eff``, then one kernel for the GEMM and the epilogue; with ``W_eff`` itself when not
+    cached) against ``LIBRARY_GEMM`` (:func:`_run_library`), each with its whole cost.
 
     Callers validate shapes and dtypes (the op layer does); this function trusts them,
-    but refuses bf16 under the interpreter (``lora.check_interpretable``).
+    but refuses bf16 under the interpreter (:func:`runtime.check_interpretable`).
     """
     check_interpretable(x.dtype)
     N, K = weight.shape
-    D = down_w.shape[0]
     y = output_for(x, N, out)
-    xv, M, m_inner, s_m0, s_m1, s_k = rows_view(x)
+    rows = rows_view(x)
+    M = rows.M
     if M == 0 or N == 0:
         return y
     y2 = y.view(M, N)
@@ -260,57 +206,89 @@ def bottleneck_linear_fwd(
     # The kernel reads the vectors with unit stride (no copy when they already are).
     bias = None if bias is None else bias.contiguous()
     up_b = None if up_b is None else up_b.contiguous()
-    down_bias = (
-        down_b.float().contiguous() if down_b is not None
-        else torch.zeros(D, device=x.device, dtype=torch.float32)
-    )
     cached = w_eff is not None and b_eff is not None
 
-    def run(cfg: LoraKernelConfig) -> None:
-        has_gemm = cfg.block_m != 0
+    def run(variant: Variant) -> None:
+        if isinstance(variant, LibraryGemm):
+            _run_library(rows, y2, weight, bias, down_w, down_b, up_w, up_b, scaling, act)
+            return
+        we, be = (w_eff, b_eff) if cached else bottleneck_down_eff(weight, bias, down_w, down_b)
         # x as (M, K): a view except for inputs whose leading dims need three strides.
-        x2 = xv.reshape(M, K)
-        if has_gemm:
-            we, be = (w_eff, b_eff) if cached else bottleneck_down_eff(weight, bias, down_w, down_b)
-            z = torch.nn.functional.linear(x2, we.to(x.dtype))  # skinny (M, D) GEMM
-            z_bias = be.float().contiguous()
-        else:
-            if bias is None:
-                torch.mm(x2, weight.t(), out=y2)
-            else:
-                torch.addmm(bias, x2, weight.t(), out=y2)
-            z = torch.nn.functional.linear(y2, down_w)
-            z_bias = down_bias
-            cfg = _INTERPRETER_CONFIG if interpreter_active() else _EPILOGUE_CONFIG
-        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
-        _bottleneck_linear_fwd_kernel[grid](
-            xv, weight, bias if bias is not None else weight, z, z_bias, up_w,
-            up_b if up_b is not None else up_w, y2,
-            M, N, K, D, m_inner,
-            s_m0, s_m1, s_k,
-            weight.stride(0), weight.stride(1),
-            z.stride(0), z.stride(1),
-            up_w.stride(0), up_w.stride(1),
-            y2.stride(0), y2.stride(1),
-            float(scaling),
-            HAS_GEMM=has_gemm,
-            HAS_BIAS=has_gemm and bias is not None,
-            HAS_UP_BIAS=up_b is not None,
-            ACTIVATION=act,
-            BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k,
-            BLOCK_D=_BLOCK_D,
-            GROUP_M=cfg.group_m,
-            INPUT_PRECISION=_input_precision(xv.dtype),
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
+        z = torch.nn.functional.linear(rows.x.reshape(M, K), we.to(x.dtype))  # skinny (M, D) GEMM
+        _launch(variant, rows, y2, weight, bias, z, be.float().contiguous(), up_w, up_b, scaling, act, has_gemm=True)
 
     with on_device(x):
         if config is None:
-            key = ("bottleneck", x.device.index, x.dtype, _input_precision(x.dtype), up_w.dtype, N, K, D, act, bias is None, up_b is None,
-                   cached, _m_bucket(M))
-            config = _pick_config(key, M, run, lambda: _candidates(M, x.dtype))
+            key = ("bottleneck", x.device.index, x.dtype, input_precision(x.dtype), up_w.dtype, N, K,
+                   down_w.shape[0], act, bias is None, up_b is None, cached, m_bucket(M))
+            config = pick(key, run, lambda: tiles_and_library(M, x.dtype))
         run(config)
     return y
+
+
+def _run_library(
+    rows: Rows,
+    y2: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    down_w: torch.Tensor,
+    down_b: Optional[torch.Tensor],
+    up_w: torch.Tensor,
+    up_b: Optional[torch.Tensor],
+    scaling: float,
+    act: int,
+) -> None:
+    """The library-GEMM variant: ``h = x W^T + b`` by cuBLAS into ``y2``, ``z = h Wd^T``
+    (cuBLAS; no ``W_eff`` needed), then the kernel's epilogue alone, in place."""
+    x2 = rows.x.reshape(rows.M, weight.shape[1])  # a view unless the rows need three strides
+    if bias is None:
+        torch.mm(x2, weight.t(), out=y2)
+    else:
+        torch.addmm(bias, x2, weight.t(), out=y2)
+    z = torch.nn.functional.linear(y2, down_w)
+    if down_b is not None:
+        down_bias = down_b.float().contiguous()
+    else:
+        down_bias = torch.zeros(down_w.shape[0], device=y2.device, dtype=torch.float32)
+    cfg = INTERPRETER_CONFIG if interpreter_active() else EPILOGUE_CONFIG
+    _launch(cfg, rows, y2, weight, bias, z, down_bias, up_w, up_b, scaling, act, has_gemm=False)
+
+
+def _launch(
+    cfg: KernelConfig,
+    rows: Rows,
+    y2: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    z: torch.Tensor,
+    z_bias: torch.Tensor,
+    up_w: torch.Tensor,
+    up_b: Optional[torch.Tensor],
+    scaling: float,
+    act: int,
+    *,
+    has_gemm: bool,
+) -> None:
+    """One launch of the kernel with ``cfg``'s tiles: with the GEMM, or (``has_gemm``
+    False) the epilogue alone on the ``h`` that ``y2`` already holds."""
+    M, N = y2.shape
+    K = weight.shape[1]
+    grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)
+    _bottleneck_linear_fwd_kernel[grid](
+        x_ptr=rows.x, w_ptr=weight, bias_ptr=bias if bias is not None else weight, z_ptr=z, beff_ptr=z_bias,
+        up_ptr=up_w, upb_ptr=up_b if up_b is not None else up_w, y_ptr=y2,
+        M=M, N=N, K=K, D=z.shape[1], M_INNER=rows.m_inner,
+        stride_xm0=rows.stride_m0, stride_xm1=rows.stride_m1, stride_xk=rows.stride_k,
+        stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+        stride_zm=z.stride(0), stride_zd=z.stride(1),
+        stride_un=up_w.stride(0), stride_ud=up_w.stride(1),
+        stride_ym=y2.stride(0), stride_yn=y2.stride(1),
+        scaling=float(scaling),
+        HAS_GEMM=has_gemm,
+        HAS_BIAS=has_gemm and bias is not None,
+        HAS_UP_BIAS=up_b is not None,
+        ACTIVATION=act,
+        BLOCK_D=BLOCK_D,
+        INPUT_PRECISION=input_precision(rows.x.dtype),
+        **cfg.meta,
+    )

@@ -11,40 +11,22 @@ multiplied by ``l[k]`` in fp32 and rounded back to ``x``'s dtype before ``tl.dot
 PEFT's unfused ``(x * l).to(x.dtype)`` rounds it). Neither adds a pass over ``x`` or
 ``y`` in HBM: ``l`` is one vector read per tile.
 
-On a GPU the launcher's tuner also times :data:`LIBRARY_GEMM` (cuBLAS plus one in-place
-pass) and keeps the faster of the two per shape and M bucket.
-
-Rows of ``x`` are addressed with the two row strides of ``kernels.lora.rows_view``.
+On a GPU the launcher's tuner also times the :data:`autotune.LIBRARY_GEMM` variant
+(cuBLAS plus one in-place pass) and keeps the faster per shape and M bucket.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .tiles import grouped_tile
-from .lora import (
-    LoraKernelConfig,
-    _gpu_candidates,
-    _input_precision,
-    _m_bucket,
-    _pick_config,
-    check_interpretable,
-    on_device,
-    output_for,
-    rows_view,
-)
+from .autotune import KernelConfig, LibraryGemm, Variant, m_bucket, pick, tiles_and_library
+from .runtime import Rows, cdiv, check_interpretable, input_precision, on_device, output_for, rows_view
+from .tiles import add_bias, gemm_k_loop, row_offsets, scale_columns, tile_offsets
 
-__all__ = ["ia3_linear_fwd", "LIBRARY_GEMM"]
-
-# Launch "config" that selects the library GEMM (cuBLAS on CUDA) plus one in-place pass:
-# ``y *= l`` after the GEMM (output scaling) or ``x * l`` before it (input scaling). The
-# GPU tuner times it beside the Triton tiles and keeps whichever is faster for the shape
-# (a tiled Triton GEMM can trail cuBLAS by more than the extra pass costs); under the
-# interpreter the Triton kernel always runs.
-LIBRARY_GEMM = LoraKernelConfig(block_m=0, block_n=0, block_k=0)
+__all__ = ["ia3_linear_fwd"]
 
 
 @triton.jit
@@ -74,40 +56,20 @@ def _ia3_linear_fwd_kernel(
     (after the bias, as PEFT scales the base layer's full output).
     """
     pid = tl.program_id(axis=0)
-    pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-
-    # int64 row offsets: M * stride can pass 2^31 on long prefill batches.
+    offs_m, offs_n, mask_m, mask_n = tile_offsets(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m64 = offs_m.to(tl.int64)
-    row_off = (offs_m64 // M_INNER) * stride_xm0 + (offs_m64 % M_INNER) * stride_xm1
-    x_ptrs = x_ptr + row_off[:, None] + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk
-    l_ptrs = l_ptr + offs_k * stride_l
+    row_off = row_offsets(offs_m64, M_INNER, stride_xm0, stride_xm1)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = (k0 + offs_k) < K
-        x_tile = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w_tile = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if SCALE_INPUT:
-            l_k = tl.load(l_ptrs, mask=mask_k, other=0.0).to(tl.float32)
-            x_tile = (x_tile.to(tl.float32) * l_k[None, :]).to(x_ptr.dtype.element_ty)
-            l_ptrs += BLOCK_K * stride_l
-        acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
-
+    acc = gemm_k_loop(
+        acc, x_ptr, row_off, mask_m, w_ptr, offs_n, mask_n, 0, K,
+        stride_xk, stride_wn, stride_wk, BLOCK_K, INPUT_PRECISION,
+        l_ptr=l_ptr, stride_l=stride_l, SCALE_X=SCALE_INPUT,
+    )
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
+        acc = add_bias(acc, bias_ptr, offs_n, mask_n)
     if not SCALE_INPUT:
-        l_n = tl.load(l_ptr + offs_n * stride_l, mask=mask_n, other=0.0).to(tl.float32)
-        acc = acc * l_n[None, :]
+        acc = scale_columns(acc, l_ptr, offs_n, mask_n, stride_l)
 
     y_ptrs = y_ptr + offs_m64[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -119,7 +81,7 @@ def ia3_linear_fwd(
     bias: Optional[torch.Tensor],
     ia3_l: torch.Tensor,
     scale_input: bool,
-    config: Optional[LoraKernelConfig] = None,
+    config: Optional[Variant] = None,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Launch the fused kernel: ``y = (x W^T + b) * l`` or, with ``scale_input``, ``(x * l) W^T + b``.
@@ -130,14 +92,14 @@ def ia3_linear_fwd(
         ia3_l: ``N`` entries for output scaling, ``K`` for input scaling (any shape with
             that many entries, e.g. PEFT's ``(N, 1)`` / ``(1, K)``); any float dtype.
         scale_input: the feed-forward (input-scaling) form.
-        config: force a launch config (benchmarks); default: tuned per shape.
+        config: force a variant (a tile config, or ``LIBRARY_GEMM``); default: tuned.
         out: optional preallocated contiguous output of shape ``(..., N)``.
 
     Returns:
         ``y`` of shape ``(..., N)``, contiguous, in ``x``'s dtype.
 
     Callers validate shapes and dtypes (the op layer does); this function trusts them,
-    but refuses bf16 under the interpreter (``lora.check_interpretable``).
+    but refuses bf16 under the interpreter (:func:`runtime.check_interpretable`).
     """
     check_interpretable(x.dtype)
     N, K = weight.shape
@@ -145,46 +107,50 @@ def ia3_linear_fwd(
     ia3_l = ia3_l.reshape(-1)
     bias = None if bias is None else bias.contiguous()  # read with unit stride
     y = output_for(x, N, out)
-    xv, M, m_inner, s_m0, s_m1, s_k = rows_view(x)
+    rows = rows_view(x)
+    M = rows.M
     if M == 0 or N == 0:
         return y
     y2 = y.view(M, N)
 
-    def run(cfg: LoraKernelConfig) -> None:
-        if cfg.block_m == 0:
-            _library_gemm(xv.reshape(M, K), weight, bias, ia3_l, scale_input, y2)
-            return
-        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
-        _ia3_linear_fwd_kernel[grid](
-            xv, weight, bias if bias is not None else weight, ia3_l, y2,
-            M, N, K, m_inner,
-            s_m0, s_m1, s_k,
-            weight.stride(0), weight.stride(1),
-            ia3_l.stride(0),
-            y2.stride(0), y2.stride(1),
-            HAS_BIAS=bias is not None,
-            SCALE_INPUT=scale_input,
-            BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k,
-            GROUP_M=cfg.group_m,
-            INPUT_PRECISION=_input_precision(xv.dtype),
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
+    def run(variant: Variant) -> None:
+        if isinstance(variant, LibraryGemm):
+            _library_gemm(rows.x.reshape(M, K), weight, bias, ia3_l, scale_input, y2)
+        else:
+            _launch(variant, rows, weight, bias, ia3_l, scale_input, y2)
 
     with on_device(x):
         if config is None:
-            key = ("ia3", x.device.index, x.dtype, _input_precision(x.dtype), ia3_l.dtype, N, K, scale_input,
-                   bias is None, _m_bucket(M))
-            config = _pick_config(key, M, run, lambda: _candidates(M, x.dtype))
+            key = ("ia3", x.device.index, x.dtype, input_precision(x.dtype), ia3_l.dtype, N, K, scale_input,
+                   bias is None, m_bucket(M))
+            config = pick(key, run, lambda: tiles_and_library(M, x.dtype))
         run(config)
     return y
 
 
-def _candidates(m: int, dtype: Optional[torch.dtype] = None) -> List[LoraKernelConfig]:
-    """What the GPU tuner times: the Triton GEMM tiles for this M and dtype, and the library GEMM."""
-    return _gpu_candidates(m, dtype) + [LIBRARY_GEMM]
+def _launch(
+    cfg: KernelConfig,
+    rows: Rows,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    ia3_l: torch.Tensor,
+    scale_input: bool,
+    y2: torch.Tensor,
+) -> None:
+    M, (N, K) = rows.M, weight.shape
+    grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)
+    _ia3_linear_fwd_kernel[grid](
+        x_ptr=rows.x, w_ptr=weight, bias_ptr=bias if bias is not None else weight, l_ptr=ia3_l, y_ptr=y2,
+        M=M, N=N, K=K, M_INNER=rows.m_inner,
+        stride_xm0=rows.stride_m0, stride_xm1=rows.stride_m1, stride_xk=rows.stride_k,
+        stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+        stride_l=ia3_l.stride(0),
+        stride_ym=y2.stride(0), stride_yn=y2.stride(1),
+        HAS_BIAS=bias is not None,
+        SCALE_INPUT=scale_input,
+        INPUT_PRECISION=input_precision(rows.x.dtype),
+        **cfg.meta,
+    )
 
 
 def _library_gemm(
@@ -195,7 +161,7 @@ def _library_gemm(
     scale_input: bool,
     y2: torch.Tensor,
 ) -> None:
-    """The :data:`LIBRARY_GEMM` variant, written into ``y2`` (``(M, N)``).
+    """The library-GEMM variant, written into ``y2`` (``(M, N)``).
 
     Input scaling scales whichever operand is smaller: ``x * l`` (``M K`` elements) or,
     when ``M > N``, the weight's columns, ``(x * l) W^T = x (W * l)^T`` (``N K``).

@@ -24,16 +24,21 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .tiles import grouped_tile, lora_dot, lora_expand_from_memory, lora_expand_resident
+from .autotune import KernelConfig
+from .runtime import Rows, as_2d, cdiv, interpreter_active
+from .tiles import add_bias, grouped_tile, lora_dot, lora_expand_from_memory, lora_expand_resident
 
-__all__ = ["tma_eligible", "lora_linear_tma_launch"]
+__all__ = ["tma_eligible", "tma_fits", "lora_linear_tma_launch"]
 
-# Persistent programs per SM index (a device property; never keyed by data pointers).
+# Device properties by device index (never keyed by data pointers): persistent programs
+# (one per SM), and whether the device has TMA (Hopper or newer).
 _SM_COUNT: Dict[int, int] = {}
+_HAS_TMA: Dict[int, bool] = {}
 # Programs of the persistent grid under the interpreter: a few, to exercise the tile loop.
 _INTERPRETER_PROGRAMS = 3
 
 
+# Over 60 lines: its grouped argument list (pointers, sizes, strides, constexprs) is a third of it.
 @triton.jit
 def _lora_linear_tma_kernel(
     # descriptors and pointers
@@ -103,8 +108,7 @@ def _lora_linear_tma_kernel(
                     INPUT_PRECISION,
                 )
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
-            acc += bias.to(tl.float32)[None, :]
+            acc = add_bias(acc, bias_ptr, offs_n, mask_n)
         y_desc.store([off_m, off_n], acc.to(dtype))
 
 
@@ -137,6 +141,26 @@ def tma_eligible(
     return not in_loop or lora_A is None or _aligned(lora_A)
 
 
+def tma_fits(rows: Rows, weight: torch.Tensor, lora_A: Optional[torch.Tensor], y2: torch.Tensor) -> bool:
+    """Whether the tuner may offer this kernel: a Hopper (or newer) CUDA device, and inputs
+    (and the ``(M, N)`` output ``y2``) TMA descriptors can address."""
+    x = rows.x
+    if interpreter_active() or not x.is_cuda:
+        return False
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if index not in _HAS_TMA:
+        _HAS_TMA[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    if not _HAS_TMA[index]:
+        return False
+    if y2.data_ptr() % 16:
+        return False
+    x2 = as_2d(rows, weight.shape[1])
+    # The in-loop shrink reads A through a descriptor; the precomputed variant does not.
+    return tma_eligible(x2, weight, None, weight.shape[0], False) and (
+        lora_A is None or tma_eligible(x2, weight, lora_A, weight.shape[0], True)
+    )
+
+
 def _num_programs(device: torch.device, interpreted: bool) -> int:
     if interpreted:
         return _INTERPRETER_PROGRAMS
@@ -158,50 +182,40 @@ def lora_linear_tma_launch(
     xa: Optional[torch.Tensor],
     scaling: float,
     y: torch.Tensor,
-    block_m: int,
-    block_n: int,
-    block_k: int,
+    cfg: KernelConfig,
     block_r: int,
-    group_m: int,
-    num_warps: int,
-    num_stages: int,
     lora_fp32: bool,
     input_precision: str,
-    interpreted: bool,
 ) -> None:
     """Launch the persistent TMA kernel on a ``tma_eligible`` call (``y``: ``(M, N)``,
-    contiguous). ``xa`` given: epilogue-only LoRA; ``lora_A`` None: base GEMM only;
-    ``lora_fp32``: the branch keeps fp32 range (``lora.lora_in_fp32``)."""
+    contiguous) with ``cfg``'s tiles. ``xa`` given: epilogue-only LoRA; ``lora_A`` None:
+    base GEMM only; ``lora_fp32``: the branch keeps fp32 range (``runtime.lora_in_fp32``)."""
     M, K = x2.shape
     N = weight.shape[0]
     has_lora = lora_A is not None and lora_A.shape[0] > 0
-    R = lora_A.shape[0] if has_lora else 0
     in_loop = has_lora and xa is None
-    x_desc = TensorDescriptor.from_tensor(x2, [block_m, block_k])
-    w_desc = TensorDescriptor.from_tensor(weight, [block_n, block_k])
-    y_desc = TensorDescriptor.from_tensor(y, [block_m, block_n])
+    x_desc = TensorDescriptor.from_tensor(x2, [cfg.block_m, cfg.block_k])
+    w_desc = TensorDescriptor.from_tensor(weight, [cfg.block_n, cfg.block_k])
+    y_desc = TensorDescriptor.from_tensor(y, [cfg.block_m, cfg.block_n])
     # Without an in-loop shrink the A descriptor is never read: alias W's.
-    a_desc = TensorDescriptor.from_tensor(lora_A, [block_r, block_k]) if in_loop else w_desc
+    a_desc = TensorDescriptor.from_tensor(lora_A, [block_r, cfg.block_k]) if in_loop else w_desc
+    # Unused pointers still need a tensor; ``weight`` is a safe placeholder.
     b = lora_B if has_lora else weight
     xa_t = xa if xa is not None else weight
-    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
-    programs = min(tiles, _num_programs(x2.device, interpreted))
+    tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
+    programs = min(tiles, _num_programs(x2.device, interpreter_active()))
     _lora_linear_tma_kernel[(programs,)](
-        x_desc, w_desc, a_desc, y_desc, bias if bias is not None else weight, b, xa_t,
-        M, N, K, R, programs,
-        b.stride(0), b.stride(1),
-        xa_t.stride(0), xa_t.stride(1),
-        float(scaling),
+        x_desc=x_desc, w_desc=w_desc, a_desc=a_desc, y_desc=y_desc,
+        bias_ptr=bias if bias is not None else weight, b_ptr=b, xa_ptr=xa_t,
+        M=M, N=N, K=K, R=lora_A.shape[0] if has_lora else 0, num_programs=programs,
+        stride_bn=b.stride(0), stride_br=b.stride(1),
+        stride_xam=xa_t.stride(0), stride_xar=xa_t.stride(1),
+        scaling=float(scaling),
         HAS_BIAS=bias is not None,
         HAS_LORA=has_lora,
         SHRINK_IN_LOOP=in_loop,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
         BLOCK_R=block_r,
-        GROUP_M=group_m,
         LORA_FP32=lora_fp32,
         INPUT_PRECISION=input_precision,
-        num_warps=num_warps,
-        num_stages=num_stages,
+        **cfg.meta,
     )

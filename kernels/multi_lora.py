@@ -10,8 +10,9 @@ slot has its own rank ``r_i <= max_rank`` and scaling ``s_i``; the stacks are pa
 ``max_rank`` but no kernel reads or multiplies past ``r_i`` (ranks are loop bounds).
 
 The technique is the one of Punica's SGMV and vLLM's LoRA ops: rows are ordered by slot
-(a stable sort, done on the device with no host sync), so each slot's rows form one
-contiguous *segment*, and the low-rank work is done per segment with that segment's rank.
+(a stable sort, done on the device with no host sync: :class:`MultiLoraMeta`), so each
+slot's rows form one contiguous *segment*, and the low-rank work is done per segment
+with that segment's rank.
 
 Two kernels, three steps:
 
@@ -40,106 +41,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
-import triton.testing
 
-from fastpeft.kernels import lora as _lora
-from fastpeft.kernels.tiles import grouped_tile, lora_dot
-from fastpeft.kernels.lora import (
-    LoraKernelConfig,
-    _gpu_candidates,
-    _input_precision,
-    _m_bucket,
-    _pick_config,
-    capturing,
-    check_interpretable,
-    interpreter_active,
-    lora_in_fp32,
-    on_device,
-    rows_view,
+from .autotune import KernelConfig, gemm_candidates, m_bucket, pick, will_time
+from .multi_lora_meta import (
+    FUSE_BASE_MAX_M, GATHER_MAX_M, MultiLoraLaunch, MultiLoraMeta, block_r_for_dot, gather_block_r, launch_trials,
+    shrink_plan,
 )
+from .runtime import (
+    Rows, cdiv, check_interpretable, input_precision, interpreter_active, k_splits, lora_in_fp32, on_device,
+    output_for, rows_view,
+)
+from .tiles import add_bias, gemm_k_loop, grouped_tile, lora_expand_gathered, lora_expand_segments, row_offsets
 
-__all__ = [
-    "MultiLoraMeta",
-    "MultiLoraLaunch",
-    "multi_lora_linear_fwd",
-    "FUSE_BASE_MAX_M",
-    "GATHER_MAX_M",
-]
-
-
-# --------------------------------------------------------------------------- metadata
-
-
-@dataclass(frozen=True)
-class MultiLoraMeta:
-    """Which rows use which adapter slot: built once per batch, shared by every layer.
-
-    Running example, 5 rows and ``S = 3`` slots::
-
-        row_slot    = [ 2, -1,  0,  2,  0]   # slot of each row in x (-1: base only)
-        sorted_rows = [ 2,  4,  0,  3,  1]   # rows ordered by slot, base-only rows last
-        sorted_slot = [ 0,  0,  2,  2, -1]   # slot of each sorted position
-        seg_end     = [ 2,  2,  4,  4,  5]   # one past the last position of its segment
-        slot_rows   = [ 2,  0,  2]           # rows per slot
-        slot_start  = [ 0,  2,  2]           # first sorted position of each slot
-
-    Segment of slot 2 = sorted positions ``[slot_start[2], slot_start[2] + slot_rows[2])``
-    = ``[2, 4)`` = rows ``{0, 3}``. All tensors are int32 on the batch's device; every
-    shape depends only on ``M`` and ``S``, and building them needs no host sync, so the
-    metadata can be rebuilt inside a captured CUDA graph.
-    """
-
-    row_slot: torch.Tensor
-    sorted_rows: torch.Tensor
-    sorted_slot: torch.Tensor
-    seg_end: torch.Tensor
-    slot_rows: torch.Tensor
-    slot_start: torch.Tensor
-    num_slots: int
-
-    @property
-    def num_rows(self) -> int:
-        return self.row_slot.shape[0]
-
-    @classmethod
-    def build(cls, row_slot: torch.Tensor, num_slots: int) -> "MultiLoraMeta":
-        """Metadata for ``row_slot`` (``(M,)`` integers in ``[-1, num_slots)``).
-
-        Values are not range-checked here (that would need a host sync); callers that
-        take slots from users check them (``fastpeft.ops_multi`` does).
-        """
-        if row_slot.dim() != 1:
-            raise ValueError(f"row_slot must be 1-D (one slot per row), got shape {tuple(row_slot.shape)}")
-        S = int(num_slots)
-        dev = row_slot.device
-        slot = row_slot.to(torch.int64)
-        key = torch.where(slot < 0, torch.full_like(slot, S), slot)  # base-only rows sort last
-        sorted_key, order = torch.sort(key, stable=True)
-        slots = torch.arange(S, device=dev, dtype=torch.int64)
-        start = torch.searchsorted(sorted_key, slots)
-        stop = torch.searchsorted(sorted_key, slots, right=True)
-        seg_end = torch.searchsorted(sorted_key, sorted_key, right=True)
-        sorted_slot = torch.where(sorted_key == S, torch.full_like(sorted_key, -1), sorted_key)
-        i32 = torch.int32
-        return cls(
-            row_slot=slot.to(i32),
-            sorted_rows=order.to(i32),
-            sorted_slot=sorted_slot.to(i32),
-            seg_end=seg_end.to(i32),
-            slot_rows=(stop - start).to(i32),
-            slot_start=start.to(i32),
-            num_slots=S,
-        )
-
-    def tensors(self) -> Tuple[torch.Tensor, ...]:
-        """The metadata tensors in the order the op layer passes them."""
-        return (self.row_slot, self.sorted_rows, self.sorted_slot, self.seg_end, self.slot_rows, self.slot_start)
+__all__ = ["multi_lora_linear_fwd"]
 
 
 # --------------------------------------------------------------------------- kernels
@@ -178,33 +97,27 @@ def _mlora_shrink_kernel(
     start = tl.load(slot_start_ptr + slot)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # positions inside the segment
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < n_rows
-    rows = tl.load(sorted_rows_ptr + start + offs_m, mask=mask_m, other=0).to(tl.int64)
-    row_off = (rows // M_INNER) * stride_xm0 + (rows % M_INNER) * stride_xm1
+    rows = tl.load(sorted_rows_ptr + start + offs_m, mask=mask_m, other=0)
+    row_off = row_offsets(rows, M_INNER, stride_xm0, stride_xm1)
     a_base = a_ptr + slot.to(tl.int64) * stride_as
     offs_p = (start + offs_m).to(tl.int64)
-    k_begin = pid_k * K_PER_SPLIT
-    k_end = tl.minimum(K, k_begin + K_PER_SPLIT)
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(K, k_start + K_PER_SPLIT)
 
     for r0 in range(0, R, BLOCK_R):
-        mask_r = (r0 + offs_r) < R
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(k_begin, k_end, BLOCK_K):
-            kk = k0 + offs_k
-            mask_k = kk < k_end
-            # int64: a transposed x has stride_xk = M, and K * M can pass 2^31.
-            x_tile = tl.load(x_ptr + row_off[:, None] + kk.to(tl.int64)[None, :] * stride_xk,
-                             mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            a_tile = tl.load(a_base + (r0 + offs_r)[None, :] * stride_ar + kk[:, None] * stride_ak,
-                             mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-            acc = lora_dot(x_tile, a_tile, acc, x_tile.dtype, LORA_FP32, INPUT_PRECISION)
-        xa_ptrs = (xa_ptr + pid_k * stride_xas + offs_p[:, None] * stride_xap
-                   + (r0 + offs_r)[None, :] * stride_xar)
+        acc = gemm_k_loop(
+            acc, x_ptr, row_off, mask_m, a_base, offs_r, mask_r, k_start, k_end,
+            stride_xk, stride_ar, stride_ak, BLOCK_K, INPUT_PRECISION, LORA_FP32=LORA_FP32,
+        )
+        xa_ptrs = xa_ptr + pid_k * stride_xas + offs_p[:, None] * stride_xap + offs_r[None, :] * stride_xar
         tl.store(xa_ptrs, acc, mask=mask_m[:, None] & mask_r[None, :])
 
 
+# Over 60 lines: its grouped argument list (pointers, sizes, strides, constexprs) is a third of it.
 @triton.jit
 def _mlora_expand_kernel(
     # pointers
@@ -234,15 +147,15 @@ def _mlora_expand_kernel(
     """One ``(BLOCK_M, BLOCK_N)`` tile, rows in sorted order: base plus each segment's expand.
 
     ``acc = x W^T + b`` (``FUSE_BASE``; else ``acc = y``, the base cuBLAS wrote). Then for
-    each segment ``[p0, p1)`` of slot ``i >= 0`` overlapping the tile and each rank chunk
-    ``j0 < r_i``: ``acc += xa[p, j0:j0+BLOCK_R] (s_i B[i, n, j0:j0+BLOCK_R])^T`` for the
-    tile's positions ``p in [p0, p1)`` (``xa`` summed over its K splits, then rounded to
-    the input dtype, as an unfused low-precision LoRA branch would; kept in fp32 with
-    ``LORA_FP32``, see ``tiles.lora_dot``). Stored at ``row(p)``.
+    each sorted position ``p`` of slot ``i >= 0`` in the tile and each rank chunk
+    ``j0 < r_i``: ``acc[p] += xa[p, j0:j0+BLOCK_R] (s_i B[i, :, j0:j0+BLOCK_R])^T`` (``xa``
+    summed over its K splits, then rounded to the input dtype, as an unfused
+    low-precision LoRA branch would; kept in fp32 with ``LORA_FP32``, see
+    ``tiles.lora_dot``), by :func:`~tiles.lora_expand_gathered` (``GATHER``) or
+    :func:`~tiles.lora_expand_segments`. Stored at ``row(p)``.
     """
     pid = tl.program_id(axis=0)
     pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-
     tile_start = pid_m * BLOCK_M
     tile_end = tl.minimum(M, tile_start + BLOCK_M)
     if not FUSE_BASE:
@@ -252,163 +165,40 @@ def _mlora_expand_kernel(
 
     offs_p = tile_start + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
     mask_p = offs_p < M
     mask_n = offs_n < N
     rows = tl.load(sorted_rows_ptr + offs_p, mask=mask_p, other=0).to(tl.int64)
     y_ptrs = y_ptr + rows[:, None] * stride_ym + offs_n[None, :] * stride_yn
     mask_y = mask_p[:, None] & mask_n[None, :]
-
     if FUSE_BASE:
-        offs_k = tl.arange(0, BLOCK_K)
-        row_off = (rows // M_INNER) * stride_xm0 + (rows % M_INNER) * stride_xm1
-        x_ptrs = x_ptr + row_off[:, None] + offs_k[None, :] * stride_xk
-        w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            mask_k = (k0 + offs_k) < K
-            x_tile = tl.load(x_ptrs, mask=mask_p[:, None] & mask_k[None, :], other=0.0)
-            w_tile = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
-            x_ptrs += BLOCK_K * stride_xk
-            w_ptrs += BLOCK_K * stride_wk
+        acc = gemm_k_loop(
+            acc, x_ptr, row_offsets(rows, M_INNER, stride_xm0, stride_xm1), mask_p, w_ptr, offs_n, mask_n,
+            0, K, stride_xk, stride_wn, stride_wk, BLOCK_K, INPUT_PRECISION,
+        )
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
-            acc += bias.to(tl.float32)[None, :]
+            acc = add_bias(acc, bias_ptr, offs_n, mask_n)
     else:
         acc = tl.load(y_ptrs, mask=mask_y, other=0.0).to(tl.float32)
 
-    offs_p64 = offs_p.to(tl.int64)
+    dtype = x_ptr.dtype.element_ty
     if GATHER:
-        # Every row gathers its own slot's B chunk: one (BLOCK_M, BLOCK_N, BLOCK_R) load
-        # per rank chunk, no serial walk over the tile's segments (decode batches, where
-        # a tile holds many short segments). Rank chunks run to the tile's largest rank.
-        slot_p = tl.load(sorted_slot_ptr + offs_p, mask=mask_p, other=-1)
-        has = slot_p >= 0
-        slot_c = tl.where(has, slot_p, 0)
-        r_row = tl.load(rank_ptr + slot_c, mask=has, other=0)
-        s_row = tl.load(scaling_ptr + slot_c, mask=has, other=0.0)
-        r_tile = tl.max(r_row, axis=0)
-        b_rows = b_ptr + slot_c.to(tl.int64) * stride_bs
-        for r0 in range(0, r_tile, BLOCK_R):
-            rr = r0 + offs_r
-            mask_xa = rr[None, :] < r_row[:, None]
-            xa_ptrs = xa_ptr + offs_p64[:, None] * stride_xap + rr[None, :] * stride_xar
-            xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for sk in range(SPLIT_K):
-                xa += tl.load(xa_ptrs + sk * stride_xas, mask=mask_xa, other=0.0)
-            # x A^T and B rounded as the unfused low-precision branch rounds them (kept in
-            # fp32 with LORA_FP32); s applied in fp32 after (scaling first could overflow
-            # fp16 where the reference does not).
-            bg_ptrs = b_rows[:, None, None] + offs_n[None, :, None] * stride_bn + rr[None, None, :] * stride_br
-            bg = tl.load(bg_ptrs, mask=mask_xa[:, None, :] & mask_n[None, :, None], other=0.0)
-            if LORA_FP32:
-                xa_lp = xa * s_row[:, None]
-                bg = bg.to(tl.float32)
-            else:
-                xa_lp = xa.to(x_ptr.dtype.element_ty).to(tl.float32) * s_row[:, None]
-                bg = bg.to(x_ptr.dtype.element_ty).to(tl.float32)
-            acc += tl.sum(xa_lp[:, None, :] * bg, axis=2)
+        acc = lora_expand_gathered(
+            acc, dtype, b_ptr, xa_ptr, sorted_slot_ptr, rank_ptr, scaling_ptr, offs_p, mask_p, offs_n, mask_n,
+            stride_bs, stride_bn, stride_br, stride_xas, stride_xap, stride_xar, SPLIT_K, BLOCK_M, BLOCK_R,
+            LORA_FP32,
+        )
     else:
-        p = tile_start
-        while p < tile_end:
-            slot = tl.load(sorted_slot_ptr + p)
-            p_end = tl.minimum(tl.load(seg_end_ptr + p), tile_end)
-            if slot >= 0:
-                R = tl.load(rank_ptr + slot)
-                s = tl.load(scaling_ptr + slot)
-                in_seg = (offs_p >= p) & (offs_p < p_end)
-                b_base = b_ptr + slot.to(tl.int64) * stride_bs
-                for r0 in range(0, R, BLOCK_R):
-                    mask_r = (r0 + offs_r) < R
-                    xa_ptrs = xa_ptr + offs_p64[:, None] * stride_xap + (r0 + offs_r)[None, :] * stride_xar
-                    mask_xa = in_seg[:, None] & mask_r[None, :]
-                    xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-                    for sk in range(SPLIT_K):
-                        xa += tl.load(xa_ptrs + sk * stride_xas, mask=mask_xa, other=0.0)
-                    bt_tile = tl.load(b_base + offs_n[None, :] * stride_bn + (r0 + offs_r)[:, None] * stride_br,
-                                      mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-                    # s on B, not on xa: see lora_expand_resident.
-                    bt_scaled = bt_tile.to(tl.float32) * s
-                    acc = lora_dot(xa, bt_scaled, acc, x_ptr.dtype.element_ty, LORA_FP32, INPUT_PRECISION)
-            p = p_end
-
+        acc = lora_expand_segments(
+            acc, dtype, b_ptr, xa_ptr, sorted_slot_ptr, seg_end_ptr, rank_ptr, scaling_ptr,
+            tile_start, tile_end, offs_p, offs_n, mask_n,
+            stride_bs, stride_bn, stride_br, stride_xas, stride_xap, stride_xar,
+            SPLIT_K, BLOCK_M, BLOCK_R, LORA_FP32, INPUT_PRECISION,
+        )
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
 
 
 # --------------------------------------------------------------------------- launch
-
-
-@dataclass(frozen=True)
-class MultiLoraLaunch:
-    """Launch choices beyond the expand tile config (benchmarks and tests force them).
-
-    ``fuse_base``: base GEMM inside the expand kernel (True) or by cuBLAS first (False)
-    (None: timed both ways on a GPU, see ``_tuned_launch``; by M elsewhere);
-    None picks by M (:data:`FUSE_BASE_MAX_M`). ``gather``: the expand gathers each row's
-    own B chunk (True) or walks the tile's segments with one ``tl.dot`` each (False);
-    None picks by M (:data:`GATHER_MAX_M`). ``split_k``: K splits of the shrink (None:
-    by M). ``shrink_block_m``, ``block_r``: shrink row tile and rank chunk (also the
-    expand's rank chunk when walking segments); ``gather_block_r``: the expand's rank
-    chunk when gathering (None: by tile size, :func:`gather_block_r`).
-    """
-
-    fuse_base: Optional[bool] = None
-    gather: Optional[bool] = None
-    split_k: Optional[int] = None
-    shrink_block_m: Optional[int] = None
-    block_r: int = 16
-    gather_block_r: Optional[int] = None
-
-
-# Largest M for which the base GEMM runs inside the expand kernel when nothing was timed
-# (the interpreter; on a GPU the launcher times both ways per shape and M bucket, see
-# ``_tuned_launch``). Above it, cuBLAS computes the base and the expand kernel adds the
-# LoRA terms in place: a plain Triton GEMM trails cuBLAS by 1.2-1.4x at large M on
-# Hopper (../shared/anchors/), while the split costs one extra read+write of y.
-FUSE_BASE_MAX_M = 64
-
-# Largest M for which the expand gathers each row's B instead of walking segments (the
-# default where nothing was timed, as FUSE_BASE_MAX_M). At
-# decode a row tile holds many short segments, and the segment walk is a serial chain of
-# dependent loads (slot -> B chunk -> dot) per segment; the gather issues one load per
-# rank chunk for the whole tile. At prefill segments are long and tl.dot wins. A first
-# guess, unmeasured: benchmarks/bench_multi.py times both ("fastpeft_seg"/"_gather").
-GATHER_MAX_M = 64
-
-_INTERPRETER_SHRINK_BLOCK_K = 32
-
-
-def block_r_for_dot(block_r: int) -> int:
-    """A rank chunk that ``tl.dot`` accepts (a power of two, at least 16)."""
-    return max(16, triton.next_power_of_2(int(block_r)))
-
-
-def gather_block_r(cfg: LoraKernelConfig) -> int:
-    """Rank chunk of the gathering expand: the gathered ``(BLOCK_M, BLOCK_N, chunk)`` B
-    tile lives in registers, so keep it near 32 values per thread (no spills on sm_90 for
-    the decode tiles, checked with ptxas), between 1 and 8."""
-    budget = 32 * 32 * cfg.num_warps
-    br = 8
-    while br > 1 and cfg.block_m * cfg.block_n * br > budget:
-        br //= 2
-    return br
-
-
-def _shrink_plan(M: int, K: int, launch: MultiLoraLaunch) -> Tuple[int, int, int]:
-    """``(block_m, block_k, split_k)`` of the shrink kernel."""
-    interp = interpreter_active()
-    block_k = _INTERPRETER_SHRINK_BLOCK_K if interp else 64
-    block_m = launch.shrink_block_m or (16 if (interp or M <= 256) else 64)
-    if launch.split_k is not None:
-        split_k = launch.split_k
-    elif interp:
-        split_k = 1
-    else:
-        # Few rows: one program per (tile, slot) is too little work to fill the GPU.
-        split_k = 8 if M <= 64 else (4 if M <= 512 else 1)
-    split_k = max(1, min(split_k, triton.cdiv(K, block_k)))
-    return block_m, block_k, split_k
 
 
 def multi_lora_linear_fwd(
@@ -421,7 +211,7 @@ def multi_lora_linear_fwd(
     scalings: torch.Tensor,
     meta: MultiLoraMeta,
     launch: Optional[MultiLoraLaunch] = None,
-    config: Optional[LoraKernelConfig] = None,
+    config: Optional[KernelConfig] = None,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``y[m] = x[m] W^T + b + s_i (x[m] A_i^T) B_i^T`` with ``i = meta.row_slot[m]``.
@@ -443,55 +233,39 @@ def multi_lora_linear_fwd(
         ``y`` of shape ``(..., N)``, contiguous, in ``x``'s dtype.
 
     Callers validate shapes and dtypes (the op layer does); this function trusts them,
-    but refuses bf16 under the interpreter (``lora.check_interpretable``).
+    but refuses bf16 under the interpreter (:func:`runtime.check_interpretable`).
     """
     check_interpretable(x.dtype)
     launch = launch or MultiLoraLaunch()
-    N, K = weight.shape
-    lead = x.shape[:-1]
-    if out is not None and (out.shape != (*lead, N) or out.dtype != x.dtype or not out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {(*lead, N)}")
-    M = math.prod(lead)
-    if M == 0 or N == 0:
-        return out if out is not None else torch.empty((*lead, N), device=x.device, dtype=x.dtype)
+    N = weight.shape[0]
+    if out is not None:
+        output_for(x, N, out)  # checks it
+    if math.prod(x.shape[:-1]) == 0 or N == 0:
+        return output_for(x, N, out)
     if bias is not None:
         bias = bias.contiguous()  # the kernels read it with unit stride
     args = (x, weight, bias, lora_A, lora_B, ranks, scalings, meta)
     with on_device(x):
-        if (launch.fuse_base is None or launch.gather is None) and not interpreter_active() and x.is_cuda:
+        if (launch.fuse_base is None or launch.gather is None) and x.is_cuda:
             launch = _tuned_launch(launch, args, config, out)
         return _forward(*args, launch=launch, config=config, out=out)
 
 
-# (fuse_base, gather) chosen per shape and M bucket by timing every open combination.
-_LAUNCH_CHOICE: Dict[Tuple, Tuple[bool, bool]] = {}
-
-
-def _tuned_launch(launch: "MultiLoraLaunch", args: tuple, config, out) -> "MultiLoraLaunch":
+def _tuned_launch(launch: MultiLoraLaunch, args: tuple, config: Optional[KernelConfig], out) -> MultiLoraLaunch:
     """Fill the open choices of ``launch`` (base GEMM fused or left to cuBLAS; B gathered
     per row or walked per segment) with the fastest end-to-end combination on this GPU,
-    timed once per shape and M bucket: the split runs only where it measures faster."""
+    timed once per shape and M bucket by the tuner: the split runs only where it measures
+    faster. Untimed (interpreter, CUDA-graph capture): the choices by M."""
     x, weight, bias, lora_A, lora_B = args[:5]
     M = math.prod(x.shape[:-1])
-    key = (x.device.index, x.dtype, lora_A.dtype, lora_B.dtype, weight.shape, lora_A.shape, bias is None, launch.fuse_base,
-           launch.gather, _m_bucket(M))
-    choice = _LAUNCH_CHOICE.get(key)
-    if choice is None and capturing():
-        return launch  # no timing inside a CUDA-graph capture: the by-M defaults, uncached
-    if choice is None:
-        fuses = [launch.fuse_base] if launch.fuse_base is not None else [True, False]
-        gathers = [launch.gather] if launch.gather is not None else [True, False]
-        timed = []
-        for fuse in fuses:
-            for gather in gathers:
-                trial = dataclasses.replace(launch, fuse_base=fuse, gather=gather)
-                ms = triton.testing.do_bench(
-                    lambda: _forward(*args, launch=trial, config=config, out=out), warmup=5, rep=20
-                )
-                timed.append((ms, fuse, gather))
-        _, fuse, gather = min(timed)
-        choice = _LAUNCH_CHOICE[key] = (fuse, gather)
-    return dataclasses.replace(launch, fuse_base=choice[0], gather=choice[1])
+    key = ("multi_lora_launch", x.device.index, x.dtype, input_precision(x.dtype), lora_A.dtype, lora_B.dtype,
+           weight.shape, lora_A.shape, bias is None, launch.fuse_base, launch.gather, m_bucket(M))
+
+    def run(trial: MultiLoraLaunch) -> None:
+        _forward(*args, launch=trial, config=config, out=out)
+
+    best = pick(key, run, lambda: launch_trials(launch, M), fixed=launch)
+    return dataclasses.replace(launch, fuse_base=best.fuse_base, gather=best.gather)
 
 
 def _forward(
@@ -504,19 +278,18 @@ def _forward(
     scalings: torch.Tensor,
     meta: MultiLoraMeta,
     *,
-    launch: "MultiLoraLaunch",
-    config: Optional[LoraKernelConfig],
+    launch: MultiLoraLaunch,
+    config: Optional[KernelConfig],
     out: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """:func:`multi_lora_linear_fwd` with the launch choices made (``None``: by M)."""
     N, K = weight.shape
-    S = lora_A.shape[0]
-    lead = x.shape[:-1]
-    xv, M, m_inner, s_m0, s_m1, s_k = rows_view(x)
+    rows = rows_view(x)
+    M = rows.M
     fuse = launch.fuse_base if launch.fuse_base is not None else M <= FUSE_BASE_MAX_M
     gather = launch.gather if launch.gather is not None else M <= GATHER_MAX_M
     if fuse:
-        y = out if out is not None else torch.empty((*lead, N), device=x.device, dtype=x.dtype)
+        y = output_for(x, N, out)
     else:
         y = torch.nn.functional.linear(x, weight, bias)
         if out is not None:
@@ -524,80 +297,112 @@ def _forward(
         elif not y.is_contiguous():
             y = y.contiguous()
     y2 = y.view(M, N)
-    if S == 0 or K == 0:
+    if lora_A.shape[0] == 0 or K == 0:
         if fuse:  # nothing to add, but the base still has to be written
-            y2.copy_(torch.nn.functional.linear(xv.reshape(M, K), weight, bias))
+            y2.copy_(torch.nn.functional.linear(rows.x.reshape(M, K), weight, bias))
         return y
 
-    precision = _input_precision(x.dtype)
     lora_fp32 = lora_in_fp32(x.dtype, lora_A.dtype)
-    block_r = block_r_for_dot(launch.block_r)
-    # shrink: fp32 partials per K split, in sorted row order (never zeroed: the expand
-    # reads only the positions and ranks the shrink wrote).
-    sbm, sbk, split_k = _shrink_plan(M, K, launch)
-    k_per_split = triton.cdiv(triton.cdiv(K, split_k), sbk) * sbk
-    split_k = triton.cdiv(K, k_per_split)
-    xa = torch.empty((split_k, M, lora_A.shape[1]), device=x.device, dtype=torch.float32)
-    _mlora_shrink_kernel[(triton.cdiv(M, sbm), S, split_k)](
-        xv, lora_A, xa, meta.sorted_rows, meta.slot_rows, meta.slot_start, ranks,
-        K, m_inner, k_per_split,
-        s_m0, s_m1, s_k,
-        lora_A.stride(0), lora_A.stride(1), lora_A.stride(2),
-        xa.stride(0), xa.stride(1), xa.stride(2),
-        BLOCK_M=sbm,
-        BLOCK_K=sbk,
-        BLOCK_R=block_r,
-        LORA_FP32=lora_fp32,
-        INPUT_PRECISION=precision,
-        num_warps=1 if interpreter_active() else 4,
-        num_stages=1 if interpreter_active() else 3,
-    )
+    xa = _launch_shrink(rows, lora_A, ranks, meta, launch, lora_fp32)
 
-    def run(cfg: LoraKernelConfig) -> None:
-        if gather:
-            expand_block_r = launch.gather_block_r or gather_block_r(cfg)
-        else:
-            expand_block_r = block_r
-        grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
-        _mlora_expand_kernel[grid](
-            xv, weight, bias if bias is not None else weight, lora_B, xa, y2,
-            meta.sorted_rows, meta.sorted_slot, meta.seg_end, ranks, scalings,
-            M, N, K, m_inner,
-            s_m0, s_m1, s_k,
-            weight.stride(0), weight.stride(1),
-            lora_B.stride(0), lora_B.stride(1), lora_B.stride(2),
-            xa.stride(0), xa.stride(1), xa.stride(2),
-            y2.stride(0), y2.stride(1),
-            FUSE_BASE=fuse,
-            HAS_BIAS=bias is not None,
-            GATHER=gather,
-            SPLIT_K=split_k,
-            BLOCK_M=cfg.block_m,
-            BLOCK_N=cfg.block_n,
-            BLOCK_K=cfg.block_k,
-            BLOCK_R=expand_block_r,
-            GROUP_M=cfg.group_m,
-            LORA_FP32=lora_fp32,
-            INPUT_PRECISION=precision,
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        )
+    def run(cfg: KernelConfig) -> None:
+        _launch_expand(cfg, rows, weight, bias, lora_B, xa, ranks, scalings, meta, y2,
+                       fuse=fuse, gather=gather, launch=launch, lora_fp32=lora_fp32)
 
     if config is None:
-        # Timing candidates re-run the expand on the same inputs; without the fused base
-        # that would add the LoRA terms twice into y, so time on a scratch copy.
-        key = ("multi_lora", x.device.index, x.dtype, precision, lora_A.dtype, lora_B.dtype, N, K, fuse, gather, bias is None,
-               split_k, _m_bucket(M))
-        if fuse or interpreter_active() or key in _lora._TUNED:
-            config = _pick_config(key, M, run, lambda: _gpu_candidates(M, x.dtype))
-        else:
-            base = y2.clone()
-
-            def run_scratch(cfg: LoraKernelConfig) -> None:
-                y2.copy_(base)
-                run(cfg)
-
-            config = _pick_config(key, M, run_scratch, lambda: _gpu_candidates(M, x.dtype))
-            y2.copy_(base)
+        config = _expand_config(x, weight, bias, lora_A, lora_B, xa, y2, run, fuse=fuse, gather=gather)
     run(config)
     return y
+
+
+def _expand_config(x, weight, bias, lora_A, lora_B, xa, y2, run, *, fuse: bool, gather: bool) -> KernelConfig:
+    """The tuner's expand tiles for this call. Timing re-runs the expand on the same
+    inputs; without the fused base that would add the LoRA terms again into ``y``, so
+    then it times on a scratch copy of ``y``'s base."""
+    M, (N, K) = y2.shape[0], weight.shape
+    key = ("multi_lora", x.device.index, x.dtype, input_precision(x.dtype), lora_A.dtype, lora_B.dtype, N, K,
+           fuse, gather, bias is None, xa.shape[0], m_bucket(M))
+    if fuse or not will_time(key):
+        return pick(key, run, lambda: gemm_candidates(M, x.dtype))
+    base = y2.clone()
+
+    def run_scratch(cfg: KernelConfig) -> None:
+        y2.copy_(base)
+        run(cfg)
+
+    config = pick(key, run_scratch, lambda: gemm_candidates(M, x.dtype))
+    y2.copy_(base)
+    return config
+
+
+def _launch_shrink(
+    rows: Rows, lora_A: torch.Tensor, ranks: torch.Tensor, meta: MultiLoraMeta, launch: MultiLoraLaunch, lora_fp32: bool
+) -> torch.Tensor:
+    """``xa``: the shrink's fp32 partials per K split, ``(split_k, M, max_rank)``, in sorted
+    row order (never zeroed: the expand reads only the positions and ranks it wrote)."""
+    S, max_rank, K = lora_A.shape
+    block_m, block_k, split_k = shrink_plan(rows.M, K, launch)
+    k_per_split, split_k = k_splits(K, split_k, block_k)
+    xa = torch.empty((split_k, rows.M, max_rank), device=rows.x.device, dtype=torch.float32)
+    interp = interpreter_active()
+    _mlora_shrink_kernel[(cdiv(rows.M, block_m), S, split_k)](
+        x_ptr=rows.x, a_ptr=lora_A, xa_ptr=xa, sorted_rows_ptr=meta.sorted_rows, slot_rows_ptr=meta.slot_rows,
+        slot_start_ptr=meta.slot_start, rank_ptr=ranks,
+        K=K, M_INNER=rows.m_inner, K_PER_SPLIT=k_per_split,
+        stride_xm0=rows.stride_m0, stride_xm1=rows.stride_m1, stride_xk=rows.stride_k,
+        stride_as=lora_A.stride(0), stride_ar=lora_A.stride(1), stride_ak=lora_A.stride(2),
+        stride_xas=xa.stride(0), stride_xap=xa.stride(1), stride_xar=xa.stride(2),
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
+        BLOCK_R=block_r_for_dot(launch.block_r),
+        LORA_FP32=lora_fp32,
+        INPUT_PRECISION=input_precision(rows.x.dtype),
+        num_warps=1 if interp else 4,
+        num_stages=1 if interp else 3,
+    )
+    return xa
+
+
+def _launch_expand(
+    cfg: KernelConfig,
+    rows: Rows,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_B: torch.Tensor,
+    xa: torch.Tensor,
+    ranks: torch.Tensor,
+    scalings: torch.Tensor,
+    meta: MultiLoraMeta,
+    y2: torch.Tensor,
+    *,
+    fuse: bool,
+    gather: bool,
+    launch: MultiLoraLaunch,
+    lora_fp32: bool,
+) -> None:
+    """One launch of the base + expand kernel with ``cfg``'s tiles, into ``y2`` (``(M, N)``)."""
+    M, (N, K) = rows.M, weight.shape
+    if gather:
+        block_r = launch.gather_block_r or gather_block_r(cfg)
+    else:
+        block_r = block_r_for_dot(launch.block_r)
+    grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)
+    _mlora_expand_kernel[grid](
+        x_ptr=rows.x, w_ptr=weight, bias_ptr=bias if bias is not None else weight, b_ptr=lora_B, xa_ptr=xa, y_ptr=y2,
+        sorted_rows_ptr=meta.sorted_rows, sorted_slot_ptr=meta.sorted_slot, seg_end_ptr=meta.seg_end,
+        rank_ptr=ranks, scaling_ptr=scalings,
+        M=M, N=N, K=K, M_INNER=rows.m_inner,
+        stride_xm0=rows.stride_m0, stride_xm1=rows.stride_m1, stride_xk=rows.stride_k,
+        stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+        stride_bs=lora_B.stride(0), stride_bn=lora_B.stride(1), stride_br=lora_B.stride(2),
+        stride_xas=xa.stride(0), stride_xap=xa.stride(1), stride_xar=xa.stride(2),
+        stride_ym=y2.stride(0), stride_yn=y2.stride(1),
+        FUSE_BASE=fuse,
+        HAS_BIAS=bias is not None,
+        GATHER=gather,
+        SPLIT_K=xa.shape[0],
+        BLOCK_R=block_r,
+        LORA_FP32=lora_fp32,
+        INPUT_PRECISION=input_precision(rows.x.dtype),
+        **cfg.meta,
+    )

@@ -12,6 +12,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .tiles import ACTIVATIONS
+
 __all__ = [
     "lora_linear_ref",
     "ia3_linear_ref",
@@ -78,17 +80,17 @@ def ia3_linear_ref(
     return (F.linear(x, weight, bias) * l).to(x.dtype)
 
 
+# PyTorch form of each code of ``tiles.ACTIVATIONS`` (the one list of names).
+_TORCH_ACTIVATIONS = {0: F.relu, 1: F.gelu, 2: F.silu, 3: torch.tanh}
+
+
 def bottleneck_activation_ref(z: torch.Tensor, activation: str) -> torch.Tensor:
-    """The bottleneck non-linearity ``f``: relu, gelu (exact erf form), silu/swish, tanh."""
-    if activation == "relu":
-        return F.relu(z)
-    if activation == "gelu":
-        return F.gelu(z)
-    if activation in ("silu", "swish"):
-        return F.silu(z)
-    if activation == "tanh":
-        return torch.tanh(z)
-    raise ValueError(f"unknown non-linearity {activation!r}; expected relu, gelu, silu, swish or tanh")
+    """The bottleneck non-linearity ``f``: relu, gelu (exact erf form), silu/swish, tanh
+    (the names of :data:`fastpeft.kernels.tiles.ACTIVATIONS`)."""
+    code = ACTIVATIONS.get(activation)
+    if code is None:
+        raise ValueError(f"unknown non-linearity {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
+    return _TORCH_ACTIVATIONS[code](z)
 
 
 def bottleneck_linear_ref(

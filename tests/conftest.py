@@ -33,6 +33,19 @@ def _seed():
 
 
 @pytest.fixture
+def triton_tiles_only(monkeypatch):
+    """On a GPU the tuner may prefer the library-GEMM variant of (IA)^3 and bottleneck
+    for tiny shapes; tests about the Triton kernel tune over its tiles only, from an
+    empty tuner cache (the library variant has its own tests). Under the interpreter the
+    Triton kernel always runs anyway."""
+    from fastpeft.kernels import autotune, bottleneck, ia3
+
+    monkeypatch.setattr(ia3, "tiles_and_library", autotune.gemm_candidates)
+    monkeypatch.setattr(bottleneck, "tiles_and_library", autotune.gemm_candidates)
+    monkeypatch.setattr(autotune, "TUNED", {})
+
+
+@pytest.fixture
 def launches(monkeypatch):
     """Input shapes of the mixed-adapter kernel's launches (it runs inside the custom op):
     a test proves the fused kernel ran, not the reference."""

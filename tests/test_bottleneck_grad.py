@@ -13,17 +13,8 @@ from fastpeft.kernels.reference import bottleneck_linear_ref
 ACTS = ["relu", "gelu", "silu", "tanh"]
 
 
-@pytest.fixture(autouse=True)
-def _triton_tiles_only(monkeypatch):
-    """On a GPU the tuner may prefer the library-GEMM variant for tiny shapes; these
-    tests are about the Triton kernel, so they tune over its tiles only (LIBRARY_GEMM
-    has its own test). Under the interpreter the Triton kernel always runs anyway."""
-    from fastpeft.kernels import bottleneck as _bn, ia3 as _ia3, lora as _lora
-
-    tiles = _lora._gpu_candidates
-    monkeypatch.setattr(_ia3, "_candidates", tiles)
-    monkeypatch.setattr(_bn, "_candidates", tiles)
-    monkeypatch.setattr(_lora, "_TUNED", {})
+# The Triton kernel's tiles only, never the library-GEMM variant (conftest.py).
+pytestmark = pytest.mark.usefixtures("triton_tiles_only")
 
 
 def _leaves(M, K, N, D, dtype, base_grad=False, batch=(), dev=DEVICE):

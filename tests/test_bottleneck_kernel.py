@@ -9,6 +9,7 @@ from numerics import TOL, assert_matches_ref, rel_err
 
 import fastpeft.methods.bottleneck.op as ops
 from fastpeft.kernels import bottleneck as bn_kernels
+from fastpeft.kernels.autotune import LIBRARY_GEMM
 from fastpeft.kernels.reference import bottleneck_linear_ref
 
 ACTS = ["relu", "gelu", "silu", "swish", "tanh"]
@@ -17,17 +18,8 @@ ACTS = ["relu", "gelu", "silu", "swish", "tanh"]
 SHAPES = [(0, 37, 45, 8), (1, 16, 16, 4), (5, 123, 61, 20), (33, 70, 19, 7), (17, 30, 50, 45)]
 
 
-@pytest.fixture(autouse=True)
-def _triton_tiles_only(monkeypatch):
-    """On a GPU the tuner may prefer the library-GEMM variant for tiny shapes; these
-    tests are about the Triton kernel, so they tune over its tiles only (LIBRARY_GEMM
-    has its own test). Under the interpreter the Triton kernel always runs anyway."""
-    from fastpeft.kernels import bottleneck as _bn, ia3 as _ia3, lora as _lora
-
-    tiles = _lora._gpu_candidates
-    monkeypatch.setattr(_ia3, "_candidates", tiles)
-    monkeypatch.setattr(_bn, "_candidates", tiles)
-    monkeypatch.setattr(_lora, "_TUNED", {})
+# The Triton kernel's tiles only, never the library-GEMM variant (conftest.py).
+pytestmark = pytest.mark.usefixtures("triton_tiles_only")
 
 
 def _make(M, K, N, D, dtype, bias=True, adapter_bias=True):
@@ -165,6 +157,6 @@ def test_library_gemm_variant(dtype, bias):
     x = x.reshape(3, 11, 70)
     out = torch.full((3, 11, 19), float("nan"), device=DEVICE, dtype=dtype)
     y = bn_kernels.bottleneck_linear_fwd(x, w, b, dw, db, uw, ub, 0.8, "gelu",
-                                         config=bn_kernels.LIBRARY_GEMM, out=out)
+                                         config=LIBRARY_GEMM, out=out)
     ref = _ref64(x, w, b, dw, db, uw, ub, 0.8, "gelu")
     assert_matches_ref(y, ref, bottleneck_linear_ref(x, w, b, dw, db, uw, ub, 0.8, "gelu"), dtype)

@@ -11,17 +11,17 @@ import torch
 from conftest import ON_GPU
 from sm90 import HOPPER_MAX_SHARED, report_sm90
 
+from fastpeft.kernels import autotune
 from fastpeft.kernels import bottleneck as bn_kernels
-from fastpeft.kernels import lora as lora_kernels
 
 CANDIDATES = sorted(
-    {cfg for m in (1, 64, 4096) for cfg in lora_kernels._gpu_candidates(m)},
+    {cfg for m in (1, 64, 4096) for cfg in autotune.gemm_candidates(m)},
     key=lambda c: (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages),
 )
 
 # fp32 inputs: the tiles sized for 4-byte elements, with tf32 on (the larger case).
 FP32_CANDIDATES = sorted(
-    {cfg for m in (1, 64, 4096) for cfg in lora_kernels._gpu_candidates(m, torch.float32)},
+    {cfg for m in (1, 64, 4096) for cfg in autotune.gemm_candidates(m, torch.float32)},
     key=lambda c: (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages),
 )
 
@@ -52,7 +52,7 @@ def _bn_spec(cfg, act: int, dtype: str = "bf16", has_gemm: bool = True, precisio
         "ptr_dtypes": {"x_ptr": dtype, "w_ptr": dtype, "bias_ptr": dtype, "z_ptr": dtype, "beff_ptr": "fp32",
                        "up_ptr": dtype, "upb_ptr": dtype, "y_ptr": dtype},
         "constexprs": dict(HAS_GEMM=has_gemm, HAS_BIAS=has_gemm, HAS_UP_BIAS=True, ACTIVATION=act, BLOCK_M=cfg.block_m,
-                           BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=bn_kernels._BLOCK_D,
+                           BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_D=bn_kernels.BLOCK_D,
                            GROUP_M=cfg.group_m, INPUT_PRECISION=precision),
         "unit_args": ["stride_xk", "stride_wk", "stride_zd", "stride_ud", "stride_yn"],
         "float_args": ["scaling"],
@@ -64,7 +64,7 @@ def _bn_spec(cfg, act: int, dtype: str = "bf16", has_gemm: bool = True, precisio
 def _all_specs() -> List[Dict[str, Any]]:
     specs = [_ia3_spec(c, s) for c in CANDIDATES for s in (False, True)]
     specs += [_bn_spec(c, a) for c in CANDIDATES for a in (1, 3)]  # gelu (erf), tanh
-    specs += [_bn_spec(bn_kernels._EPILOGUE_CONFIG, a, has_gemm=False) for a in (0, 1, 2, 3)]
+    specs += [_bn_spec(bn_kernels.EPILOGUE_CONFIG, a, has_gemm=False) for a in (0, 1, 2, 3)]
     specs += [_ia3_spec(c, s, "fp32", "tf32") for c in FP32_CANDIDATES for s in (False, True)]
     specs += [_bn_spec(c, 1, "fp32", precision="tf32") for c in FP32_CANDIDATES]
     return specs
@@ -103,7 +103,7 @@ def test_bf16_bottleneck_kernel_compiles_for_hopper(reports, cfg, act):
 @pytest.mark.parametrize("act", [0, 1, 2, 3])
 def test_bf16_bottleneck_epilogue_only_compiles_for_hopper(reports, act):
     """The in-place epilogue of the LIBRARY_GEMM variant (no K loop, nothing to pipeline)."""
-    cfg = bn_kernels._EPILOGUE_CONFIG
+    cfg = bn_kernels.EPILOGUE_CONFIG
     rep = reports[_bn_spec(cfg, act, has_gemm=False)["id"]]
     assert "error" not in rep, rep.get("error")
     assert rep["shared"] <= HOPPER_MAX_SHARED

@@ -9,23 +9,15 @@ from numerics import TOL, assert_matches_ref, rel_err
 
 import fastpeft.methods.ia3.op as ops
 from fastpeft.kernels import ia3 as ia3_kernels
+from fastpeft.kernels.autotune import LIBRARY_GEMM
 from fastpeft.kernels.reference import ia3_linear_ref
 
 # (M, K, N): M in {0, 1, 5, 33}, K and N not multiples of 16.
 SHAPES = [(0, 37, 45), (1, 16, 16), (5, 123, 123), (33, 70, 19), (17, 50, 61)]
 
 
-@pytest.fixture(autouse=True)
-def _triton_tiles_only(monkeypatch):
-    """On a GPU the tuner may prefer the library-GEMM variant for tiny shapes; these
-    tests are about the Triton kernel, so they tune over its tiles only (LIBRARY_GEMM
-    has its own test). Under the interpreter the Triton kernel always runs anyway."""
-    from fastpeft.kernels import bottleneck as _bn, ia3 as _ia3, lora as _lora
-
-    tiles = _lora._gpu_candidates
-    monkeypatch.setattr(_ia3, "_candidates", tiles)
-    monkeypatch.setattr(_bn, "_candidates", tiles)
-    monkeypatch.setattr(_lora, "_TUNED", {})
+# The Triton kernel's tiles only, never the library-GEMM variant (conftest.py).
+pytestmark = pytest.mark.usefixtures("triton_tiles_only")
 
 
 def _make(M, K, N, dtype, scale_input, bias=True, l_dtype=None):
@@ -123,14 +115,14 @@ def test_torch_backend_is_reference():
 
 
 def test_fp32_follows_matmul_precision_setting():
-    from fastpeft.kernels.lora import _input_precision
+    from fastpeft.kernels.runtime import input_precision
 
     old = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
-        assert _input_precision(torch.float32) == "ieee"
+        assert input_precision(torch.float32) == "ieee"
         torch.set_float32_matmul_precision("high")
-        assert _input_precision(torch.float32) == "tf32"
+        assert input_precision(torch.float32) == "tf32"
     finally:
         torch.set_float32_matmul_precision(old)
 
@@ -143,8 +135,8 @@ def test_library_gemm_variant(dtype, scale_input, bias):
     for N in (19, 45):  # input scaling scales W when M > N, else x
         x, w, b, l = _make(33, 70, N, dtype, scale_input, bias, l_dtype=torch.float32)
         x = x.reshape(3, 11, 70)
-        y = ia3_kernels.ia3_linear_fwd(x, w, b, l, scale_input, config=ia3_kernels.LIBRARY_GEMM)
+        y = ia3_kernels.ia3_linear_fwd(x, w, b, l, scale_input, config=LIBRARY_GEMM)
         assert y.shape == (3, 11, N)
         assert_matches_ref(y, _ref64(x, w, b, l, scale_input), ia3_linear_ref(x, w, b, l, scale_input), dtype)
-    y0 = ia3_kernels.ia3_linear_fwd(x[:0], w, b, l, scale_input, config=ia3_kernels.LIBRARY_GEMM)
+    y0 = ia3_kernels.ia3_linear_fwd(x[:0], w, b, l, scale_input, config=LIBRARY_GEMM)
     assert y0.shape == (0, 11, 45)

@@ -12,6 +12,8 @@ from numerics import assert_matches_ref, rel_err
 
 import fastpeft.methods.lora.op as ops
 from fastpeft.kernels import lora as lora_kernels
+from fastpeft.kernels.autotune import KernelConfig, lora_candidates
+from fastpeft.kernels.runtime import input_precision, rows_view
 from fastpeft.kernels.reference import lora_linear_ref
 
 # (M, K, N, r): odd sizes, M in {0, 1, 5, 33, ...}, ranks on both the in-loop path
@@ -130,7 +132,7 @@ def test_rows_view_reads_in_place():
     """Inputs whose rows fit two strides are described, not copied."""
     for kind in ("column_stride", "transposed_3d", "row_slice"):
         x = _strided_inputs(torch.float32)[kind]
-        xv, M, m_inner, s0, s1, sk = lora_kernels.rows_view(x)
+        xv, M, m_inner, s0, s1, sk = rows_view(x)
         assert xv.data_ptr() == x.data_ptr() and M == x.numel() // x.shape[-1]
         rows = torch.stack(
             [xv.as_strided((x.shape[-1],), (sk,), xv.storage_offset() + (m // m_inner) * s0 + (m % m_inner) * s1)
@@ -195,9 +197,9 @@ def test_fp32_follows_torch_matmul_precision():
     before = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
-        assert lora_kernels._input_precision(torch.float32) == "ieee"
+        assert input_precision(torch.float32) == "ieee"
         torch.set_float32_matmul_precision("high")
-        assert lora_kernels._input_precision(torch.float32) == "tf32"
+        assert input_precision(torch.float32) == "tf32"
     finally:
         torch.set_float32_matmul_precision(before)
 
@@ -263,8 +265,8 @@ def test_lean_inference_path_skips_the_dispatcher(kernel_calls, monkeypatch):
 
 # Launch variants the GPU tuner can pick, forced here with interpreter-sized tiles.
 SPLIT_K_CONFIGS = [
-    lora_kernels.LoraKernelConfig(16, 32, 32, num_warps=1, num_stages=1, split_k=2),
-    lora_kernels.LoraKernelConfig(16, 16, 16, num_warps=1, num_stages=1, split_k=5),
+    KernelConfig(16, 32, 32, num_warps=1, num_stages=1, split_k=2),
+    KernelConfig(16, 16, 16, num_warps=1, num_stages=1, split_k=5),
 ]
 
 
@@ -283,7 +285,7 @@ def test_split_k_matches_reference(M, K, N, r, dtype, cfg, bias):
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("M,K,N,r", [(33, 70, 19, 16), (5, 123, 45, 64)])
 def test_precomputed_xa_variant_matches_reference(M, K, N, r, dtype):
-    cfg = lora_kernels.LoraKernelConfig(16, 32, 32, num_warps=1, num_stages=1, precompute_xa=True)
+    cfg = KernelConfig(16, 32, 32, num_warps=1, num_stages=1, precompute_xa=True)
     x, w, b, a, bm = _make(M, K, N, r, dtype)
     x = x.t().contiguous().t()  # strided rows: the precompute reads them in place
     y = torch.full((M, N), float("nan"), device=DEVICE, dtype=dtype)
@@ -292,18 +294,18 @@ def test_precomputed_xa_variant_matches_reference(M, K, N, r, dtype):
 
 
 def test_tuner_search_space_covers_decode_and_prefill():
-    decode = lora_kernels._lora_candidates(1, 4096, True)
-    prefill = lora_kernels._lora_candidates(4096, 4096, True)
+    decode = lora_candidates(1, 4096, True)
+    prefill = lora_candidates(4096, 4096, True)
     assert any(c.split_k > 1 for c in decode) and not any(c.precompute_xa for c in decode)
     assert any(c.precompute_xa for c in prefill) and not any(c.split_k > 1 for c in prefill)
-    assert not any(c.precompute_xa for c in lora_kernels._lora_candidates(4096, 4096, False))
+    assert not any(c.precompute_xa for c in lora_candidates(4096, 4096, False))
 
 
 # The persistent TMA kernel (Hopper, large M), forced with interpreter-sized tiles. A
 # descriptor needs 16-byte rows: K and N multiples of 8 (fp16) / 4 (fp32).
 TMA_CONFIGS = [
-    lora_kernels.LoraKernelConfig(16, 32, 32, num_warps=1, num_stages=1, tma=True),
-    lora_kernels.LoraKernelConfig(16, 16, 16, num_warps=1, num_stages=1, tma=True, precompute_xa=True),
+    KernelConfig(16, 32, 32, num_warps=1, num_stages=1, tma=True),
+    KernelConfig(16, 16, 16, num_warps=1, num_stages=1, tma=True, precompute_xa=True),
 ]
 
 

@@ -13,8 +13,9 @@ from conftest import DEVICE, KERNEL_DTYPES
 from numerics import assert_matches_ref, rel_err
 
 import fastpeft.methods.lora.multi_op as ops_multi
+from fastpeft.kernels import autotune
 from fastpeft.kernels import multi_lora as ml
-from fastpeft.kernels.multi_lora import MultiLoraLaunch, MultiLoraMeta
+from fastpeft.kernels.multi_lora_meta import GATHER_MAX_M, MultiLoraLaunch, MultiLoraMeta
 from fastpeft.kernels.reference import lora_linear_ref, multi_lora_linear_ref
 
 
@@ -113,7 +114,7 @@ def test_each_row_equals_its_adapter_alone(n_adapters, dtype, launches):
     _check(y, x, w, b, A, B, ranks_t, scal, row_slot, dtype)
     # the other expand strategy (segment walk vs per-row gather) on the same batch
     meta = ops_multi.build_meta(row_slot.to(DEVICE), n_adapters)
-    other = not (M <= ml.GATHER_MAX_M)
+    other = not (M <= GATHER_MAX_M)
     y2 = ml.multi_lora_linear_fwd(x, w, b, A, B, ranks_t, scal, meta, launch=MultiLoraLaunch(gather=other))
     _check(y2, x, w, b, A, B, ranks_t, scal, row_slot, dtype)
 
@@ -356,19 +357,23 @@ def test_gpu_launch_choice_is_timed_and_cached(monkeypatch):
         return real_forward(*args, launch=launch, **kwargs)
 
     monkeypatch.setattr(ml, "_forward", forward)
-    monkeypatch.setattr(ml.triton.testing, "do_bench", fake_bench)
-    monkeypatch.setattr(ml, "_LAUNCH_CHOICE", {})
+    monkeypatch.setattr(autotune.triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(autotune, "TUNED", {})
+    # The tuner as on a GPU; the expand tiles forced (the interpreter's), so that only
+    # the launch choices are timed.
+    monkeypatch.setattr(autotune, "interpreter_active", lambda: False)
+    cfg = autotune.INTERPRETER_CONFIG
     M, K, N = 12, 40, 24
     A, B, ranks_t, scal = _stacks(K, N, [4, 9], torch.float32)
     x, w, b = _base(M, K, N, torch.float32)
     row_slot = torch.randint(-1, 2, (M,))
     meta = ops_multi.build_meta(row_slot.to(DEVICE), 2)
     args = (x, w, b, A, B, ranks_t, scal, meta)
-    launch = ml._tuned_launch(ml.MultiLoraLaunch(), args, None, None)
+    launch = ml._tuned_launch(MultiLoraLaunch(), args, cfg, None)
     assert (launch.fuse_base, launch.gather) == (False, False) and len(timed) == 4
-    assert ml._tuned_launch(ml.MultiLoraLaunch(gather=True), args, None, None).fuse_base is True
+    assert ml._tuned_launch(MultiLoraLaunch(gather=True), args, cfg, None).fuse_base is True
     assert len(timed) == 6  # a forced choice times only the open one
-    ml._tuned_launch(ml.MultiLoraLaunch(), args, None, None)
+    ml._tuned_launch(MultiLoraLaunch(), args, cfg, None)
     assert len(timed) == 6  # cached
-    y = ml._forward(*args, launch=launch, config=None, out=None)
+    y = ml._forward(*args, launch=launch, config=cfg, out=None)
     _check(y, x, w, b, A, B, ranks_t, scal, row_slot, torch.float32)

@@ -10,15 +10,15 @@ import torch
 from conftest import ON_GPU
 from sm90 import HOPPER_MAX_SHARED, report_sm90
 
-from fastpeft.kernels import lora as lora_kernels
-from fastpeft.kernels import multi_lora as ml
+from fastpeft.kernels import autotune
+from fastpeft.kernels.multi_lora_meta import gather_block_r
 
 # On a GPU the CUDA tests compile and run the same kernels for real.
 pytestmark = pytest.mark.skipif(ON_GPU, reason="ahead-of-time check for machines without a GPU")
 
 I32 = "i32"
 CANDIDATES = sorted(
-    {cfg for m in (1, 64, 4096) for cfg in lora_kernels._gpu_candidates(m)},
+    {cfg for m in (1, 64, 4096) for cfg in autotune.gemm_candidates(m)},
     key=lambda c: (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages),
 )
 
@@ -72,23 +72,23 @@ def _all_specs() -> List[Dict[str, Any]]:
     specs = [_expand(c, "bf16", fuse, 1 if fuse else 4) for c in CANDIDATES for fuse in (True, False)]
     specs += [_expand(CANDIDATES[0], "fp16", True, 8, 32)]
     # fp32 inputs (tf32 on): the tiles the tuner times for 4-byte elements, both base modes
-    fp32 = sorted({c for m in (1, 64, 4096) for c in lora_kernels._gpu_candidates(m, torch.float32)},
+    fp32 = sorted({c for m in (1, 64, 4096) for c in autotune.gemm_candidates(m, torch.float32)},
                   key=lambda c: (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages))
     specs += [_expand(c, "fp32", fuse, 1 if fuse else 4, 32, precision="tf32") for c in fp32 for fuse in (True, False)]
     # the gathering expand, on the decode tiles (M <= GATHER_MAX_M) it is picked for
-    small = sorted({c for m in (1, 64) for c in lora_kernels._gpu_candidates(m)},
+    small = sorted({c for m in (1, 64) for c in autotune.gemm_candidates(m)},
                    key=lambda c: (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages))
-    specs += [_expand(c, "bf16", fuse, 8, ml.gather_block_r(c), gather=True) for c in small for fuse in (True, False)]
+    specs += [_expand(c, "bf16", fuse, 8, gather_block_r(c), gather=True) for c in small for fuse in (True, False)]
     specs += [_expand(small[0], "fp16", True, 1, 8, gather=True)]
-    small32 = sorted({c for m in (1, 64) for c in lora_kernels._gpu_candidates(m, torch.float32)},
+    small32 = sorted({c for m in (1, 64) for c in autotune.gemm_candidates(m, torch.float32)},
                      key=lambda c: (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages))
-    specs += [_expand(c, "fp32", True, 1, ml.gather_block_r(c), gather=True, precision="tf32") for c in small32]
+    specs += [_expand(c, "fp32", True, 1, gather_block_r(c), gather=True, precision="tf32") for c in small32]
     specs += [_shrink(dt, bm) for dt in ("bf16", "fp16") for bm in (16, 64)]
     # fp32 adapters on a 16-bit base (the layers' own adapters under batch_adapters): the
     # branch keeps fp32 range (tf32 dots in the shrink and the segment walk).
     specs += [_shrink(dt, bm, adapter_dtype="fp32") for dt in ("bf16", "fp16") for bm in (16, 64)]
     specs += [_expand(c, "fp16", fuse, 1 if fuse else 4, adapter_dtype="fp32") for c in CANDIDATES for fuse in (True, False)]
-    specs += [_expand(c, "fp16", True, 8, ml.gather_block_r(c), gather=True, adapter_dtype="fp32") for c in small]
+    specs += [_expand(c, "fp16", True, 8, gather_block_r(c), gather=True, adapter_dtype="fp32") for c in small]
     return specs
 
 

@@ -28,7 +28,8 @@ from fastpeft.kernels import bottleneck as bn_kernels
 from fastpeft.kernels import ia3 as ia3_kernels
 from fastpeft.kernels import lora as lora_kernels
 from fastpeft.kernels import multi_lora as ml
-from fastpeft.kernels.multi_lora import MultiLoraLaunch
+from fastpeft.kernels.autotune import LIBRARY_GEMM, KernelConfig
+from fastpeft.kernels.multi_lora_meta import MultiLoraLaunch
 from fastpeft.kernels.reference import (
     bottleneck_linear_ref,
     ia3_linear_ref,
@@ -36,7 +37,7 @@ from fastpeft.kernels.reference import (
     multi_lora_linear_ref,
 )
 
-Config = lora_kernels.LoraKernelConfig
+Config = KernelConfig
 F16 = torch.float16
 
 
@@ -434,7 +435,7 @@ def test_ia3_nonfinite_inputs_match_the_reference(dtype, positive, scale_input):
     w = _weights((N, K), dtype, positive, K**-0.5)
     bias = _weights((N,), dtype, positive)
     l = (torch.rand(K if scale_input else N, device=DEVICE) + 0.5).to(dtype)
-    for cfg in (None, ia3_kernels.LIBRARY_GEMM):
+    for cfg in (None, LIBRARY_GEMM):
         y = ia3_kernels.ia3_linear_fwd(x, w, bias, l, scale_input, config=cfg)
         assert_same_nonfinite_pattern(y, ia3_linear_ref(_d(x), _d(w), _d(bias), _d(l), scale_input))
 
@@ -452,7 +453,7 @@ def test_bottleneck_nonfinite_inputs_match_the_reference(dtype, positive, activa
     dw, db = (torch.randn(D, N, device=DEVICE) / N**0.5).to(dtype), torch.randn(D, device=DEVICE).to(dtype)
     uw, ub = (torch.randn(N, D, device=DEVICE) / D**0.5).to(dtype), torch.randn(N, device=DEVICE).to(dtype)
     ref = bottleneck_linear_ref(_d(x), _d(w), _d(bias), _d(dw), _d(db), _d(uw), _d(ub), 0.5, activation)
-    for cfg in (None, bn_kernels.LIBRARY_GEMM):
+    for cfg in (None, LIBRARY_GEMM):
         y = bn_kernels.bottleneck_linear_fwd(x, w, bias, dw, db, uw, ub, 0.5, activation, config=cfg)
         assert_same_nonfinite_pattern(y, ref)
 

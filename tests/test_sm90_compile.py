@@ -13,21 +13,21 @@ import torch
 from conftest import ON_GPU
 from sm90 import HOPPER_MAX_SHARED, report_sm90
 
-from fastpeft.kernels import lora as lora_kernels
+from fastpeft.kernels import autotune
 
 UNIT_STRIDES = ["stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_xar", "stride_yn"]
 PTRS = ["x_ptr", "w_ptr", "bias_ptr", "a_ptr", "b_ptr", "xa_ptr", "y_ptr"]
 CANDIDATES = sorted(
-    {cfg for m in (1, 64, 4096) for cfg in lora_kernels._gpu_candidates(m)},
+    {cfg for m in (1, 64, 4096) for cfg in autotune.gemm_candidates(m)},
     key=lambda c: (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages),
 )
 SPLIT_K = sorted(
-    {cfg for cfg in lora_kernels._lora_candidates(1, 16384, True) if cfg.split_k > 1},
+    {cfg for cfg in autotune.lora_candidates(1, 16384, True) if cfg.split_k > 1},
     key=lambda c: (c.block_n, c.split_k),
 )
 # What the tuner times for fp32 inputs (tiles sized for 4-byte elements), split-K included.
 FP32_CANDIDATES = sorted(
-    {cfg for m in (1, 64, 4096) for cfg in lora_kernels._lora_candidates(m, 16384, True, dtype=torch.float32)
+    {cfg for m in (1, 64, 4096) for cfg in autotune.lora_candidates(m, 16384, True, dtype=torch.float32)
      if not cfg.tma and not cfg.precompute_xa},
     key=lambda c: (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages, c.split_k),
 )
@@ -81,7 +81,7 @@ def _spec(
 
 
 TMA = sorted(
-    {c for c in lora_kernels._lora_candidates(4096, 4096, True, tma_ok=True) if c.tma and not c.precompute_xa},
+    {c for c in autotune.lora_candidates(4096, 4096, True, tma_ok=True) if c.tma and not c.precompute_xa},
     key=_cfg_id,
 )
 # (padded rank, precomputed xa): in-loop shrink at r <= 16 / r <= 64, epilogue, base only.
@@ -89,7 +89,7 @@ TMA_VARIANTS = [(16, False), (64, False), (32, True), (0, False)]
 
 
 FP32_TMA = sorted(
-    {c for c in lora_kernels._lora_candidates(4096, 4096, True, tma_ok=True, dtype=torch.float32)
+    {c for c in autotune.lora_candidates(4096, 4096, True, tma_ok=True, dtype=torch.float32)
      if c.tma and not c.precompute_xa},
     key=_cfg_id,
 )

@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from fastpeft.core.batch import add_provider, remove_provider
 from fastpeft.core.checkpoint import strip_model_prefix
-from fastpeft.kernels.multi_lora import MultiLoraMeta
+from fastpeft.kernels.multi_lora_meta import MultiLoraMeta
 from fastpeft.methods.lora.layer import FastLoRALinear
 from fastpeft.methods.lora.multi_op import build_meta, row_slots_for_tokens
 from fastpeft.methods.lora.stacks import SlotRows, SlotStacks

@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 
 from fastpeft.kernels import multi_lora as _kernels
-from fastpeft.kernels.multi_lora import MultiLoraMeta
+from fastpeft.kernels.multi_lora_meta import MultiLoraMeta
 from fastpeft.kernels.reference import multi_lora_linear_ref
 from fastpeft.core.dispatch import check_bias, check_linear_input, resolve_backend
 from fastpeft.core.dispatch import rows as _rows

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fastpeft.core.batch import BatchPlan
-from fastpeft.kernels.multi_lora import MultiLoraMeta
+from fastpeft.kernels.multi_lora_meta import MultiLoraMeta
 from fastpeft.methods.lora.multi_op import build_meta, row_slots_for_tokens
 
 __all__ = ["SlotStacks", "SlotRows", "stack_adapters", "batch_meta"]
