@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from conftest import DEVICE, KERNEL_DTYPES
 from numerics import assert_matches_ref, rel_err
 
+import fastpeft.core.dispatch as dispatch
 import fastpeft.methods.lora.op as ops
 from fastpeft.kernels import lora as lora_kernels
 from fastpeft.kernels.autotune import KernelConfig, lora_candidates
@@ -241,7 +242,7 @@ def test_unknown_backend():
 
 def test_forced_triton_without_gpu_or_interpreter(monkeypatch):
     # As on a machine where triton was imported without TRITON_INTERPRET=1.
-    monkeypatch.setattr(ops._kernels, "interpreter_active", lambda: False)
+    monkeypatch.setattr(dispatch._runtime, "interpreter_active", lambda: False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         ops.resolve_backend("triton", torch.device("cpu"))
     assert ops.resolve_backend("auto", torch.device("cpu")) == "torch"

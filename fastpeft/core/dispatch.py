@@ -13,7 +13,7 @@ from typing import Literal, Optional
 
 import torch
 
-from fastpeft.kernels import lora as _kernels
+from fastpeft.kernels import runtime as _runtime
 
 Backend = Literal["auto", "triton", "torch"]
 BACKENDS = ("auto", "triton", "torch")
@@ -50,9 +50,9 @@ def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dt
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    device_ok = device.type == "cuda" or (device.type == "cpu" and _kernels.interpreter_active())
+    device_ok = device.type == "cuda" or (device.type == "cpu" and _runtime.interpreter_active())
     dtype_ok = dtype is None or dtype in KERNEL_DTYPES
-    interpretable = dtype != torch.bfloat16 or not _kernels.interpreter_active()
+    interpretable = dtype != torch.bfloat16 or not _runtime.interpreter_active()
     if backend == "auto":
         return "triton" if device_ok and dtype_ok and interpretable else "torch"
     if backend == "triton" and not device_ok:
@@ -67,7 +67,7 @@ def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dt
             "pass backend='torch' (or 'auto') for it"
         )
     if backend == "triton":
-        _kernels.check_interpretable(dtype)
+        _runtime.check_interpretable(dtype)
     return backend
 
 
