@@ -18,7 +18,9 @@ setup(
         # Versions the suite is checked against: triton 3.6 is the GPU machine's, and the
         # interpreter and sm_90 compile tests lean on its behaviour; peft 0.21 is the
         # version whose checkpoint format and outputs the interop tests compare with.
-        "test": ["pytest>=7", "triton==3.6.0", "peft>=0.21,<0.22", "transformers>=5.17,<6"],
+        "test": ["pytest>=7", "triton==3.6.0", "peft>=0.21,<0.22", "transformers>=5.17,<6",
+                 # the Hugging Face Trainer of examples/finetune.py (tests/test_finetune_example.py)
+                 "accelerate>=1.0"],
     },
     entry_points={"console_scripts": ["fastpeft-selfcheck=fastpeft.selfcheck:main"]},
 )

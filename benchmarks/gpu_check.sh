@@ -61,6 +61,13 @@ step bench_lora 120 python benchmarks/bench_lora.py --quick --json "$out/bench_l
 step bench_adapters 60 python benchmarks/bench_adapters.py --quick --json "$out/bench_adapters.json"
 step bench_multi 60 python benchmarks/bench_multi.py --quick --json "$out/bench_multi.json"
 step bench_adalora 45 python benchmarks/bench_adalora.py --quick --json "$out/bench_adalora.json"
+# Fine-tuning step time on Llama-3.2-1B's shapes (random weights, no download), fastpeft
+# against PEFT, same data and settings; each JSON holds mean_step_s. GPU only.
+if [ "$TRITON_INTERPRET" = "0" ]; then
+  ft="examples/finetune.py --model llama-1b-config --steps 15 --warmup-steps 5 --batch-size 4 --seq-len 512"
+  step finetune_fastpeft 90 python $ft --json "$out/finetune_fastpeft.json"
+  step finetune_peft 90 python $ft --peft --json "$out/finetune_peft.json"
+fi
 if [ "$#" -eq 0 ]; then
   step other_tests 60 python -m pytest -q -p no:cacheprovider tests $(printf -- '--ignore=%s ' $kernel_tests)
 fi
