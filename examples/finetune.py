@@ -7,6 +7,9 @@ On a CPU (no downloads; a tiny Llama built from a config, a word-level dataset m
     python examples/finetune.py --trainer hf         # Hugging Face Trainer
     torchrun --nproc_per_node 2 examples/finetune.py # DDP over 2 processes (gloo)
 
+A CPU runs fastpeft's ops as their PyTorch reference; under ``TRITON_INTERPRET=1`` the
+Triton kernels train, interpreted and slow (use ``--steps 3 --batch-size 2 --seq-len 16``).
+
 On a GPU, with a real model and dataset (``datasets`` and the model's tokenizer load then):
 
     torchrun --nproc_per_node 8 examples/finetune.py --model meta-llama/Llama-3.2-1B \\

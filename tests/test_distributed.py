@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 
 import fastpeft as fp
 from fastpeft import distributed as fdist
+from fastpeft.core.checkpoint import read_adapter_weights
 from fastpeft.core.state import adapter_tensors
 from tiny_models import VOCAB, tiny_llama
 
@@ -90,6 +91,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     ddp = fdist.wrap_ddp(_lora_model(), env)
     _train(ddp, rows)
     results["ddp"] = fdist.full_adapter_state(ddp)
+    fdist.save_adapter(ddp, os.path.join(out, "ddp_adapter"))
 
     sharded = fdist.shard_fsdp2(_lora_model())
     results["sharded_params"] = sorted({type(p.data).__name__ for p in sharded.parameters()})
@@ -125,6 +127,7 @@ def runs(tmp_path_factory):
     results["single"] = {k: t.detach().clone() for k, t in adapter_tensors(single, "default").items()}
     results["single_model"] = single
     results["dir"] = os.path.join(out, "fsdp_adapter")
+    results["ddp_dir"] = os.path.join(out, "ddp_adapter")
     return results
 
 
@@ -145,6 +148,10 @@ def test_workers_ran_the_fused_kernels_on_plain_tensors(runs):
 
 def test_ddp_adapter_equals_single_process(runs):
     _assert_same_adapter(runs["ddp"], runs["single"])
+    saved = read_adapter_weights(runs["ddp_dir"])  # written by rank 0 from inside the DDP wrapper
+    assert saved.keys() == {"base_model.model." + k for k in runs["ddp"]}
+    for key, value in runs["ddp"].items():
+        assert torch.equal(saved["base_model.model." + key], value)
 
 
 def test_fsdp2_adapter_equals_single_process(runs):
@@ -167,3 +174,22 @@ def test_adapter_saved_from_sharded_run_loads_in_fastpeft_and_peft(runs):
 def test_shard_fsdp2_without_a_process_group_is_a_clear_error():
     with pytest.raises(RuntimeError, match="process group"):
         fdist.shard_fsdp2(_lora_model())
+
+
+def test_single_process_needs_no_process_group(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    env = fdist.init_distributed("cpu")
+    assert (env.rank, env.world_size, env.main, env.distributed) == (0, 1, True, False)
+    model = _lora_model()
+    assert fdist.wrap_ddp(model, env) is model and fdist.unwrap(model) is model
+
+
+@pytest.mark.parametrize("var, value, device, error", [
+    ("WORLD_SIZE", "two", "cpu", "WORLD_SIZE must be an integer"),
+    ("WORLD_SIZE", "1", "tpu", "device must be 'cuda' or 'cpu'"),
+])
+def test_init_distributed_bad_settings_are_clear_errors(monkeypatch, var, value, device, error):
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ValueError, match=error):
+        fdist.init_distributed(device)

@@ -92,3 +92,39 @@ def test_1b_config_has_llama_1b_shapes(example):
     model = example.build_model("llama-1b-config", 100, torch.bfloat16, torch.device("meta"), 0)
     n = sum(p.numel() for p in model.parameters())
     assert 1.2e9 < n < 1.3e9, n  # Llama-3.2-1B: 1.24B parameters (tied embeddings)
+
+
+class _FakeTokenizer:
+    eos_token_id = 1
+
+    def __call__(self, text):
+        return {"input_ids": [2 + len(w) for w in text.split()]}
+
+    def __len__(self):
+        return 50
+
+
+class _FakeSplit(dict):
+    @property
+    def column_names(self):
+        return list(self)
+
+
+def test_dataset_text_column_is_tokenized_into_blocks(example, monkeypatch):
+    """The --dataset path (no download here): the text column, tokenized, joined with
+    EOS and cut into --seq-len blocks; empty lines are skipped; a wrong column is named."""
+    import types
+
+    import transformers
+
+    rows = ["a bb ccc", "", "dddd eeeee", "ff g"] * 4
+    fake = types.SimpleNamespace(load_dataset=lambda name, config, split: _FakeSplit(text=rows))
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda name: _FakeTokenizer())
+    args = example.parse_args(["--model", "some/model", "--dataset", "some/data", "--seq-len", "4"])
+    blocks, vocab = example.load_data(args, needed=3)
+    stream = [3, 4, 5, 1, 6, 7, 1, 4, 3, 1]
+    assert vocab == 50 and blocks.shape[1] == 4 and blocks.shape[0] >= 3
+    assert blocks.flatten().tolist() == (stream * 2)[: blocks.numel()]
+    with pytest.raises(SystemExit, match="no column 'body'"):
+        example.load_data(example.parse_args(["--model", "m", "--dataset", "d", "--text-column", "body"]), 3)
