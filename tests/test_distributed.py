@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -120,7 +121,13 @@ def _free_port() -> int:
 def runs(tmp_path_factory):
     """The 2-process run (DDP then FSDP2) and the single-process run on the same data."""
     out = str(tmp_path_factory.mktemp("distributed"))
-    mp.start_processes(_worker, args=(_free_port(), out), nprocs=WORLD, start_method="spawn", join=True)
+    procs = mp.start_processes(_worker, args=(_free_port(), out), nprocs=WORLD, start_method="spawn", join=False)
+    deadline = time.monotonic() + 600  # a hung collective fails the test instead of hanging the suite
+    while not procs.join(timeout=1):  # re-raises a worker's exception
+        if time.monotonic() > deadline:
+            for p in procs.processes:
+                p.kill()
+            pytest.fail("the 2-process run did not finish in 600 s")
     results = torch.load(os.path.join(out, "results.pt"), weights_only=False)
     single = _lora_model()
     _train(single, slice(None))
@@ -135,7 +142,7 @@ def _assert_same_adapter(got: dict, want: dict) -> None:
     assert got.keys() == want.keys()
     init = {k: t.detach() for k, t in adapter_tensors(_lora_model(), "default").items()}
     for key, value in want.items():
-        assert not torch.equal(value, init[key]) or "lora_A" in key, f"{key} did not train"
+        assert not torch.equal(value, init[key]), f"{key} did not train"
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
 
 
