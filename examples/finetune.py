@@ -239,6 +239,9 @@ def train_loop(model, blocks: torch.Tensor, args: argparse.Namespace, env: fdist
     sampler = torch.utils.data.DistributedSampler(
         data, num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, sampler=sampler, drop_last=True)
+    if len(loader) == 0:
+        raise SystemExit(f"{len(data)} sequences make no full batch of --batch-size {args.batch_size} on each of "
+                         f"{env.world_size} process(es): lower --batch-size or --seq-len, or use more data")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     losses, times, epoch = [], [], 0
@@ -287,7 +290,7 @@ def train_hf(model, blocks: torch.Tensor, args: argparse.Namespace, env: fdist.D
     targs = TrainingArguments(
         output_dir=os.path.join(out, "trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else 1e9, logging_steps=1, save_strategy="no",
+        max_grad_norm=args.max_grad_norm, logging_steps=1, save_strategy="no",
         report_to="none", seed=args.seed, data_seed=args.seed, dataloader_drop_last=True,
         remove_unused_columns=False, use_cpu=env.device.type == "cpu", disable_tqdm=not env.main,
         bf16=False, fp16=False, ddp_find_unused_parameters=False,
