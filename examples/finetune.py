@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=32, help="tokens per sequence")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (constant)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
-    p.add_argument("--r", type=int, default=8, help="LoRA rank")
+    # (not "--r": torchrun would take it for an abbreviation of its own options)
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank r")
     p.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha")
     p.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the LoRA branch")
     p.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("steps", "batch_size", "seq_len", "r"):
+    for name in ("steps", "batch_size", "seq_len", "lora_r"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if not 0.0 <= args.lora_dropout < 1.0:
@@ -211,7 +212,7 @@ def build_model(name: str, vocab_size: int, dtype: torch.dtype, device: torch.de
 
 
 def lora_dict(args: argparse.Namespace) -> dict:
-    return {"r": args.r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
+    return {"r": args.lora_r, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
             "target_modules": args.target_modules.split(","), "task_type": "CAUSAL_LM"}
 
 

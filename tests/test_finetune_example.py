@@ -17,7 +17,7 @@ import fastpeft as fp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "finetune.py")
-TINY_RUN = ["--steps", "3", "--batch-size", "2", "--seq-len", "16", "--r", "4", "--target-modules", "q_proj",
+TINY_RUN = ["--steps", "3", "--batch-size", "2", "--seq-len", "16", "--lora-r", "4", "--target-modules", "q_proj",
             "--warmup-steps", "1"]
 
 
@@ -68,6 +68,25 @@ def test_example_trains_saves_and_peft_reloads(example, tmp_path, trainer):
     assert log.count(per_step) >= 1, log[-2000:]
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     _check_adapter_reloads_in_peft(example, out, report)
+
+
+def test_example_under_torchrun_with_fsdp2(tmp_path):
+    """2 processes (gloo), FSDP2: rank 0 alone reports and writes the adapter, gathered
+    from the shards, and peft reloads it. The ops run as the PyTorch reference here
+    (TRITON_INTERPRET=0): tests/test_distributed.py runs the kernels under FSDP2."""
+    out, report = tmp_path / "adapter", tmp_path / "run.json"
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "TRITON_INTERPRET": "0",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT, "--fsdp",
+         "--output-dir", str(out), "--json", str(report), *TINY_RUN],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(report.read_text())
+    assert data["world_size"] == 2 and data["fsdp"] and data["reload_ok"] is True
+    assert proc.stdout.count("reloaded in peft") == 1 and proc.stdout.count("step    3  loss") == 1
+    assert (out / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.parametrize("argv, message", [
