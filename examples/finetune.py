@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plain PyTorch loop or the Hugging Face Trainer")
     p.add_argument("--peft", action="store_true", help="train with peft.get_peft_model instead of fastpeft")
     p.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (fully_shard; --trainer loop)")
-    p.add_argument("--steps", type=int, default=30, help="optimizer steps")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step and process")
     p.add_argument("--seq-len", type=int, default=32, help="tokens per sequence")
     p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (constant)")
@@ -377,6 +377,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # peft 0.21 asks transformers 5 for a renamed attribute: a warning about peft, not this run.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
     env = fdist.init_distributed(args.device)
+    if env.device.type == "cpu" and args.model == "tiny" and "OMP_NUM_THREADS" not in os.environ:
+        # Its matmuls are too small to gain from threads, and on a busy machine the
+        # threads' spin-waits made each step 10-50x slower (measured).
+        torch.set_num_threads(1)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if env.device.type == "cuda" else torch.float32)
     blocks, vocab = load_data(args, args.steps * args.batch_size * env.world_size)
     model = add_lora(build_model(args.model, vocab, dtype, env.device, args.seed), args)
