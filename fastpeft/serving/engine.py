@@ -4,7 +4,8 @@ Over a transformers causal LM into which fastpeft injected ``FastLoRALinear`` la
 each request names its own adapter (or None for the base model), from an attached
 ``AdapterPool`` or from the layers themselves; greedy or seeded sampling; the model's own
 KV cache. Every step runs inside one ``fastpeft.batch_adapters`` block, so the mixed
-layers run the fused mixed-adapter kernel over one batch plan.
+layers run the fused mixed-adapter kernel over one batch plan. Prompts are token ids, or
+text when the engine has a tokenizer (then the output carries the decoded text too).
 """
 from __future__ import annotations
 
@@ -24,13 +25,70 @@ __all__ = ["ServingEngine", "GenerationOutput"]
 
 @dataclass
 class GenerationOutput:
-    """``sequences``: ``(B, P + T)`` left-padded prompts then the new tokens;
+    """What :meth:`ServingEngine.generate` returns, one row per prompt.
+
+    ``sequences``: ``(B, P + T)`` token ids, the left-padded prompts then the new tokens;
     ``new_tokens``: ``(B, T)`` the new tokens (``pad_token_id`` after a row's EOS);
-    ``prompt_lengths``: each prompt's length without padding."""
+    ``prompt_lengths``: each prompt's length in tokens, without padding;
+    ``text``: with a tokenizer, each row's new tokens decoded (up to its EOS, special
+    tokens skipped); None without one."""
 
     sequences: torch.Tensor
     new_tokens: torch.Tensor
     prompt_lengths: List[int]
+    text: Optional[List[str]] = None
+
+
+Prompts = Union[str, Sequence[str], torch.Tensor, Sequence[Sequence[int]]]
+
+
+def _token_ids(encoded: Any) -> List[int]:
+    """One prompt's ids from what a tokenizer returned for it (a mapping with
+    ``input_ids``, or the ids themselves; a list or a ``(1, L)``/``(L,)`` tensor)."""
+    ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() == 2 and ids.shape[0] == 1:
+            ids = ids[0]
+        ids = ids.tolist()
+    return [int(i) for i in ids]
+
+
+def _encode(prompts: Prompts, tokenizer: Any) -> Union[torch.Tensor, Sequence[Sequence[int]]]:
+    """Text prompts (a string, or a list of strings) as token-id lists through
+    ``tokenizer``; token ids pass through unchanged."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    elif isinstance(prompts, torch.Tensor) or not any(isinstance(p, str) for p in prompts):
+        return prompts
+    if not all(isinstance(p, str) for p in prompts):
+        raise TypeError("prompts must be all strings or all token-id lists, not a mix")
+    if tokenizer is None:
+        raise TypeError(
+            "generate got text prompts but the engine has no tokenizer: pass "
+            "ServingEngine(model, pool, tokenizer=tokenizer), or give token ids (a tensor or lists of ints)"
+        )
+    return [_token_ids(tokenizer(p)) for p in prompts]
+
+
+def _decode_text(tokenizer: Any, new: torch.Tensor, eos_ids: List[int]) -> List[str]:
+    """Each row's new tokens as text: up to and including its first EOS, decoded with
+    ``skip_special_tokens=True`` (the tokenizer's ``decode``)."""
+    texts = []
+    for row in new.tolist():
+        end = next((i + 1 for i, tok in enumerate(row) if tok in eos_ids), len(row))
+        texts.append(tokenizer.decode(row[:end], skip_special_tokens=True))
+    return texts
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    """A tqdm bar over the decode steps, or None when not ``enabled``."""
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        raise ImportError("generate(progress=True) needs tqdm: pip install tqdm") from None
+    return tqdm(total=total, desc="generate", unit="token")
 
 
 def _left_pad(
@@ -138,6 +196,10 @@ class ServingEngine:
         pad_token_id: default: the model config's, else the EOS token, else 0.
         eos_token_id: ``"model"`` (default): the model's generation config; None: never stop
             early; an int or a list of ints.
+        tokenizer: optional; then prompts may be text and :class:`GenerationOutput` has
+            ``text``. Any object with ``tokenizer(text)["input_ids"]`` and
+            ``decode(ids, skip_special_tokens=True)`` (a transformers tokenizer). Its
+            ``pad_token_id`` is the default pad when the model config names none.
     """
 
     def __init__(
@@ -147,9 +209,11 @@ class ServingEngine:
         *,
         pad_token_id: Optional[int] = None,
         eos_token_id: Any = "model",
+        tokenizer: Any = None,
     ) -> None:
         self.model = model
         self.pool = pool
+        self.tokenizer = tokenizer
         self.layers = [m for m in model.modules() if isinstance(m, FastLoRALinear)]
         if not self.layers:
             raise ValueError("the model has no FastLoRALinear layers: inject LoRA first (fastpeft.inject)")
@@ -157,6 +221,8 @@ class ServingEngine:
         self.eos_token_id = getattr(cfg, "eos_token_id", None) if eos_token_id == "model" else eos_token_id
         if pad_token_id is None:
             pad_token_id = getattr(cfg, "pad_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = getattr(tokenizer, "pad_token_id", None)
         if pad_token_id is None:
             eos = self.eos_token_id
             pad_token_id = (eos[0] if isinstance(eos, (list, tuple)) else eos) if eos is not None else 0
@@ -184,8 +250,9 @@ class ServingEngine:
                 raise KeyError(f"adapters {unknown} are held by no layer of the model; it has {sorted(held)}")
 
     def _decode(self, ids: torch.Tensor, mask: torch.Tensor, new: torch.Tensor, sampling: _Sampling, pad: int,
-                eos_t: Optional[torch.Tensor]) -> None:
-        """Fill ``new`` (``(B, T)``) with the tokens generated after the prompts ``ids``."""
+                eos_t: Optional[torch.Tensor], bar: Any = None) -> None:
+        """Fill ``new`` (``(B, T)``) with the tokens generated after the prompts ``ids``;
+        ``bar``: a progress bar advanced once per step."""
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         step_ids, step_pos = ids, (mask.cumsum(-1) - 1).clamp_min(0)
         past = None
@@ -200,6 +267,8 @@ class ServingEngine:
             tok = sampling.next_token(out.logits[:, -1, :].float())
             tok = torch.where(done, torch.full_like(tok, pad), tok)
             new[:, t] = tok
+            if bar is not None:
+                bar.update(1)
             if eos_t is not None:
                 done = done | torch.isin(tok, eos_t)
                 if bool(done.all()):
@@ -211,7 +280,7 @@ class ServingEngine:
     @torch.inference_mode()
     def generate(
         self,
-        input_ids: Union[torch.Tensor, Sequence[Sequence[int]]],
+        input_ids: Prompts,
         adapter_names: Sequence[Optional[str]],
         max_new_tokens: int,
         *,
@@ -223,6 +292,7 @@ class ServingEngine:
         seed: Optional[Union[int, Sequence[int]]] = None,
         eos_token_id: Any = "engine",
         pad_token_id: Optional[int] = None,
+        progress: bool = False,
     ) -> GenerationOutput:
         """Generate ``max_new_tokens`` per prompt, row ``i`` with adapter ``adapter_names[i]``.
 
@@ -234,6 +304,10 @@ class ServingEngine:
         int for all rows, or one per row): a seeded request samples the same tokens
         alone or batched. Generation of a row stops at ``eos_token_id`` (default: the
         engine's; None: never) and ``pad_token_id`` fills the rest.
+
+        ``input_ids``: a ``(B, P)`` tensor, lists of token ids, or, when the engine has a
+        tokenizer, a string or a list of strings. ``progress=True`` shows a tqdm bar over
+        the decode steps. Returns a :class:`GenerationOutput`.
         """
         if self.model.training or any(layer.training for layer in self.layers):
             raise RuntimeError("ServingEngine.generate runs the model in eval mode: call model.eval() first")
@@ -244,7 +318,7 @@ class ServingEngine:
         eos = self.eos_token_id if eos_token_id == "engine" else eos_token_id
         eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
         device = next(self.model.parameters()).device
-        ids, mask, lengths = _left_pad(input_ids, attention_mask, pad, device)
+        ids, mask, lengths = _left_pad(_encode(input_ids, self.tokenizer), attention_mask, pad, device)
         B = ids.shape[0]
         names = list(adapter_names)
         if len(names) != B:
@@ -257,6 +331,13 @@ class ServingEngine:
         eos_t = torch.tensor(eos_ids, dtype=torch.long, device=device) if eos_ids else None
         # One plan for the whole generation: an attached pool marks the rows' adapters
         # used once and holds them in use until the block ends.
-        with batch_adapters(self.model, names):
-            self._decode(ids, mask, new, sampling, pad, eos_t)
-        return GenerationOutput(sequences=torch.cat([ids, new], dim=1), new_tokens=new, prompt_lengths=lengths)
+        bar = _progress_bar(max_new_tokens, progress)
+        try:
+            with batch_adapters(self.model, names):
+                self._decode(ids, mask, new, sampling, pad, eos_t, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        text = None if self.tokenizer is None else _decode_text(self.tokenizer, new, eos_ids)
+        return GenerationOutput(sequences=torch.cat([ids, new], dim=1), new_tokens=new, prompt_lengths=lengths,
+                                text=text)
