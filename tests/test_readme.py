@@ -74,3 +74,4 @@ def test_readme_blocks_run(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count(" ok\n") == len(blocks), proc.stdout
+    assert "False" not in proc.stdout, proc.stdout  # the checks the blocks print (e.g. same outputs: True)
