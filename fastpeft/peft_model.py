@@ -28,7 +28,8 @@ Differences from PEFT, all deliberate:
 * Parameter counts are the model's flags and tensors as they are: a prompt-learning
   adapter loaded with ``is_trainable=False`` is frozen (PEFT 0.21 leaves it trainable,
   and refuses ``is_trainable=True`` for it, which fastpeft allows); an inactive
-  LLaMA-Adapter counts (PEFT keeps it outside the module tree).
+  LLaMA-Adapter counts (PEFT keeps it outside the module tree); AdaLoRA's ``ranknum`` is
+  a number, not one frozen one-element parameter per layer as in PEFT.
 """
 from __future__ import annotations
 
@@ -230,7 +231,9 @@ class FastPeftModel(nn.Module):
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
-            raise ValueError(f"selected_adapters {unknown} are not adapters of the model; it has {list(self.peft_config)}")
+            raise ValueError(
+                f"selected_adapters {unknown} are not adapters of the model; it has {list(self.peft_config)}"
+            )
         if not is_main_process:
             return
         for name in names:
