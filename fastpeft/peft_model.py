@@ -43,18 +43,7 @@ from fastpeft.core.checkpoint import load_adapter, save_adapter
 from fastpeft.core.config import AdapterConfig
 from fastpeft.core.inject import inject
 from fastpeft.core.method import adapter_configs, method_of
-from fastpeft.core.state import (
-    active_adapter,
-    adapter_layers,
-    batch_adapters,
-    delete_adapter,
-    merge,
-    print_trainable_parameters,
-    set_adapter,
-    trainable_parameters,
-    unload,
-    unmerge,
-)
+from fastpeft.core import state
 
 __all__ = ["FastPeftModel", "get_peft_model"]
 
@@ -150,7 +139,7 @@ class FastPeftModel(nn.Module):
         """The active adapter's name (also inside ``disable_adapter()``, as PEFT)."""
         if self._adapters_disabled:
             return self._disabled_adapter
-        return active_adapter(self.base_model)
+        return state.active_adapter(self.base_model)
 
     @property
     def active_adapters(self) -> List[str]:
@@ -165,13 +154,13 @@ class FastPeftModel(nn.Module):
         """Activate ``adapter_name``: it trains (frozen with ``inference_mode``), the others are frozen."""
         self._known(adapter_name)
         self._refuse_while_disabled("set_adapter")
-        set_adapter(self.base_model, adapter_name, inference_mode=inference_mode)
+        state.set_adapter(self.base_model, adapter_name, inference_mode=inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter; if it was active, the first remaining one becomes active."""
         self._known(adapter_name)
         self._refuse_while_disabled("delete_adapter")
-        delete_adapter(self.base_model, adapter_name)
+        state.delete_adapter(self.base_model, adapter_name)
 
     def _refuse_while_disabled(self, what: str) -> None:
         if self._adapters_disabled:
@@ -186,18 +175,18 @@ class FastPeftModel(nn.Module):
             yield
             return
         model = self.base_model
-        name = active_adapter(model)
+        name = state.active_adapter(model)
         # set_adapter(None) leaves the flags alone, but re-activating would reset them:
         # the flags are put back as they were instead.
         flags = [(p, p.requires_grad) for p in model.parameters()]
-        set_adapter(model, None)
+        state.set_adapter(model, None)
         self._disabled_adapter, self._adapters_disabled = name, True
         try:
             yield
         finally:
             self._adapters_disabled, self._disabled_adapter = False, None
             if name is not None and name in adapter_configs(model):
-                set_adapter(model, name)
+                state.set_adapter(model, name)
             for p, flag in flags:
                 p.requires_grad_(flag)
 
@@ -205,11 +194,11 @@ class FastPeftModel(nn.Module):
 
     def get_nb_trainable_parameters(self) -> Tuple[int, int]:
         """``(trainable parameters, all parameters)``; a tensor shared by two modules counts once."""
-        return trainable_parameters(self.base_model)
+        return state.trainable_parameters(self.base_model)
 
     def print_trainable_parameters(self) -> None:
         """PEFT's line: ``trainable params: N || all params: M || trainable%: P``."""
-        print_trainable_parameters(self.base_model)
+        state.print_trainable_parameters(self.base_model)
 
     # ------------------------------------------------------------------ saving
 
@@ -250,11 +239,11 @@ class FastPeftModel(nn.Module):
         done: List[str] = []
         try:
             for name in names:
-                merge(self.base_model, name, safe_merge=safe_merge)
+                state.merge(self.base_model, name, safe_merge=safe_merge)
                 done.append(name)
         except BaseException:
             for name in reversed(done):
-                for _, layer in adapter_layers(self.base_model):
+                for _, layer in state.adapter_layers(self.base_model):
                     if name in getattr(layer, "merged_adapters", ()):
                         layer.unmerge(name)
             raise
@@ -279,7 +268,7 @@ class FastPeftModel(nn.Module):
 
     def unmerge_adapter(self) -> None:
         """Take every merged adapter out of the base weights."""
-        unmerge(self.base_model)
+        state.unmerge(self.base_model)
 
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: Optional[Sequence[str]] = None
@@ -288,12 +277,12 @@ class FastPeftModel(nn.Module):
         with no adapter layers left (PEFT's meaning; use the returned model, not this
         wrapper). ``progressbar`` is accepted for PEFT's signature."""
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
-        return unload(self.base_model, merge_adapter=False)
+        return state.unload(self.base_model, merge_adapter=False)
 
     def unload(self) -> nn.Module:
         """Return the plain model without merging: adapter layers removed (adapters merged
         earlier with ``merge_adapter`` stay in the weights, as in PEFT)."""
-        return unload(self.base_model, merge_adapter=False)
+        return state.unload(self.base_model, merge_adapter=False)
 
     def get_base_model(self) -> nn.Module:
         """The adapted model (its adapters in place), as PEFT's ``get_base_model``."""
@@ -308,7 +297,7 @@ class FastPeftModel(nn.Module):
         if adapter_names is None or self._adapters_disabled:
             yield
             return
-        with batch_adapters(self.base_model, list(adapter_names)):
+        with state.batch_adapters(self.base_model, list(adapter_names)):
             yield
 
     def forward(self, *args: Any, adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs: Any) -> Any:

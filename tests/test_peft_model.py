@@ -240,6 +240,8 @@ def test_wrapper_is_a_view_of_the_model():
             assert fp.active_adapter(base) is None and model.active_adapter == "b"
             with model.disable_adapter():  # nested: still disabled
                 pass
+            with pytest.raises(RuntimeError, match="disable_adapter"):
+                model.set_adapter("default")
             raise RuntimeError("boom")
     assert fp.active_adapter(base) == "b"
     assert {n: p.requires_grad for n, p in base.named_parameters()} == frozen
