@@ -84,10 +84,8 @@ def _progress_bar(total: int, enabled: bool) -> Any:
     """A tqdm bar over the decode steps, or None when not ``enabled``."""
     if not enabled:
         return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        raise ImportError("generate(progress=True) needs tqdm: pip install tqdm") from None
+    from tqdm.auto import tqdm
+
     return tqdm(total=total, desc="generate", unit="token")
 
 
