@@ -306,7 +306,13 @@ class FastPeftModel(nn.Module):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs: Any) -> Any:
-        """The model's ``generate``; ``adapter_names``: one adapter per prompt (eval mode)."""
+        """The model's ``generate``; ``adapter_names``: one adapter per prompt (eval mode).
+        With beam search each name covers its prompt's ``num_beams`` rows, as in PEFT."""
+        num_beams = kwargs.get("num_beams")
+        if adapter_names is not None and isinstance(num_beams, int) and num_beams > 1:
+            if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+                raise TypeError(f"adapter_names must be a list with one name per prompt, got {adapter_names!r}")
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
         with self._rows(adapter_names):
             return self.base_model.generate(*args, **kwargs)
 

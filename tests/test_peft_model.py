@@ -146,6 +146,8 @@ def script(lib, model_cls, kind: str, src: str, out: str) -> dict:
         r["mixed"] = fwd(model, adapter_names=ROWS)
         r["generated"] = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
                                         do_sample=False, adapter_names=ROWS)
+        r["beams"] = model.generate(input_ids=ids[:2], attention_mask=torch.ones_like(ids[:2]), max_new_tokens=2,
+                                    num_beams=2, do_sample=False, adapter_names=ROWS[1:])
     model.save_pretrained(out)
     r["files"] = files(out)
     if kind in MERGES:
