@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import DEVICE
+from conftest import DEVICE, ON_GPU
 
 from fastpeft.methods.lora.layer import FastLoRALinear
 from fastpeft.serving import graphs
@@ -139,3 +139,21 @@ def test_graphs_only_where_they_can_run(monkeypatch):
         ServingEngine(model, cuda_graphs=lambda step: step)._capture(torch.device("cpu"))
     with pytest.raises(TypeError, match="cuda_graphs"):
         ServingEngine(model, cuda_graphs="yes")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="captures a real CUDA graph")
+def test_cuda_graph_decode_equals_eager_on_gpu(monkeypatch):
+    import fastpeft.serving.engine as engine_mod
+
+    model = _model()
+    pool = _pool(model)
+    captured = []
+    real = engine_mod.capture_cuda_graph
+    monkeypatch.setattr(engine_mod, "capture_cuda_graph", lambda step: captured.append(1) or real(step))
+    names = ["a", None, "b"]
+    want = ServingEngine(model, pool, eos_token_id=None, cuda_graphs=False).generate(PROMPTS, names, 8).new_tokens
+    graph = ServingEngine(model, pool, eos_token_id=None)
+    assert torch.equal(graph.generate(PROMPTS, names, 8).new_tokens, want) and captured == [1]
+    assert torch.equal(graph.generate(PROMPTS, ["b", "a", None], 8).new_tokens,
+                       ServingEngine(model, pool, eos_token_id=None, cuda_graphs=False)
+                       .generate(PROMPTS, ["b", "a", None], 8).new_tokens)
