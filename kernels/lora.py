@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from . import lora_tma
+from .lora_library import library_lora
 from .autotune import INTERPRETER_CONFIG, TMA_MIN_M, KernelConfig, LibraryGemm, Variant, lora_variants, m_bucket, pick
 from .runtime import (
     Rows,
@@ -283,27 +284,16 @@ def _library_gemm(
     scaling: float,
     y2: torch.Tensor,
 ) -> None:
-    """The library-GEMM variant, written into ``y2`` (``(M, N)``): ``y = x W^T + b`` by
-    the library (cuBLAS on CUDA), then ``y += s * xa B^T`` in place, ``xa = x A^T`` from
-    :func:`lora_shrink` unless given. A branch kept in fp32 (:func:`runtime.lora_in_fp32`)
-    adds its fp32 product to the rounded base output, as PEFT's unfused layer does."""
-    M, (N, K) = rows.M, weight.shape
+    """The library-GEMM variant into ``y2`` (:func:`lora_library.library_lora`), with
+    ``xa = x A^T`` from :func:`lora_shrink` unless given."""
+    M, K = rows.M, weight.shape[1]
     x2 = as_2d(rows, K)
     if x2 is None:  # rows with two strides: the library needs one
         x2 = rows.x.reshape(M, K)
-    if bias is None:
-        torch.mm(x2, weight.t(), out=y2)
-    else:
-        torch.addmm(bias, x2, weight.t(), out=y2)
-    if lora_A is None or lora_A.shape[0] == 0:
-        return
-    if xa is None:
+    has_lora = lora_A is not None and lora_A.shape[0] > 0
+    if has_lora and xa is None:
         xa = lora_shrink(x2, lora_A)
-    b_t = lora_B.to(xa.dtype).t()
-    if xa.dtype == y2.dtype:
-        y2.addmm_(xa, b_t, alpha=scaling)
-    else:
-        y2.add_(torch.mm(xa, b_t), alpha=scaling)
+    library_lora(x2=x2, weight=weight, bias=bias, lora_B=lora_B if has_lora else None, xa=xa, scaling=scaling, y=y2)
 
 
 def _launch(

@@ -7,27 +7,13 @@ import torch
 
 from conftest import DEVICE, KERNEL_DTYPES
 from numerics import assert_matches_ref
+from test_lora_kernel import _make, _ref64
 
 from fastpeft.kernels import autotune
 from fastpeft.kernels import lora as lora_kernels
 from fastpeft.kernels.autotune import LIBRARY_GEMM, KernelConfig, lora_candidates, lora_variants
 from fastpeft.kernels.reference import lora_linear_ref
 from fastpeft.kernels.runtime import k_splits
-
-
-def _make(M, K, N, r, dtype, bias=True, adapter_dtype=None):
-    at = adapter_dtype or dtype
-    x = torch.randn(M, K, device=DEVICE, dtype=dtype)
-    w = torch.randn(N, K, device=DEVICE, dtype=dtype) / K**0.5
-    b = torch.randn(N, device=DEVICE, dtype=dtype) if bias else None
-    a = torch.randn(r, K, device=DEVICE, dtype=at) / K**0.5
-    bm = torch.randn(N, r, device=DEVICE, dtype=at) / r**0.5
-    return x, w, b, a, bm
-
-
-def _ref64(x, w, b, a, bm, s, xl=None):
-    d = lambda t: None if t is None else t.double()  # noqa: E731
-    return lora_linear_ref(d(x), d(w), d(b), d(a), d(bm), s, d(xl))
 
 
 @pytest.fixture
@@ -66,9 +52,9 @@ def test_library_floor_with_precomputed_xa_strided_rows_and_base_only(no_tiles):
 
 def test_library_floor_keeps_fp32_branch_of_fp32_adapters(no_tiles):
     """fp32 adapters on an fp16 base: ``x A^T`` past fp16's range stays finite (fp32 branch)."""
-    x, w, b, a, bm = _make(8, 32, 16, 4, torch.float16, adapter_dtype=torch.float32)
-    a = a * 3e4  # |x A^T| > 65504: an fp16 branch would overflow
-    bm = bm / 3e4
+    x, w, b, a, bm = _make(8, 32, 16, 4, torch.float16)
+    a = a.float() * 3e4  # |x A^T| > 65504: an fp16 branch would overflow
+    bm = bm.float() / 3e4
     y = lora_kernels.lora_linear_fwd(x, w, b, a, bm, 1.0, config=LIBRARY_GEMM)
     ref = _ref64(x, w, b, a, bm, 1.0)
     assert torch.isfinite(y).all()

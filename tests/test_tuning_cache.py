@@ -157,7 +157,7 @@ def test_pretune_visits_every_layer_shape(gpu_tuner, monkeypatch):
         return LIBRARY_GEMM  # cheap to run here; the choice itself is not under test
 
     monkeypatch.setattr(autotune, "_fastest", fastest)
-    report = tuning.pretune(model, batch_sizes=(1, 5, 40), progress=False)
+    report = fp.pretune(model, batch_sizes=(1, 5, 40), progress=False)
     layers = [m for m in model.modules() if isinstance(m, fp.FastLoRALinear)]
     shapes = {(m.out_features, m.in_features) for m in layers}
     assert len(shapes) == 3  # q: 32x32, v: 16x32, down: 32x48

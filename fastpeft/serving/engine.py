@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -209,46 +209,12 @@ class ServingEngine:
             return capture_cuda_graph
         return None
 
-    def _decode_static(self, ids: torch.Tensor, mask: torch.Tensor, new: torch.Tensor, sampling: _Sampling,
-                       pad: int, eos_t: Optional[torch.Tensor], capture: Capture) -> None:
-        """:meth:`_decode` over static buffers (``graphs.StaticDecode``): the first decode
-        step eagerly, then ``capture`` of the step, replayed for every later token."""
-        (B, P), T = ids.shape, new.shape[1]
-        dtype = next(self.model.parameters()).dtype
-        if self._static is None or not self._static.fits(B, P + T, ids.device, dtype):
-            self._static = None  # free the old buffers first
-            self._static = StaticDecode(self.model, self._cache_kw, B, StaticDecode.slots_for(P + T), ids.device, dtype)
-        static = self._static
-        logits = static.prefill(ids, mask)
-        done = torch.zeros(B, dtype=torch.bool, device=ids.device)
-        replay: Optional[Callable[[], None]] = None
-        for t in range(T):
-            if t:
-                static.advance(tok)
-                if replay is None:
-                    static.step()  # eager: compiles and tunes every kernel before capture
-                    replay = capture(static.step)
-                else:
-                    replay()
-                logits = static.logits[:, -1, :]
-            tok = sampling.next_token(logits.float())
-            tok = torch.where(done, torch.full_like(tok, pad), tok)
-            new[:, t] = tok
-            if eos_t is not None:
-                done = done | torch.isin(tok, eos_t)
-                if bool(done.all()):
-                    break
-
-    def _decode(self, ids: torch.Tensor, mask: torch.Tensor, new: torch.Tensor, sampling: _Sampling, pad: int,
-                eos_t: Optional[torch.Tensor]) -> None:
-        """Fill ``new`` (``(B, T)``) with the tokens generated after the prompts ``ids``."""
-        capture = self._capture(ids.device)
-        if capture is not None and new.shape[1] > 0:
-            return self._decode_static(ids, mask, new, sampling, pad, eos_t, capture)
-        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    def _eager_logits(self, ids: torch.Tensor, mask: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The next-token logits ``(B, V)`` of each step over the model's own cache: the
+        prompts' first, then one step per token sent in."""
         step_ids, step_pos = ids, (mask.cumsum(-1) - 1).clamp_min(0)
         past = None
-        for t in range(new.shape[1]):
+        while True:
             out = self.model(
                 input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
                 **{self._cache_kw: past},
@@ -256,16 +222,46 @@ class ServingEngine:
             past = getattr(out, self._cache_kw, None)
             if past is None:
                 past = out.past_key_values
-            tok = sampling.next_token(out.logits[:, -1, :].float())
+            tok = yield out.logits[:, -1, :]
+            step_ids = tok[:, None]
+            step_pos = step_pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+
+    def _static_logits(self, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int,
+                       capture: Capture) -> Iterator[torch.Tensor]:
+        """As :meth:`_eager_logits`, over static buffers (``graphs.StaticDecode``): the
+        prefill and the first decode step eagerly (that step compiles and tunes every
+        kernel), then ``capture`` of the step, replayed for every later token."""
+        (B, P), dtype = ids.shape, next(self.model.parameters()).dtype
+        if self._static is None or not self._static.fits(B, P + new_tokens, ids.device, dtype):
+            self._static = None  # free the old buffers first
+            self._static = StaticDecode(self.model, self._cache_kw, B, StaticDecode.slots_for(P + new_tokens),
+                                        ids.device, dtype)
+        static = self._static
+        tok = yield static.prefill(ids, mask)
+        static.advance(tok)
+        static.step()
+        replay = capture(static.step)
+        while True:
+            tok = yield static.logits[:, -1, :]
+            static.advance(tok)
+            replay()
+
+    def _decode(self, ids: torch.Tensor, mask: torch.Tensor, new: torch.Tensor, sampling: _Sampling, pad: int,
+                eos_t: Optional[torch.Tensor]) -> None:
+        """Fill ``new`` (``(B, T)``) with the tokens generated after the prompts ``ids``."""
+        capture = self._capture(ids.device)
+        steps = self._eager_logits(ids, mask) if capture is None else self._static_logits(ids, mask, new.shape[1], capture)
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for t in range(new.shape[1]):
+            logits = next(steps) if t == 0 else steps.send(tok)
+            tok = sampling.next_token(logits.float())
             tok = torch.where(done, torch.full_like(tok, pad), tok)
             new[:, t] = tok
             if eos_t is not None:
                 done = done | torch.isin(tok, eos_t)
                 if bool(done.all()):
                     break
-            step_ids = tok[:, None]
-            step_pos = step_pos[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
 
     @torch.inference_mode()
     def generate(
