@@ -21,7 +21,9 @@ from typing import Any, Dict, Hashable, Iterable, List, Optional, Sequence, Tupl
 import torch
 import torch.nn as nn
 
+from fastpeft.core.batch import providers_of
 from fastpeft.core.linear import AdapterLinear
+from fastpeft.core.state import batch_adapters
 from fastpeft.kernels import autotune, tuning_cache
 
 __all__ = ["PretuneReport", "layer_shapes", "main", "pretune"]
@@ -72,11 +74,17 @@ def _progress(items: Sequence[Any], enabled: bool) -> Iterable[Any]:
     return tqdm(items, desc="fastpeft pretune", unit="shape")
 
 
+def _served(model: nn.Module) -> List[str]:
+    """Adapters the model's batch providers (an attached ``AdapterPool``) serve."""
+    return sorted({n for p in providers_of(model) for n in p.served()})
+
+
 def pretune(
     model: nn.Module,
     batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
     dtype: Optional[torch.dtype] = None,
     progress: bool = True,
+    mixed: Optional[bool] = None,
 ) -> PretuneReport:
     """Tune the kernels of every distinct adapter layer of ``model`` for inputs of each of
     ``batch_sizes`` rows (token rows: batch times sequence length), so that no request
@@ -85,8 +93,12 @@ def pretune(
     Each distinct layer (kind, ``in_features``, ``out_features``, dtype, device, adapter
     shapes) runs one inference forward (eval mode, no grad, the active adapter) of a
     random ``(M, in_features)`` input per ``M`` in ``batch_sizes``; ``dtype`` is the
-    input's (default: each layer's weight dtype). Training modes are restored after.
-    ``progress`` shows a tqdm bar when tqdm is installed. Returns a :class:`PretuneReport`.
+    input's (default: each layer's weight dtype). With ``mixed`` (default: when an
+    attached ``AdapterPool`` serves adapters, as ``ServingEngine`` uses it) each also
+    runs as a mixed batch (``batch_adapters``: the rows cycle through the served adapters
+    and the base model), which tunes the mixed-adapter kernel. Training modes are
+    restored after. ``progress`` shows a tqdm bar when tqdm is installed. Returns a
+    :class:`PretuneReport`.
     """
     sizes = [int(m) for m in batch_sizes]
     if not sizes or any(m <= 0 for m in sizes):
@@ -94,18 +106,27 @@ def pretune(
     count, layers = layer_shapes(model, dtype)
     if not layers:
         raise ValueError("the model has no fastpeft adapter layers: inject or load an adapter first")
+    served = _served(model)
+    if mixed and not served:
+        raise ValueError("pretune(mixed=True) needs an AdapterPool attached to the model with adapters loaded")
+    cycle: List[Optional[str]] = [*served, None] if (served if mixed is None else mixed) else []
     before = len(autotune.TUNED)
-    work = [(name, layer, m) for name, layer in layers for m in sizes]
-    modes = {layer: layer.training for _, layer in layers}
+    work = [(layer, m, False) for _, layer in layers for m in sizes]
+    work += [(layer, m, True) for _, layer in layers for m in sizes if cycle]
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
     try:
-        for _, layer, m in _progress(work, progress):
-            layer.eval()
+        for layer, m, as_mixed in _progress(work, progress):
             x = torch.randn(m, layer.in_features, device=layer.weight.device, dtype=dtype or layer.weight.dtype)
             with torch.no_grad():
-                layer(x)
+                if as_mixed:
+                    with batch_adapters(model, [cycle[i % len(cycle)] for i in range(m)]):
+                        layer(x)
+                else:
+                    layer(x)
     finally:
-        for layer, mode in modes.items():
-            layer.train(mode)
+        for module, mode in modes.items():
+            module.train(mode)
     path = tuning_cache.cache_path()
     return PretuneReport(count, len(layers), len(work), len(autotune.TUNED) - before,
                          None if path is None else str(path))

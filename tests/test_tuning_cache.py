@@ -168,6 +168,27 @@ def test_pretune_visits_every_layer_shape(gpu_tuner, monkeypatch):
     assert not model.training and all(not m.training for m in layers)
 
 
+def test_pretune_tunes_mixed_batches_of_an_attached_pool(gpu_tuner, monkeypatch):
+    model = tiny_llama()
+    fp.inject(model, fp.LoraConfig(r=2, target_modules=["v_proj", "down_proj"]))
+    model.eval()
+    pool = fp.AdapterPool(model, max_adapters=2, max_rank=4)
+    g = torch.Generator().manual_seed(0)
+    pool.load("a", {n: (torch.randn(4, ls.in_features, generator=g), torch.randn(ls.out_features, 4, generator=g))
+                    for n, ls in pool.layers.items()}, lora_alpha=8)
+    timed_keys = []
+    monkeypatch.setattr(autotune, "_fastest", lambda key, run, cands: timed_keys.append(key) or cands[0])
+    report = fp.pretune(model, batch_sizes=(3, 20), progress=False)
+    shapes = {(ls.out_features, ls.in_features) for ls in pool.layers.values()}
+    # The mixed-adapter kernel's expand tiles (its launch choices are tuned on CUDA tensors only).
+    mixed = {((key[6], key[7]), key[-1]) for key in timed_keys if key[0] == "multi_lora"}
+    assert len(shapes) == 2 and mixed == {(s, b) for s in shapes for b in (4, 32)}
+    assert report.runs == 2 * 2 * 2  # shapes x batch sizes x (own adapter, mixed)
+    assert fp.pretune(model, batch_sizes=(3,), progress=False, mixed=False).runs == 2
+    with pytest.raises(ValueError, match="AdapterPool"):
+        fp.pretune(_lora_model(), batch_sizes=(1,), mixed=True)
+
+
 def test_pretune_rejects_bad_input():
     with pytest.raises(ValueError, match="batch_sizes"):
         tuning.pretune(_lora_model(), batch_sizes=(0,))
