@@ -196,30 +196,26 @@ def run_gpu(
     shapes, ms, default_ranks = (QUICK_SHAPES, QUICK_MS, [16]) if quick else (SHAPES, MS, RANKS)
     ranks = ranks or default_ranks
     rows = []
-    for K, N in shapes:
+    points = [(K, N, r, M) for K, N in shapes for r in ranks for M in ms]
+    for K, N, r, M in common.progress(points, "bench_lora fwd"):
         # torch.compile recompiles per shape (tens of seconds): --quick measures it on the
         # first shape only.
         with_compile = not quick or (K, N) == shapes[0]
-        for r in ranks:
-            for M in ms:
-                row = _time_point(K, N, M, r, with_compile=with_compile)
-                row["target"] = _verdict(row)
-                rows.append(row)
-                common.write_partial(json_path, info, quick, rows)
-                print(
-                    f"K={K} N={N} M={M} r={r}: base {row.get('base_ms', float('nan')):.4f} ms, "
-                    f"fastpeft {row.get('fastpeft_x') or float('nan'):.3f}x",
-                    flush=True,
-                )
-                torch.cuda.empty_cache()
+        row = _time_point(K, N, M, r, with_compile=with_compile)
+        row["target"] = _verdict(row)
+        rows.append(row)
+        common.write_partial(json_path, info, quick, rows)
+        common.say(f"K={K} N={N} M={M} r={r}: base {row.get('base_ms', float('nan')):.4f} ms, "
+                   f"fastpeft {row.get('fastpeft_x') or float('nan'):.3f}x")
+        torch.cuda.empty_cache()
     # Training steps: forward + backward at prefill sizes (--quick: one shape, one M).
-    for K, N in shapes[:1] if quick else shapes:
-        for M in [4096] if quick else [1024, 4096]:
-            row = _time_train_point(K, N, M, 16)
-            rows.append(row)
-            common.write_partial(json_path, info, quick, rows)
-            print(f"fwd+bwd K={K} N={N} M={M}: fastpeft {row.get('fastpeft_x') or float('nan'):.3f}x", flush=True)
-            torch.cuda.empty_cache()
+    train_points = [(K, N, M) for K, N in (shapes[:1] if quick else shapes) for M in ([4096] if quick else [1024, 4096])]
+    for K, N, M in common.progress(train_points, "bench_lora fwd+bwd"):
+        row = _time_train_point(K, N, M, 16)
+        rows.append(row)
+        common.write_partial(json_path, info, quick, rows)
+        common.say(f"fwd+bwd K={K} N={N} M={M}: fastpeft {row.get('fastpeft_x') or float('nan'):.3f}x")
+        torch.cuda.empty_cache()
     return rows
 
 
