@@ -4,19 +4,25 @@ Over a transformers causal LM into which fastpeft injected ``FastLoRALinear`` la
 each request names its own adapter (or None for the base model), from an attached
 ``AdapterPool`` or from the layers themselves; greedy or seeded sampling; the model's own
 KV cache. Every step runs inside one ``fastpeft.batch_adapters`` block, so the mixed
-layers run the fused mixed-adapter kernel over one batch plan.
+layers run the fused mixed-adapter kernel over one batch plan. On a GPU the decode step
+runs over static buffers and a transformers ``StaticCache`` and is replayed from a CUDA
+graph (``fastpeft.serving.graphs``); elsewhere (CPU, the Triton interpreter, models
+without static-cache support, ``cuda_graphs=False``) it runs eagerly over the model's
+own cache.
 """
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from fastpeft.core.state import batch_adapters
+from fastpeft.kernels.runtime import interpreter_active
 from fastpeft.methods.lora.layer import FastLoRALinear
+from fastpeft.serving.graphs import Capture, StaticDecode, capture_cuda_graph, supports_static_decode
 from fastpeft.serving.pool import AdapterPool
 
 __all__ = ["ServingEngine", "GenerationOutput"]
@@ -138,6 +144,11 @@ class ServingEngine:
         pad_token_id: default: the model config's, else the EOS token, else 0.
         eos_token_id: ``"model"`` (default): the model's generation config; None: never stop
             early; an int or a list of ints.
+        cuda_graphs: True (default): replay the decode step from a CUDA graph where it can
+            (a CUDA model with transformers static-cache support, compiled kernels), else
+            decode eagerly; False: always eagerly. A callable ``capture(step) -> replay``
+            runs the static-buffer path with it in place of the CUDA-graph capture (on
+            any device; ``lambda step: step`` replays by calling the step).
     """
 
     def __init__(
@@ -147,7 +158,12 @@ class ServingEngine:
         *,
         pad_token_id: Optional[int] = None,
         eos_token_id: Any = "model",
+        cuda_graphs: Union[bool, Capture] = True,
     ) -> None:
+        if not (isinstance(cuda_graphs, bool) or callable(cuda_graphs)):
+            raise TypeError(f"cuda_graphs must be True, False or a capture function, got {cuda_graphs!r}")
+        self.cuda_graphs = cuda_graphs
+        self._static: Optional[StaticDecode] = None
         self.model = model
         self.pool = pool
         self.layers = [m for m in model.modules() if isinstance(m, FastLoRALinear)]
@@ -183,13 +199,22 @@ class ServingEngine:
             if unknown:
                 raise KeyError(f"adapters {unknown} are held by no layer of the model; it has {sorted(held)}")
 
-    def _decode(self, ids: torch.Tensor, mask: torch.Tensor, new: torch.Tensor, sampling: _Sampling, pad: int,
-                eos_t: Optional[torch.Tensor]) -> None:
-        """Fill ``new`` (``(B, T)``) with the tokens generated after the prompts ``ids``."""
-        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    def _capture(self, device: torch.device) -> Optional[Capture]:
+        """How the decode step is replayed: a capture function, or None to decode eagerly."""
+        if not isinstance(self.cuda_graphs, bool):
+            if not supports_static_decode(self.model):
+                raise ValueError("cuda_graphs: this model does not run with a transformers StaticCache")
+            return self.cuda_graphs
+        if self.cuda_graphs and device.type == "cuda" and not interpreter_active() and supports_static_decode(self.model):
+            return capture_cuda_graph
+        return None
+
+    def _eager_logits(self, ids: torch.Tensor, mask: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The next-token logits ``(B, V)`` of each step over the model's own cache: the
+        prompts' first, then one step per token sent in."""
         step_ids, step_pos = ids, (mask.cumsum(-1) - 1).clamp_min(0)
         past = None
-        for t in range(new.shape[1]):
+        while True:
             out = self.model(
                 input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
                 **{self._cache_kw: past},
@@ -197,16 +222,46 @@ class ServingEngine:
             past = getattr(out, self._cache_kw, None)
             if past is None:
                 past = out.past_key_values
-            tok = sampling.next_token(out.logits[:, -1, :].float())
+            tok = yield out.logits[:, -1, :]
+            step_ids = tok[:, None]
+            step_pos = step_pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+
+    def _static_logits(self, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int,
+                       capture: Capture) -> Iterator[torch.Tensor]:
+        """As :meth:`_eager_logits`, over static buffers (``graphs.StaticDecode``): the
+        prefill and the first decode step eagerly (that step compiles and tunes every
+        kernel), then ``capture`` of the step, replayed for every later token."""
+        (B, P), dtype = ids.shape, next(self.model.parameters()).dtype
+        if self._static is None or not self._static.fits(B, P + new_tokens, ids.device, dtype):
+            self._static = None  # free the old buffers first
+            self._static = StaticDecode(self.model, self._cache_kw, B, StaticDecode.slots_for(P + new_tokens),
+                                        ids.device, dtype)
+        static = self._static
+        tok = yield static.prefill(ids, mask)
+        static.advance(tok)
+        static.step()
+        replay = capture(static.step)
+        while True:
+            tok = yield static.logits[:, -1, :]
+            static.advance(tok)
+            replay()
+
+    def _decode(self, ids: torch.Tensor, mask: torch.Tensor, new: torch.Tensor, sampling: _Sampling, pad: int,
+                eos_t: Optional[torch.Tensor]) -> None:
+        """Fill ``new`` (``(B, T)``) with the tokens generated after the prompts ``ids``."""
+        capture = self._capture(ids.device)
+        steps = self._eager_logits(ids, mask) if capture is None else self._static_logits(ids, mask, new.shape[1], capture)
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for t in range(new.shape[1]):
+            logits = next(steps) if t == 0 else steps.send(tok)
+            tok = sampling.next_token(logits.float())
             tok = torch.where(done, torch.full_like(tok, pad), tok)
             new[:, t] = tok
             if eos_t is not None:
                 done = done | torch.isin(tok, eos_t)
                 if bool(done.all()):
                     break
-            step_ids = tok[:, None]
-            step_pos = step_pos[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
 
     @torch.inference_mode()
     def generate(
