@@ -33,6 +33,9 @@ mkdir -p "$out"
 status=0
 : "${scale:=1}"
 [ -n "${pytest_mode+set}" ] || pytest_mode=()
+# The tuner's picks (kernels/tuning_cache.py) land beside the results: which variant won
+# for each shape (tests use a cache of their own).
+export FASTPEFT_CACHE="$out/tuning_cache"
 
 # The package maps kernels/ to fastpeft.kernels, so it must be installed (editable, no
 # downloads: the GPU machine has no network and already has torch, triton and friends).
@@ -67,6 +70,7 @@ step selfcheck 30 python -m fastpeft.selfcheck --no-bench
 step bench_lora 120 python benchmarks/bench_lora.py --quick --json "$out/bench_lora.json"
 step bench_adapters 60 python benchmarks/bench_adapters.py --quick --json "$out/bench_adapters.json"
 step bench_multi 60 python benchmarks/bench_multi.py --quick --json "$out/bench_multi.json"
+step bench_decode 60 python benchmarks/bench_decode.py --quick --json "$out/bench_decode.json"
 step bench_adalora 45 python benchmarks/bench_adalora.py --quick --json "$out/bench_adalora.json"
 if [ "$#" -eq 0 ]; then
   step other_tests 60 python -m pytest -q -p no:cacheprovider "${pytest_mode[@]}" tests \

@@ -43,6 +43,7 @@ from fastpeft.methods.prompt.config import (
 from fastpeft.peft_model import FastPeftModel, get_peft_model
 from fastpeft.serving.engine import GenerationOutput, ServingEngine
 from fastpeft.serving.pool import AdapterError, AdapterPool, PoolFullError
+from fastpeft.tuning import pretune
 
 for _method in BUILTIN:
     register_method(_method)
@@ -50,7 +51,7 @@ del _method
 
 __version__ = "0.1.0"
 
-__all__ = ["FastLoRALinear", "lora_linear", "resolve_backend", "__version__"]
+__all__ = ["FastLoRALinear", "lora_linear", "resolve_backend", "pretune", "__version__"]
 __all__ += [
     "AdapterConfig", "LoraConfig", "MethodSpec", "register_method", "inject", "load_adapter", "save_adapter",
     "set_adapter", "active_adapter", "adapter_names", "merge", "unmerge", "unload", "delete_adapter",

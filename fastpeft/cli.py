@@ -33,6 +33,8 @@ COMMANDS: Sequence[Command] = (
             "fastpeft.bench_plot:main"),
     Command("methods", "compare the PEFT methods on a model config: trainable parameters, merging, kernels",
             "fastpeft.method_table:main"),
+    Command("tune", "pre-tune the kernels of a model and its adapters for given batch sizes (cached on disk)",
+            "fastpeft.tuning:main"),
 )
 
 
@@ -49,6 +51,7 @@ BENCHMARKS: Sequence[Benchmark] = (
     Benchmark("multi", "bench_multi.py", "mixed-adapter batches vs a PEFT-style loop and gather + bmm"),
     Benchmark("adalora", "bench_adalora.py", "AdaLoRA layers (forward, forward + backward) vs unfused and PEFT"),
     Benchmark("train", "bench_train.py", "a LoRA training step: fused backward vs unfused"),
+    Benchmark("decode", "bench_decode.py", "ServingEngine decode: eager steps vs CUDA-graph replay"),
     Benchmark("host", "host_overhead.py", "Python time per layer call (launch path), no GPU needed"),
 )
 

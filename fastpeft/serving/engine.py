@@ -4,21 +4,28 @@ Over a transformers causal LM into which fastpeft injected ``FastLoRALinear`` la
 each request names its own adapter (or None for the base model), from an attached
 ``AdapterPool`` or from the layers themselves; greedy or seeded sampling; the model's own
 KV cache. Every step runs inside one ``fastpeft.batch_adapters`` block, so the mixed
-layers run the fused mixed-adapter kernel over one batch plan. Prompts are token ids, or
-text when the engine has a tokenizer (then the output carries the decoded text too).
+layers run the fused mixed-adapter kernel over one batch plan. On a GPU the decode step
+runs over static buffers and a transformers ``StaticCache`` and is replayed from a CUDA
+graph (``fastpeft.serving.graphs``); elsewhere (CPU, the Triton interpreter, models
+without static-cache support, ``cuda_graphs=False``) it runs eagerly over the model's
+own cache. Prompts are token ids, or text when the engine has a tokenizer (then the
+output carries the decoded text too).
 """
 from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from fastpeft.core.state import batch_adapters
+from fastpeft.kernels.runtime import interpreter_active
 from fastpeft.methods.lora.layer import FastLoRALinear
+from fastpeft.serving.graphs import Capture, StaticDecode, capture_cuda_graph, supports_static_decode
 from fastpeft.serving.pool import AdapterPool
+from fastpeft.serving.text import Prompts, decode_text, encode_prompts, progress_bar
 
 __all__ = ["ServingEngine", "GenerationOutput"]
 
@@ -37,56 +44,6 @@ class GenerationOutput:
     new_tokens: torch.Tensor
     prompt_lengths: List[int]
     text: Optional[List[str]] = None
-
-
-Prompts = Union[str, Sequence[str], torch.Tensor, Sequence[Sequence[int]]]
-
-
-def _token_ids(encoded: Any) -> List[int]:
-    """One prompt's ids from what a tokenizer returned for it (a mapping with
-    ``input_ids``, or the ids themselves; a list or a ``(1, L)``/``(L,)`` tensor)."""
-    ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
-    if isinstance(ids, torch.Tensor):
-        if ids.dim() == 2 and ids.shape[0] == 1:
-            ids = ids[0]
-        ids = ids.tolist()
-    return [int(i) for i in ids]
-
-
-def _encode(prompts: Prompts, tokenizer: Any) -> Union[torch.Tensor, Sequence[Sequence[int]]]:
-    """Text prompts (a string, or a list of strings) as token-id lists through
-    ``tokenizer``; token ids pass through unchanged."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    elif isinstance(prompts, torch.Tensor) or not any(isinstance(p, str) for p in prompts):
-        return prompts
-    if not all(isinstance(p, str) for p in prompts):
-        raise TypeError("prompts must be all strings or all token-id lists, not a mix")
-    if tokenizer is None:
-        raise TypeError(
-            "generate got text prompts but the engine has no tokenizer: pass "
-            "ServingEngine(model, pool, tokenizer=tokenizer), or give token ids (a tensor or lists of ints)"
-        )
-    return [_token_ids(tokenizer(p)) for p in prompts]
-
-
-def _decode_text(tokenizer: Any, new: torch.Tensor, eos_ids: List[int]) -> List[str]:
-    """Each row's new tokens as text: up to and including its first EOS, decoded with
-    ``skip_special_tokens=True`` (the tokenizer's ``decode``)."""
-    texts = []
-    for row in new.tolist():
-        end = next((i + 1 for i, tok in enumerate(row) if tok in eos_ids), len(row))
-        texts.append(tokenizer.decode(row[:end], skip_special_tokens=True))
-    return texts
-
-
-def _progress_bar(total: int, enabled: bool) -> Any:
-    """A tqdm bar over the decode steps, or None when not ``enabled``."""
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="generate", unit="token")
 
 
 def _left_pad(
@@ -194,6 +151,11 @@ class ServingEngine:
         pad_token_id: default: the model config's, else the EOS token, else 0.
         eos_token_id: ``"model"`` (default): the model's generation config; None: never stop
             early; an int or a list of ints.
+        cuda_graphs: True (default): replay the decode step from a CUDA graph where it can
+            (a CUDA model with transformers static-cache support, compiled kernels), else
+            decode eagerly; False: always eagerly. A callable ``capture(step) -> replay``
+            runs the static-buffer path with it in place of the CUDA-graph capture (on
+            any device; ``lambda step: step`` replays by calling the step).
         tokenizer: optional; then prompts may be text and :class:`GenerationOutput` has
             ``text``. Any object with ``tokenizer(text)["input_ids"]`` and
             ``decode(ids, skip_special_tokens=True)`` (a transformers tokenizer). Its
@@ -207,8 +169,13 @@ class ServingEngine:
         *,
         pad_token_id: Optional[int] = None,
         eos_token_id: Any = "model",
+        cuda_graphs: Union[bool, Capture] = True,
         tokenizer: Any = None,
     ) -> None:
+        if not (isinstance(cuda_graphs, bool) or callable(cuda_graphs)):
+            raise TypeError(f"cuda_graphs must be True, False or a capture function, got {cuda_graphs!r}")
+        self.cuda_graphs = cuda_graphs
+        self._static: Optional[StaticDecode] = None
         self.model = model
         self.pool = pool
         self.tokenizer = tokenizer
@@ -247,14 +214,22 @@ class ServingEngine:
             if unknown:
                 raise KeyError(f"adapters {unknown} are held by no layer of the model; it has {sorted(held)}")
 
-    def _decode(self, ids: torch.Tensor, mask: torch.Tensor, new: torch.Tensor, sampling: _Sampling, pad: int,
-                eos_t: Optional[torch.Tensor], bar: Any = None) -> None:
-        """Fill ``new`` (``(B, T)``) with the tokens generated after the prompts ``ids``;
-        ``bar``: a progress bar advanced once per step."""
-        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    def _capture(self, device: torch.device) -> Optional[Capture]:
+        """How the decode step is replayed: a capture function, or None to decode eagerly."""
+        if not isinstance(self.cuda_graphs, bool):
+            if not supports_static_decode(self.model):
+                raise ValueError("cuda_graphs: this model does not run with a transformers StaticCache")
+            return self.cuda_graphs
+        if self.cuda_graphs and device.type == "cuda" and not interpreter_active() and supports_static_decode(self.model):
+            return capture_cuda_graph
+        return None
+
+    def _eager_logits(self, ids: torch.Tensor, mask: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The next-token logits ``(B, V)`` of each step over the model's own cache: the
+        prompts' first, then one step per token sent in."""
         step_ids, step_pos = ids, (mask.cumsum(-1) - 1).clamp_min(0)
         past = None
-        for t in range(new.shape[1]):
+        while True:
             out = self.model(
                 input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
                 **{self._cache_kw: past},
@@ -262,7 +237,41 @@ class ServingEngine:
             past = getattr(out, self._cache_kw, None)
             if past is None:
                 past = out.past_key_values
-            tok = sampling.next_token(out.logits[:, -1, :].float())
+            tok = yield out.logits[:, -1, :]
+            step_ids = tok[:, None]
+            step_pos = step_pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+
+    def _static_logits(self, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int,
+                       capture: Capture) -> Iterator[torch.Tensor]:
+        """As :meth:`_eager_logits`, over static buffers (``graphs.StaticDecode``): the
+        prefill and the first decode step eagerly (that step compiles and tunes every
+        kernel), then ``capture`` of the step, replayed for every later token."""
+        (B, P), dtype = ids.shape, next(self.model.parameters()).dtype
+        if self._static is None or not self._static.fits(B, P + new_tokens, ids.device, dtype):
+            self._static = None  # free the old buffers first
+            self._static = StaticDecode(self.model, self._cache_kw, B, StaticDecode.slots_for(P + new_tokens),
+                                        ids.device, dtype)
+        static = self._static
+        tok = yield static.prefill(ids, mask)
+        static.advance(tok)
+        static.step()
+        replay = capture(static.step)
+        while True:
+            tok = yield static.logits[:, -1, :]
+            static.advance(tok)
+            replay()
+
+    def _decode(self, ids: torch.Tensor, mask: torch.Tensor, new: torch.Tensor, sampling: _Sampling, pad: int,
+                eos_t: Optional[torch.Tensor], bar: Any = None) -> None:
+        """Fill ``new`` (``(B, T)``) with the tokens generated after the prompts ``ids``;
+        ``bar``: a progress bar advanced once per step."""
+        capture = self._capture(ids.device)
+        steps = self._eager_logits(ids, mask) if capture is None else self._static_logits(ids, mask, new.shape[1], capture)
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        for t in range(new.shape[1]):
+            logits = next(steps) if t == 0 else steps.send(tok)
+            tok = sampling.next_token(logits.float())
             tok = torch.where(done, torch.full_like(tok, pad), tok)
             new[:, t] = tok
             if bar is not None:
@@ -271,9 +280,6 @@ class ServingEngine:
                 done = done | torch.isin(tok, eos_t)
                 if bool(done.all()):
                     break
-            step_ids = tok[:, None]
-            step_pos = step_pos[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
 
     @torch.inference_mode()
     def generate(
@@ -316,7 +322,7 @@ class ServingEngine:
         eos = self.eos_token_id if eos_token_id == "engine" else eos_token_id
         eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
         device = next(self.model.parameters()).device
-        ids, mask, lengths = _left_pad(_encode(input_ids, self.tokenizer), attention_mask, pad, device)
+        ids, mask, lengths = _left_pad(encode_prompts(input_ids, self.tokenizer), attention_mask, pad, device)
         B = ids.shape[0]
         names = list(adapter_names)
         if len(names) != B:
@@ -329,13 +335,13 @@ class ServingEngine:
         eos_t = torch.tensor(eos_ids, dtype=torch.long, device=device) if eos_ids else None
         # One plan for the whole generation: an attached pool marks the rows' adapters
         # used once and holds them in use until the block ends.
-        bar = _progress_bar(max_new_tokens, progress)
+        bar = progress_bar(max_new_tokens, progress)
         try:
             with batch_adapters(self.model, names):
                 self._decode(ids, mask, new, sampling, pad, eos_t, bar)
         finally:
             if bar is not None:
                 bar.close()
-        text = None if self.tokenizer is None else _decode_text(self.tokenizer, new, eos_ids)
+        text = None if self.tokenizer is None else decode_text(self.tokenizer, new, eos_ids)
         return GenerationOutput(sequences=torch.cat([ids, new], dim=1), new_tokens=new, prompt_lengths=lengths,
                                 text=text)
