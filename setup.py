@@ -15,7 +15,7 @@ setup(
         "safetensors>=0.4",
         # triton 3.6's CPU interpreter (TRITON_INTERPRET=1) breaks with numpy >= 2.4.
         "numpy<2.4",
-        "tqdm>=4.60",  # progress bars: benchmarks, fastpeft methods
+        "tqdm>=4.60",  # progress bars: benchmarks, fastpeft methods, ServingEngine.generate(progress=True)
     ],
     extras_require={
         # Versions the suite is checked against: triton 3.6 is the GPU machine's, and the

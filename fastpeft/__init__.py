@@ -40,6 +40,7 @@ from fastpeft.methods.lora.op import lora_linear
 from fastpeft.methods.prompt.config import (
     PrefixTuningConfig, PromptEncoderConfig, PromptEncoderReparameterizationType, PromptTuningConfig, PromptTuningInit,
 )
+from fastpeft.peft_model import FastPeftModel, get_peft_model
 from fastpeft.serving.engine import GenerationOutput, ServingEngine
 from fastpeft.serving.pool import AdapterError, AdapterPool, PoolFullError
 from fastpeft.tuning import pretune
@@ -66,4 +67,5 @@ __all__ += [
     "PrefixTuningConfig",
 ]
 __all__ += ["multi_lora_linear", "AdapterPool", "ServingEngine", "GenerationOutput", "AdapterError", "PoolFullError"]
+__all__ += ["FastPeftModel", "get_peft_model"]
 __all__ += ["AdaLoraConfig", "AdaLoraLinear", "update_and_allocate", "orthogonal_regularization"]

@@ -8,7 +8,8 @@ layers run the fused mixed-adapter kernel over one batch plan. On a GPU the deco
 runs over static buffers and a transformers ``StaticCache`` and is replayed from a CUDA
 graph (``fastpeft.serving.graphs``); elsewhere (CPU, the Triton interpreter, models
 without static-cache support, ``cuda_graphs=False``) it runs eagerly over the model's
-own cache.
+own cache. Prompts are token ids, or text when the engine has a tokenizer (then the
+output carries the decoded text too).
 """
 from __future__ import annotations
 
@@ -24,19 +25,25 @@ from fastpeft.kernels.runtime import interpreter_active
 from fastpeft.methods.lora.layer import FastLoRALinear
 from fastpeft.serving.graphs import Capture, StaticDecode, capture_cuda_graph, supports_static_decode
 from fastpeft.serving.pool import AdapterPool
+from fastpeft.serving.text import Prompts, decode_text, encode_prompts, progress_bar
 
 __all__ = ["ServingEngine", "GenerationOutput"]
 
 
 @dataclass
 class GenerationOutput:
-    """``sequences``: ``(B, P + T)`` left-padded prompts then the new tokens;
+    """What :meth:`ServingEngine.generate` returns, one row per prompt.
+
+    ``sequences``: ``(B, P + T)`` token ids, the left-padded prompts then the new tokens;
     ``new_tokens``: ``(B, T)`` the new tokens (``pad_token_id`` after a row's EOS);
-    ``prompt_lengths``: each prompt's length without padding."""
+    ``prompt_lengths``: each prompt's length in tokens, without padding;
+    ``text``: with a tokenizer, each row's new tokens decoded (up to its EOS, special
+    tokens skipped); None without one."""
 
     sequences: torch.Tensor
     new_tokens: torch.Tensor
     prompt_lengths: List[int]
+    text: Optional[List[str]] = None
 
 
 def _left_pad(
@@ -149,6 +156,10 @@ class ServingEngine:
             decode eagerly; False: always eagerly. A callable ``capture(step) -> replay``
             runs the static-buffer path with it in place of the CUDA-graph capture (on
             any device; ``lambda step: step`` replays by calling the step).
+        tokenizer: optional; then prompts may be text and :class:`GenerationOutput` has
+            ``text``. Any object with ``tokenizer(text)["input_ids"]`` and
+            ``decode(ids, skip_special_tokens=True)`` (a transformers tokenizer). Its
+            ``pad_token_id`` is the default pad when the model config names none.
     """
 
     def __init__(
@@ -159,6 +170,7 @@ class ServingEngine:
         pad_token_id: Optional[int] = None,
         eos_token_id: Any = "model",
         cuda_graphs: Union[bool, Capture] = True,
+        tokenizer: Any = None,
     ) -> None:
         if not (isinstance(cuda_graphs, bool) or callable(cuda_graphs)):
             raise TypeError(f"cuda_graphs must be True, False or a capture function, got {cuda_graphs!r}")
@@ -166,6 +178,7 @@ class ServingEngine:
         self._static: Optional[StaticDecode] = None
         self.model = model
         self.pool = pool
+        self.tokenizer = tokenizer
         self.layers = [m for m in model.modules() if isinstance(m, FastLoRALinear)]
         if not self.layers:
             raise ValueError("the model has no FastLoRALinear layers: inject LoRA first (fastpeft.inject)")
@@ -173,6 +186,8 @@ class ServingEngine:
         self.eos_token_id = getattr(cfg, "eos_token_id", None) if eos_token_id == "model" else eos_token_id
         if pad_token_id is None:
             pad_token_id = getattr(cfg, "pad_token_id", None)
+        if pad_token_id is None:
+            pad_token_id = getattr(tokenizer, "pad_token_id", None)
         if pad_token_id is None:
             eos = self.eos_token_id
             pad_token_id = (eos[0] if isinstance(eos, (list, tuple)) else eos) if eos is not None else 0
@@ -248,8 +263,9 @@ class ServingEngine:
             replay()
 
     def _decode(self, ids: torch.Tensor, mask: torch.Tensor, new: torch.Tensor, sampling: _Sampling, pad: int,
-                eos_t: Optional[torch.Tensor]) -> None:
-        """Fill ``new`` (``(B, T)``) with the tokens generated after the prompts ``ids``."""
+                eos_t: Optional[torch.Tensor], bar: Any = None) -> None:
+        """Fill ``new`` (``(B, T)``) with the tokens generated after the prompts ``ids``;
+        ``bar``: a progress bar advanced once per step."""
         capture = self._capture(ids.device)
         steps = self._eager_logits(ids, mask) if capture is None else self._static_logits(ids, mask, new.shape[1], capture)
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
@@ -258,6 +274,8 @@ class ServingEngine:
             tok = sampling.next_token(logits.float())
             tok = torch.where(done, torch.full_like(tok, pad), tok)
             new[:, t] = tok
+            if bar is not None:
+                bar.update(1)
             if eos_t is not None:
                 done = done | torch.isin(tok, eos_t)
                 if bool(done.all()):
@@ -266,7 +284,7 @@ class ServingEngine:
     @torch.inference_mode()
     def generate(
         self,
-        input_ids: Union[torch.Tensor, Sequence[Sequence[int]]],
+        input_ids: Prompts,
         adapter_names: Sequence[Optional[str]],
         max_new_tokens: int,
         *,
@@ -278,6 +296,7 @@ class ServingEngine:
         seed: Optional[Union[int, Sequence[int]]] = None,
         eos_token_id: Any = "engine",
         pad_token_id: Optional[int] = None,
+        progress: bool = False,
     ) -> GenerationOutput:
         """Generate ``max_new_tokens`` per prompt, row ``i`` with adapter ``adapter_names[i]``.
 
@@ -289,6 +308,10 @@ class ServingEngine:
         int for all rows, or one per row): a seeded request samples the same tokens
         alone or batched. Generation of a row stops at ``eos_token_id`` (default: the
         engine's; None: never) and ``pad_token_id`` fills the rest.
+
+        ``input_ids``: a ``(B, P)`` tensor, lists of token ids, or, when the engine has a
+        tokenizer, a string or a list of strings. ``progress=True`` shows a tqdm bar over
+        the decode steps. Returns a :class:`GenerationOutput`.
         """
         if self.model.training or any(layer.training for layer in self.layers):
             raise RuntimeError("ServingEngine.generate runs the model in eval mode: call model.eval() first")
@@ -299,7 +322,7 @@ class ServingEngine:
         eos = self.eos_token_id if eos_token_id == "engine" else eos_token_id
         eos_ids = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
         device = next(self.model.parameters()).device
-        ids, mask, lengths = _left_pad(input_ids, attention_mask, pad, device)
+        ids, mask, lengths = _left_pad(encode_prompts(input_ids, self.tokenizer), attention_mask, pad, device)
         B = ids.shape[0]
         names = list(adapter_names)
         if len(names) != B:
@@ -312,6 +335,13 @@ class ServingEngine:
         eos_t = torch.tensor(eos_ids, dtype=torch.long, device=device) if eos_ids else None
         # One plan for the whole generation: an attached pool marks the rows' adapters
         # used once and holds them in use until the block ends.
-        with batch_adapters(self.model, names):
-            self._decode(ids, mask, new, sampling, pad, eos_t)
-        return GenerationOutput(sequences=torch.cat([ids, new], dim=1), new_tokens=new, prompt_lengths=lengths)
+        bar = progress_bar(max_new_tokens, progress)
+        try:
+            with batch_adapters(self.model, names):
+                self._decode(ids, mask, new, sampling, pad, eos_t, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        text = None if self.tokenizer is None else decode_text(self.tokenizer, new, eos_ids)
+        return GenerationOutput(sequences=torch.cat([ids, new], dim=1), new_tokens=new, prompt_lengths=lengths,
+                                text=text)
