@@ -21,8 +21,10 @@ setup(
         # Versions the suite is checked against: triton 3.6 is the GPU machine's, and the
         # interpreter and sm_90 compile tests lean on its behaviour; peft 0.21 is the
         # version whose checkpoint format and outputs the interop tests compare with.
-        # matplotlib: `fastpeft plot` (and its test).
-        "test": ["pytest>=7", "triton==3.6.0", "peft>=0.21,<0.22", "transformers>=5.17,<6", "matplotlib>=3.7"],
+        # matplotlib: `fastpeft plot` (and its test); accelerate: the Hugging Face Trainer of
+        # examples/finetune.py (tests/test_finetune_example.py).
+        "test": ["pytest>=7", "triton==3.6.0", "peft>=0.21,<0.22", "transformers>=5.17,<6", "matplotlib>=3.7",
+                 "accelerate>=1.0"],
         "plot": ["matplotlib>=3.7"],
         # `fastpeft methods` builds models from their configs (on the meta device).
         "cli": ["matplotlib>=3.7", "transformers>=5.17,<6"],

@@ -72,6 +72,21 @@ step bench_adapters 60 python benchmarks/bench_adapters.py --quick --json "$out/
 step bench_multi 60 python benchmarks/bench_multi.py --quick --json "$out/bench_multi.json"
 step bench_decode 60 python benchmarks/bench_decode.py --quick --json "$out/bench_decode.json"
 step bench_adalora 45 python benchmarks/bench_adalora.py --quick --json "$out/bench_adalora.json"
+# Fine-tuning step time on Llama-3.2-1B's shapes (random weights, no download), fastpeft
+# against PEFT, same data and settings; each JSON holds mean_step_s. GPU only.
+if [ "$TRITON_INTERPRET" = "0" ]; then
+  ft="examples/finetune.py --model llama-1b-config --steps 15 --warmup-steps 5 --batch-size 4 --seq-len 512"
+  step finetune_fastpeft 120 python $ft --json "$out/finetune_fastpeft.json"
+  step finetune_peft 120 python $ft --peft --json "$out/finetune_peft.json"
+  python - "$out" <<'PY' | tee -a "$out/summary.txt"
+import json, os, sys
+runs = {lib: os.path.join(sys.argv[1], f"finetune_{lib}.json") for lib in ("fastpeft", "peft")}
+if all(os.path.exists(p) for p in runs.values()):
+    t = {lib: json.load(open(p))["mean_step_s"] for lib, p in runs.items()}
+    print(f"finetune 1B step: fastpeft {t['fastpeft']:.4f} s, peft {t['peft']:.4f} s, "
+          f"fastpeft/peft {t['fastpeft'] / t['peft']:.3f}")
+PY
+fi
 if [ "$#" -eq 0 ]; then
   step other_tests 60 python -m pytest -q -p no:cacheprovider "${pytest_mode[@]}" tests \
     $(printf -- '--ignore=%s ' $kernel_tests)
