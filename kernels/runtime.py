@@ -23,6 +23,7 @@ __all__ = [
     "interpreter_active",
     "k_splits",
     "lora_in_fp32",
+    "lowp_copy",
     "next_power_of_2",
     "on_device",
     "output_for",
@@ -112,6 +113,16 @@ def lora_in_fp32(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> bool:
     dots in tf32 (fp16's 10 mantissa bits, fp32's range; see ``tiles.lora_dot``).
     """
     return x_dtype != torch.float32 and adapter_dtype != x_dtype
+
+
+def lowp_copy(t: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """``t`` rounded to ``dtype`` (a detached, contiguous copy), or None when the rounding
+    would turn a finite entry into inf (fp16's range ends at 65504): a caller then uses
+    ``t`` itself. One host sync; callers keep the copy while ``t`` is unchanged."""
+    copy = t.detach().to(dtype, memory_format=torch.contiguous_format)
+    if bool((torch.isinf(copy) & torch.isfinite(t)).any()):
+        return None
+    return copy
 
 
 class Rows(NamedTuple):

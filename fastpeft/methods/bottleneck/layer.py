@@ -35,10 +35,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastpeft.core.dispatch import resolve_backend
+from fastpeft.core.dispatch import autocast_dtype, eager_inference, resolve_backend
 from fastpeft.core.linear import AdapterLinear
 from fastpeft.methods.bottleneck.config import check_activation
-from fastpeft.methods.bottleneck.op import bottleneck_down_eff, bottleneck_linear
+from fastpeft.methods.bottleneck.op import bottleneck_down_eff, bottleneck_linear, bottleneck_linear_unchecked
 
 __all__ = ["BottleneckAdapter", "BottleneckLinear", "bottleneck_size_for"]
 
@@ -129,6 +129,11 @@ class BottleneckAdapter(nn.Module):
         )
 
 
+def _cast(tensors, dtype: torch.dtype) -> tuple:
+    """Detached copies of ``tensors`` in ``dtype`` (None stays None)."""
+    return tuple(None if t is None else t.detach().to(dtype) for t in tensors)
+
+
 class BottleneckLinear(AdapterLinear):
     """A linear output projection followed by bottleneck adapters (one active at a time).
 
@@ -138,7 +143,7 @@ class BottleneckLinear(AdapterLinear):
     ``out_features // reduction_factor``.
     """
 
-    _CACHES = ("_eff_cache",)
+    _CACHES = ("_eff_cache", "_cast_cache")
 
     def __init__(self, *args, **kwargs) -> None:
         raise TypeError("build a BottleneckLinear with BottleneckLinear.from_linear(linear, ...)")
@@ -241,6 +246,16 @@ class BottleneckLinear(AdapterLinear):
         if resolve_backend(self.backend, x.device, x.dtype) == "triton":
             w_eff, b_eff = self._down_eff(name, adapter)
         down, up = adapter.down, adapter.up
+        tensors = (down.weight, down.bias, up.weight, up.bias)
+        if autocast_dtype(x.device) is None and eager_inference(x, weight, self.bias, *tensors):
+            # Decode: no checks beyond the layer's own, the adapter in x's dtype kept
+            # (not cast per call), the kernel launched without the custom op.
+            if any(t is not None and t.dtype != x.dtype for t in tensors):
+                tensors = self._kept("_cast_cache", name, x.dtype, tensors, lambda: _cast(tensors, x.dtype))
+            return bottleneck_linear_unchecked(
+                x, weight, self.bias, *tensors, adapter.scaling, check_activation(adapter.non_linearity),
+                w_eff, b_eff, self.backend,
+            )
         return bottleneck_linear(
             x, weight, self.bias, down.weight, down.bias, up.weight, up.bias, adapter.scaling,
             adapter.non_linearity, w_eff=w_eff, b_eff=b_eff, backend=self.backend,
