@@ -105,3 +105,19 @@ def test_bench_lora_training_point_checks_every_variant(bench_lora):
     for name in ("unfused", "peft", "fastpeft"):
         assert row[f"{name}_err"] < 1e-5, row
         assert row[f"{name}_x"] == 1.0
+
+
+def test_host_overhead_counts_launches_and_allocations(tmp_path):
+    out = tmp_path / "host.json"
+    proc = _run([str(BENCH / "host_overhead.py"), "--iters", "3", "--repeats", "1", "--json", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    rows = {(r["case"], r["M"], r["grad"]): r for r in json.loads(out.read_text())["results"]}
+    assert all(isinstance(r[k], int) for r in rows.values() for k in ("launches", "allocs", "aten_ops"))
+    assert rows[("nn.Linear", 1, False)]["launches"] == 0 and rows[("nn.Linear", 1, False)]["allocs"] >= 1
+    for m in (1, 16, 4096):
+        for grad in (False, True):
+            lora = rows[("FastLoRALinear", m, grad)]
+            assert lora["launches"] == 1 and lora["allocs"] >= 1, (m, grad)  # one fused launch, its output
+    for case in ("IA3Linear", "BottleneckLinear", "mixed, own adapters", "mixed, AdapterPool"):
+        assert any(k[0] == case and r["launches"] >= 1 for k, r in rows.items()), case
+    assert all(r["x_linear"] > 0 for r in rows.values())

@@ -1,0 +1,226 @@
+"""The host path of a forward: launch plans kept per call signature, the lean
+no-custom-op eager paths, and the 16-bit copies of fp32 adapters fed to the LoRA shrink.
+
+Each test proves the Triton launcher ran (spies) and checks results against the float64
+reference; nothing here is timed (``benchmarks/host_overhead.py`` measures).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import DEVICE, INTERPRETED, ON_GPU
+from numerics import TOL, rel_err
+
+import fastpeft as fp
+import fastpeft.methods.bottleneck.op as bn_op
+import fastpeft.methods.ia3.op as ia3_op
+import fastpeft.methods.lora.multi_op as multi_op
+import fastpeft.methods.lora.op as lora_op
+from fastpeft.kernels import autotune
+from fastpeft.kernels import lora as lora_kernels
+from fastpeft.kernels.reference import bottleneck_linear_ref, ia3_linear_ref, lora_linear_ref
+
+pytestmark = pytest.mark.skipif(not (INTERPRETED or ON_GPU), reason="the Triton kernels run nowhere here")
+F16 = torch.float16
+
+
+def _d(t):
+    return None if t is None else t.detach().double()
+
+
+def _spy(monkeypatch, module, name):
+    calls = []
+    real = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+# ------------------------------------------------------------------ launch plans
+
+
+def test_a_kept_plan_replays_with_new_data_and_strides_get_their_own(monkeypatch):
+    monkeypatch.setattr(lora_kernels, "_PLANS", {})
+    general = _spy(monkeypatch, lora_kernels, "_lora_linear_fwd")
+    K, N, r = 37, 29, 5
+    w, bias = torch.randn(N, K, device=DEVICE), torch.randn(N, device=DEVICE)
+    a, b = torch.randn(r, K, device=DEVICE), torch.randn(N, r, device=DEVICE)
+    for step in range(3):  # the first call plans, the others replay it
+        x = torch.randn(2, 3, K, device=DEVICE)
+        y = lora_kernels.lora_linear_fwd(x, w, bias, a, b, 0.5 + step)
+        assert rel_err(y, lora_linear_ref(_d(x), _d(w), _d(bias), _d(a), _d(b), 0.5 + step)) < TOL[torch.float32]
+    assert len(general) == 1 and len(lora_kernels._PLANS) == 1
+    xt = torch.randn(3, 2, K, device=DEVICE).transpose(0, 1)  # same shape, two row strides
+    y = lora_kernels.lora_linear_fwd(xt, w, bias, a, b, 0.5)
+    assert len(general) == 2 and len(lora_kernels._PLANS) == 2
+    assert rel_err(y, lora_linear_ref(_d(xt), _d(w), _d(bias), _d(a), _d(b), 0.5)) < TOL[torch.float32]
+    # A replaced tuner table is a new tuning: the plan is not replayed.
+    monkeypatch.setattr(autotune, "TUNED", {})
+    lora_kernels.lora_linear_fwd(xt, w, bias, a, b, 0.5)
+    assert len(general) == 3
+
+
+def test_a_strided_bias_is_never_replayed_from_a_plan(monkeypatch):
+    monkeypatch.setattr(lora_kernels, "_PLANS", {})
+    K, N, r = 16, 12, 3
+    w, a, b = torch.randn(N, K, device=DEVICE), torch.randn(r, K, device=DEVICE), torch.randn(N, r, device=DEVICE)
+    bias = torch.randn(N, 2, device=DEVICE)[:, 1]  # stride 2
+    for _ in range(2):
+        x = torch.randn(4, K, device=DEVICE)
+        y = lora_kernels.lora_linear_fwd(x, w, bias, a, b, 2.0)
+        assert rel_err(y, lora_linear_ref(_d(x), _d(w), _d(bias), _d(a), _d(b), 2.0)) < TOL[torch.float32]
+    assert not lora_kernels._PLANS
+
+
+# ------------------------------------------------------------------ fp32 adapters, 16-bit copies
+
+
+def _half_layer(a_scale: float = 1.0) -> fp.FastLoRALinear:
+    layer = fp.FastLoRALinear.from_linear(nn.Linear(24, 16, device=DEVICE).half(), r=4, lora_alpha=8,
+                                          init_lora_weights=False)
+    for p in layer.adapters.parameters():  # PEFT's autocast_adapter_dtype: fp32 adapters
+        p.data = p.data.float()
+    with torch.no_grad():
+        layer.lora_A.mul_(a_scale)
+        layer.lora_B.div_(a_scale)
+    return layer.eval()
+
+
+def _ref(layer, x):
+    return lora_linear_ref(_d(x), _d(layer.weight), _d(layer.bias), _d(layer.lora_A), _d(layer.lora_B), layer.scaling)
+
+
+def _copies_passed(calls):
+    return [kw.get("lora_A_lowp") for _, kw in calls]
+
+
+def test_fp32_adapters_feed_the_shrink_a_kept_fp16_copy_rebuilt_when_A_changes(monkeypatch):
+    layer = _half_layer()
+    calls = _spy(monkeypatch, lora_kernels, "lora_linear_fwd")
+    x = torch.randn(3, 24, device=DEVICE, dtype=F16)
+    with torch.no_grad():
+        y1, y2 = layer(x), layer(x)
+    first, second = _copies_passed(calls)
+    assert first is not None and first.dtype == F16 and second is first  # built once, kept
+    assert torch.equal(first, layer.lora_A.detach().half())
+    assert rel_err(y1, _ref(layer, x)) < TOL[F16] and torch.equal(y1, y2)
+
+    def check_rebuilt(what):
+        calls.clear()
+        with torch.no_grad():
+            y = layer(x)
+        (copy,) = _copies_passed(calls)
+        assert copy is not first and torch.equal(copy, layer.lora_A.detach().half()), what
+        assert rel_err(y, _ref(layer, x)) < TOL[F16], what
+        return copy
+
+    opt = torch.optim.SGD(layer.adapters.parameters(), lr=0.5)
+    layer.lora_A.grad = torch.randn_like(layer.lora_A)
+    opt.step()  # in place: the version counter moves
+    first = check_rebuilt("optimizer step")
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["adapters.default.lora_A"] = torch.randn(4, 24, device=DEVICE)
+    layer.load_state_dict(state)
+    first = check_rebuilt("load_state_dict")
+    layer.add_adapter("other", 4, 8, init_lora_weights=False)
+    layer.adapters["other"].float()
+    layer.set_adapter("other")
+    check_rebuilt("set_adapter")
+
+
+def test_a_copy_that_would_overflow_fp16_is_not_used():
+    layer = _half_layer(a_scale=1e6)  # A's entries pass fp16's 65504; PEFT's fp32 branch is finite
+    assert layer.lora_A.abs().max() > 65504
+    x = torch.randn(3, 24, device=DEVICE, dtype=F16)
+    with torch.no_grad():
+        y = layer(x)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, _ref(layer, x)) < TOL[F16]
+    assert list(layer._lowp_cache.values())[0][2] is None
+
+
+def test_training_gets_gradients_in_the_fp32_masters_without_copies(monkeypatch):
+    layer = _half_layer().train()
+    calls = _spy(monkeypatch, lora_kernels, "lora_linear_fwd")
+    x = torch.randn(3, 24, device=DEVICE, dtype=F16)
+    layer(x).float().sum().backward()
+    assert calls and all(c is None for c in _copies_passed(calls))
+    assert layer.lora_A.grad is not None and layer.lora_A.grad.dtype == torch.float32
+    assert not layer._lowp_cache
+
+
+# ------------------------------------------------------------------ lean eager paths
+
+
+def _no_op_calls(monkeypatch, module, name):
+    """Calls of a custom op (the lean path must skip it)."""
+    return _spy(monkeypatch, module, name)
+
+
+@pytest.mark.parametrize("ff", [False, True])
+def test_ia3_decode_skips_the_custom_op(monkeypatch, ff):
+    layer = fp.IA3Linear(24, 20, is_feedforward=ff, device=DEVICE, init_ia3_weights=False).eval()
+    kernel = _spy(monkeypatch, ia3_op._ia3_kernels, "ia3_linear_fwd")
+    op = _no_op_calls(monkeypatch, ia3_op, "_ia3_linear_op")
+    x = torch.randn(2, 3, 24, device=DEVICE)
+    with torch.no_grad():
+        y = layer(x)
+    assert len(kernel) == 1 and not op
+    l = layer.adapters["default"].ia3_l
+    assert rel_err(y, ia3_linear_ref(_d(x), _d(layer.weight), _d(layer.bias), _d(l), ff)) < TOL[torch.float32]
+    layer(x).sum().backward()  # with autograd: the custom op
+    assert len(op) == 1 and l.grad is not None
+
+
+def test_bottleneck_decode_skips_the_custom_op_and_keeps_fp32_adapters_cast(monkeypatch):
+    layer = fp.BottleneckLinear.from_linear(nn.Linear(24, 16, device=DEVICE).half(), bottleneck_size=8,
+                                            init_weights=False)
+    layer.adapters.float()  # fp32 adapter on a half base
+    layer.eval()
+    kernel = _spy(monkeypatch, bn_op._bn_kernels, "bottleneck_linear_fwd")
+    op = _no_op_calls(monkeypatch, bn_op, "_bottleneck_linear_op")
+    x = torch.randn(3, 24, device=DEVICE, dtype=F16)
+    ad = layer.adapters["default"]
+
+    def ref():
+        return bottleneck_linear_ref(_d(x), _d(layer.weight), _d(layer.bias), _d(ad.down.weight), _d(ad.down.bias),
+                                     _d(ad.up.weight), _d(ad.up.bias), ad.scaling, ad.non_linearity)
+
+    with torch.no_grad():
+        y = layer(x)
+        kept = layer._cast_cache["default"][2]
+        assert rel_err(y, ref()) < TOL[F16]
+        layer(x)
+        assert layer._cast_cache["default"][2] is kept  # cast once, not per call
+        ad.up.weight.mul_(-2.0)  # an in-place change is seen
+        y = layer(x)
+        assert layer._cast_cache["default"][2] is not kept
+    assert len(kernel) == 3 and not op
+    assert rel_err(y, ref()) < TOL[F16]
+
+
+def test_mixed_batch_decode_skips_the_custom_op(monkeypatch):
+    layer = fp.FastLoRALinear.from_linear(nn.Linear(24, 16, device=DEVICE), r=4, lora_alpha=8,
+                                          init_lora_weights=False)
+    layer.add_adapter("b", 2, 4, init_lora_weights=False)
+    layer.eval()
+    kernel = _spy(monkeypatch, multi_op._kernels, "multi_lora_linear_fwd")
+    op = _no_op_calls(monkeypatch, multi_op, "_multi_lora_linear_op")
+    x = torch.randn(3, 24, device=DEVICE)
+    names = ["b", None, "default"]
+    with torch.no_grad(), fp.batch_adapters(nn.Sequential(layer).eval(), names):
+        y = layer(x)
+    assert len(kernel) == 1 and not op
+    for i, name in enumerate(names):
+        if name is None:
+            want = torch.nn.functional.linear(_d(x[i]), _d(layer.weight), _d(layer.bias))
+        else:
+            ad = layer.adapters[name]
+            want = lora_linear_ref(_d(x[i]), _d(layer.weight), _d(layer.bias), _d(ad.lora_A), _d(ad.lora_B), ad.scaling)
+        assert rel_err(y[i], want) < TOL[torch.float32], name
