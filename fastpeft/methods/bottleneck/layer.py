@@ -250,7 +250,10 @@ class BottleneckLinear(AdapterLinear):
         if autocast_dtype(x.device) is None and eager_inference(x, weight, self.bias, *tensors):
             # Decode: no checks beyond the layer's own, the adapter in x's dtype kept
             # (not cast per call), the kernel launched without the custom op.
-            if any(t is not None and t.dtype != x.dtype for t in tensors):
+            dw, db, uw, ub = tensors
+            if dw.dtype != x.dtype or uw.dtype != x.dtype or (db is not None and db.dtype != x.dtype) or (
+                ub is not None and ub.dtype != x.dtype
+            ):
                 tensors = self._kept("_cast_cache", name, x.dtype, tensors, lambda: _cast(tensors, x.dtype))
             return bottleneck_linear_unchecked(
                 x, weight, self.bias, *tensors, adapter.scaling, check_activation(adapter.non_linearity),
