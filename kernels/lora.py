@@ -23,7 +23,6 @@ input whose leading dims cannot be flattened without a copy (e.g. a transposed
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Dict, Optional
 
 import torch
@@ -36,12 +35,12 @@ from .autotune import INTERPRETER_CONFIG, TMA_MIN_M, KernelConfig, lora_candidat
 from .runtime import (
     Rows,
     as_2d,
-    capturing,
     cdiv,
     check_interpretable,
     input_precision,
     interpreter_active,
     k_splits,
+    keep_plan,
     lora_in_fp32,
     next_power_of_2,
     on_device,
@@ -230,7 +229,14 @@ def lora_linear_fwd(
     kept (:class:`_TilesPlan`), so a decode step does one dict lookup and the launch.
     """
     if config is None and out is None and xa is None and lora_A is not None:
-        key = _plan_key(x, weight, bias, lora_A, lora_B, lora_A_lowp)
+        # What a launch's arguments depend on besides pointers and ``scaling``: shapes,
+        # strides, dtypes, device and the fp32 matmul precision (the tl.dot precision).
+        key = (
+            x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(),
+            None if bias is None else bias.stride(), lora_A.shape, lora_A.stride(), lora_A.dtype,
+            lora_B.stride(), lora_B.dtype, None if lora_A_lowp is None else (lora_A_lowp.dtype, lora_A_lowp.stride()),
+            _matmul_precision(),
+        )
         plan = _PLANS.get(key)
         if plan is not None and plan.tuned is _autotune.TUNED:
             return plan.run(x, weight, bias, lora_A_lowp if lora_A_lowp is not None else lora_A, lora_B, scaling)
@@ -390,20 +396,12 @@ def _tiles_args(cfg, rows: Rows, weight, has_bias: bool, lora_A, lora_B, xa, blo
 
 # --------------------------------------------------------------------------- launch plans
 
-# Signature -> plan. Bounded: emptied when full (prefill lengths give new M values).
+# Call signature -> plan (bounded: ``runtime.keep_plan``).
 _PLANS: Dict[tuple, "_TilesPlan"] = {}
-_MAX_PLANS = 512
 
 
-def _plan_key(x, weight, bias, lora_A, lora_B, lora_A_lowp) -> tuple:
-    """What a launch's arguments depend on besides pointers and ``scaling``: shapes,
-    strides, dtypes, device, and fp32 matmul precision (the ``tl.dot`` precision)."""
-    return (
-        x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(),
-        None if bias is None else bias.stride(), lora_A.shape, lora_A.stride(), lora_A.dtype, lora_B.stride(),
-        lora_B.dtype, None if lora_A_lowp is None else (lora_A_lowp.dtype, lora_A_lowp.stride()),
-        torch.get_float32_matmul_precision(),
-    )
+# torch.get_float32_matmul_precision without its Python wrapper (read on every call).
+_matmul_precision = torch._C._get_float32_matmul_precision
 
 
 class _TilesPlan:
@@ -422,17 +420,21 @@ class _TilesPlan:
         out = y if self.split == 1 else torch.empty(
             (self.split, self.consts["M"], self.consts["N"]), device=x.device, dtype=torch.float32
         )
-        with on_device(x) if self.device_switch else _NO_SWITCH:
-            _lora_linear_fwd_kernel[self.grid](
-                x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else weight, a_ptr=a, b_ptr=lora_B,
-                xa_ptr=weight, y_ptr=out, scaling=float(scaling), **self.consts,
-            )
-            if self.split > 1:
-                _reduce_splits(out, bias, y.view(self.consts["M"], self.consts["N"]))
+        if self.device_switch:
+            with on_device(x):
+                self._launch(x, weight, bias, a, lora_B, scaling, y, out)
+        else:
+            self._launch(x, weight, bias, a, lora_B, scaling, y, out)
         return y
 
-
-_NO_SWITCH = contextlib.nullcontext()
+    def _launch(self, x, weight, bias, a, lora_B, scaling, y, out) -> None:
+        # ``kernel.run`` is what ``kernel[grid](...)`` calls, without the lambda between.
+        _lora_linear_fwd_kernel.run(
+            x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else weight, a_ptr=a, b_ptr=lora_B,
+            xa_ptr=weight, y_ptr=out, scaling=float(scaling), grid=self.grid, warmup=False, **self.consts,
+        )
+        if self.split > 1:
+            _reduce_splits(out, bias, y.view(self.consts["M"], self.consts["N"]))
 
 
 def _keep_plan(key, cfg, rows: Rows, x, weight, bias, lora_A, lora_B, lora_A_lowp, y) -> None:
@@ -442,15 +444,13 @@ def _keep_plan(key, cfg, rows: Rows, x, weight, bias, lora_A, lora_B, lora_A_low
     K, R = weight.shape[1], lora_A.shape[0]
     if (
         not isinstance(cfg, KernelConfig) or cfg.tma or cfg.precompute_xa or rows.x is not x
-        or K == 0 or R == 0 or R > MAX_IN_LOOP_RANK or capturing()
+        or K == 0 or R == 0 or R > MAX_IN_LOOP_RANK
     ):
         return
     a = lora_A_lowp if lora_A_lowp is not None else lora_A
     lora_fp32 = lora_in_fp32(x.dtype, lora_A.dtype)
     grid, consts, split = _tiles_args(cfg, rows, weight, bias is not None, a, lora_B, None, _block_r(a, True), lora_fp32)
-    if len(_PLANS) >= _MAX_PLANS:
-        _PLANS.clear()
-    _PLANS[key] = _TilesPlan(_autotune.TUNED, grid, consts, tuple(y.shape), split, x.is_cuda)
+    keep_plan(_PLANS, key, _TilesPlan(_autotune.TUNED, grid, consts, tuple(y.shape), split, x.is_cuda))
 
 
 def lora_shrink(x2: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Hashable, List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
 from triton.runtime.jit import JITFunction
 
 __all__ = [
+    "LaunchPlan",
     "Rows",
     "as_2d",
     "capturing",
@@ -26,6 +27,7 @@ __all__ = [
     "lowp_copy",
     "next_power_of_2",
     "on_device",
+    "keep_plan",
     "output_for",
     "rows_view",
 ]
@@ -186,3 +188,50 @@ def output_for(x: torch.Tensor, N: int, out: Optional[torch.Tensor]) -> torch.Te
     if out.shape != shape or out.dtype != x.dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {shape}")
     return out
+
+
+# --------------------------------------------------------------------------- launch plans
+
+# Bounded: a cache emptied when full (prefill lengths give new M values, each a signature).
+MAX_PLANS = 512
+
+
+class LaunchPlan:
+    """One tiled launch for one call signature (shapes, strides, dtypes, device, tuned
+    variant), its grid and every keyword but the tensors precomputed: a decode step
+    replays it with its own tensors (and scalars) instead of recomputing them.
+
+    ``tuned``: the tuner table the variant came from (a launcher replays the plan only
+    while that table is the tuner's, so replacing the table retunes); ``out_shape``: the
+    output it allocates (in the input's dtype); ``device_switch``: the launch runs under
+    :func:`on_device` (CUDA inputs).
+    """
+
+    __slots__ = ("tuned", "kernel", "grid", "consts", "out_shape", "device_switch")
+
+    def __init__(self, tuned: Any, kernel: Any, grid: tuple, consts: Dict[str, Any], out_shape: tuple,
+                 device_switch: bool) -> None:
+        self.tuned, self.kernel, self.grid, self.consts = tuned, kernel, grid, consts
+        self.out_shape, self.device_switch = out_shape, device_switch
+
+    def launch(self, x: torch.Tensor, tensors: Dict[str, Any]) -> torch.Tensor:
+        """Allocate the output (keyword ``y_ptr``) and launch with ``tensors`` (the other
+        per-call keywords)."""
+        y = torch.empty(self.out_shape, device=x.device, dtype=x.dtype)
+        if self.device_switch:
+            with on_device(x):
+                self.kernel.run(y_ptr=y, grid=self.grid, warmup=False, **tensors, **self.consts)
+        else:
+            # ``kernel.run`` is what ``kernel[grid](...)`` calls, without the lambda between.
+            self.kernel.run(y_ptr=y, grid=self.grid, warmup=False, **tensors, **self.consts)
+        return y
+
+
+def keep_plan(plans: Dict[Hashable, Any], key: Hashable, plan: Any) -> None:
+    """Store ``plan`` under ``key`` in a bounded plan cache; never inside a CUDA-graph
+    capture, where the tuner's choice is provisional."""
+    if capturing():
+        return
+    if len(plans) >= MAX_PLANS:
+        plans.clear()
+    plans[key] = plan

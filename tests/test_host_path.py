@@ -224,3 +224,22 @@ def test_mixed_batch_decode_skips_the_custom_op(monkeypatch):
             ad = layer.adapters[name]
             want = lora_linear_ref(_d(x[i]), _d(layer.weight), _d(layer.bias), _d(ad.lora_A), _d(ad.lora_B), ad.scaling)
         assert rel_err(y[i], want) < TOL[torch.float32], name
+
+
+@pytest.mark.parametrize("ff", [False, True])
+def test_ia3_plans_replay_with_new_data(monkeypatch, ff):
+    from fastpeft.kernels import ia3 as ia3_kernels
+
+    monkeypatch.setattr(ia3_kernels, "_PLANS", {})
+    general = _spy(monkeypatch, ia3_kernels, "_launch")
+    K, N = 21, 13
+    w, bias = torch.randn(N, K, device=DEVICE), torch.randn(N, device=DEVICE)
+    for step in range(3):
+        x, l = torch.randn(2, 5, K, device=DEVICE), torch.randn(K if ff else N, device=DEVICE)
+        y = ia3_kernels.ia3_linear_fwd(x, w, bias, l, ff)
+        assert rel_err(y, ia3_linear_ref(_d(x), _d(w), _d(bias), _d(l), ff)) < TOL[torch.float32]
+    assert len(general) == 1 and len(ia3_kernels._PLANS) == 1
+    strided = torch.randn(N, 2, device=DEVICE)[:, 0]
+    y = ia3_kernels.ia3_linear_fwd(x, w, strided, l, ff)
+    assert rel_err(y, ia3_linear_ref(_d(x), _d(w), _d(strided), _d(l), ff)) < TOL[torch.float32]
+    assert len(ia3_kernels._PLANS) == 1  # a strided bias is never planned

@@ -191,13 +191,12 @@ class IA3Linear(AdapterLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        weight = self.base_weight()
         if self.__dict__.get("_row_plan") is not None:
             return self._mixed_forward(x)
         name = self.active_adapter
         if name is None or self.merged_adapters:
             # Base only, or an adapter already folded into the weights: cuBLAS.
-            return F.linear(x, weight, self.bias)
+            return F.linear(x, self.base_weight(), self.bias)
         return self._run(x, name)
 
     def _run(self, x: torch.Tensor, name: str) -> torch.Tensor:
