@@ -225,29 +225,30 @@ class BottleneckLinear(AdapterLinear):
 
     # ---------------------------------------------------------------- forward
 
-    def _down_eff(self, name: str, adapter: BottleneckAdapter):
-        """``(W_eff, b_eff)`` of an adapter, recomputed only when a tensor it depends on
-        changed (in-place updates, ``.data`` swaps, moves: see ``TensorStamp``); under
-        ``torch.compile``, traced from the weights on every call (``_kept``)."""
-        down = adapter.down
+    def _down_eff(self, name: str, weight: torch.Tensor, bias: Optional[torch.Tensor], down_w: torch.Tensor,
+                  down_b: Optional[torch.Tensor]):
+        """``(W_eff, b_eff)`` of an adapter (``weight``: the base as ``(out, in)``),
+        recomputed only when a tensor it depends on changed (in-place updates, ``.data``
+        swaps, moves: see ``TensorStamp``); under ``torch.compile``, traced from the
+        weights on every call (``_kept``)."""
         return self._kept(
-            "_eff_cache", name, None, (self.weight, self.bias, down.weight, down.bias),
-            lambda: bottleneck_down_eff(self.base_weight(), self.bias, down.weight, down.bias),
+            "_eff_cache", name, None, (weight, bias, down_w, down_b),
+            lambda: bottleneck_down_eff(weight, bias, down_w, down_b),
         )
 
     def _adapter_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
         adapter: BottleneckAdapter = self.adapters[name]
-        weight = self.base_weight()
+        weight, bias = self.base_weight(), self.bias
         if not adapter.fusable:
-            h = F.linear(x, weight, self.bias)
+            h = F.linear(x, weight, bias)
             # The adapter runs in its own dtype (fp32 on a half model: autocast_adapter_dtype).
             return adapter(h.to(adapter.down.weight.dtype)).to(h.dtype)
-        w_eff = b_eff = None
-        if resolve_backend(self.backend, x.device, x.dtype) == "triton":
-            w_eff, b_eff = self._down_eff(name, adapter)
         down, up = adapter.down, adapter.up
         tensors = (down.weight, down.bias, up.weight, up.bias)
-        if autocast_dtype(x.device) is None and eager_inference(x, weight, self.bias, *tensors):
+        w_eff = b_eff = None
+        if resolve_backend(self.backend, x.device, x.dtype) == "triton":
+            w_eff, b_eff = self._down_eff(name, weight, bias, tensors[0], tensors[1])
+        if autocast_dtype(x.device) is None and eager_inference(x, weight, bias, *tensors):
             # Decode: no checks beyond the layer's own, the adapter in x's dtype kept
             # (not cast per call), the kernel launched without the custom op.
             dw, db, uw, ub = tensors
@@ -256,11 +257,10 @@ class BottleneckLinear(AdapterLinear):
             ):
                 tensors = self._kept("_cast_cache", name, x.dtype, tensors, lambda: _cast(tensors, x.dtype))
             return bottleneck_linear_unchecked(
-                x, weight, self.bias, *tensors, adapter.scaling, check_activation(adapter.non_linearity),
-                w_eff, b_eff, self.backend,
+                x, weight, bias, *tensors, adapter.scaling, adapter.non_linearity, w_eff, b_eff, self.backend
             )
         return bottleneck_linear(
-            x, weight, self.bias, down.weight, down.bias, up.weight, up.bias, adapter.scaling,
+            x, weight, bias, down.weight, down.bias, up.weight, up.bias, adapter.scaling,
             adapter.non_linearity, w_eff=w_eff, b_eff=b_eff, backend=self.backend,
         )
 
