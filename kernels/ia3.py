@@ -31,6 +31,7 @@ from .runtime import (
     check_interpretable,
     input_precision,
     keep_plan,
+    matmul_precision,
     on_device,
     output_for,
     rows_view,
@@ -41,8 +42,6 @@ __all__ = ["ia3_linear_fwd"]
 
 # Call signature -> LaunchPlan (see ia3_linear_fwd).
 _PLANS: Dict[tuple, LaunchPlan] = {}
-# torch.get_float32_matmul_precision without its Python wrapper (read on every call).
-_matmul_precision = torch._C._get_float32_matmul_precision
 
 
 @triton.jit
@@ -125,7 +124,7 @@ def ia3_linear_fwd(
     key = None
     if config is None and out is None:
         key = (x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(),
-               None if bias is None else bias.stride(), ia3_l.stride(), ia3_l.dtype, scale_input, _matmul_precision())
+               None if bias is None else bias.stride(), ia3_l.stride(), ia3_l.dtype, scale_input, matmul_precision())
         plan = _PLANS.get(key)
         if plan is not None and plan.tuned is _autotune.TUNED:
             return plan.launch(x, dict(x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else weight, l_ptr=ia3_l))

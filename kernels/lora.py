@@ -41,6 +41,7 @@ from .runtime import (
     interpreter_active,
     k_splits,
     keep_plan,
+    matmul_precision,
     lora_in_fp32,
     next_power_of_2,
     on_device,
@@ -235,7 +236,7 @@ def lora_linear_fwd(
             x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(),
             None if bias is None else bias.stride(), lora_A.shape, lora_A.stride(), lora_A.dtype,
             lora_B.stride(), lora_B.dtype, None if lora_A_lowp is None else (lora_A_lowp.dtype, lora_A_lowp.stride()),
-            _matmul_precision(),
+            matmul_precision(),
         )
         plan = _PLANS.get(key)
         if plan is not None and plan.tuned is _autotune.TUNED:
@@ -398,10 +399,6 @@ def _tiles_args(cfg, rows: Rows, weight, has_bias: bool, lora_A, lora_B, xa, blo
 
 # Call signature -> plan (bounded: ``runtime.keep_plan``).
 _PLANS: Dict[tuple, "_TilesPlan"] = {}
-
-
-# torch.get_float32_matmul_precision without its Python wrapper (read on every call).
-_matmul_precision = torch._C._get_float32_matmul_precision
 
 
 class _TilesPlan:

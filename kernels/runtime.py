@@ -25,6 +25,7 @@ __all__ = [
     "k_splits",
     "lora_in_fp32",
     "lowp_copy",
+    "matmul_precision",
     "next_power_of_2",
     "on_device",
     "keep_plan",
@@ -97,10 +98,14 @@ def check_interpretable(dtype: torch.dtype) -> None:
         )
 
 
+# torch.get_float32_matmul_precision without its Python wrapper: read on every launch.
+matmul_precision = torch._C._get_float32_matmul_precision
+
+
 def input_precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s ``input_precision`` for inputs of ``dtype``: fp32 follows PyTorch's own
     matmul setting (ieee under "highest", else tf32), as a drop-in for nn.Linear must."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+    if dtype == torch.float32 and matmul_precision() != "highest":
         return "tf32"
     return "ieee"
 

@@ -243,3 +243,44 @@ def test_ia3_plans_replay_with_new_data(monkeypatch, ff):
     y = ia3_kernels.ia3_linear_fwd(x, w, strided, l, ff)
     assert rel_err(y, ia3_linear_ref(_d(x), _d(w), _d(strided), _d(l), ff)) < TOL[torch.float32]
     assert len(ia3_kernels._PLANS) == 1  # a strided bias is never planned
+
+
+_SHRINK_WAITS = r"""
+import json, re, sys
+sys.path.insert(0, sys.argv[1])
+from sm90 import compile_sm90
+from fastpeft.kernels import lora
+out = {}
+for a in sys.argv[2:]:
+    ptrs = {p: "bf16" for p in ("x_ptr", "w_ptr", "bias_ptr", "a_ptr", "b_ptr", "xa_ptr", "y_ptr")}
+    ptrs.update(a_ptr=a, b_ptr="fp32", xa_ptr="fp32")
+    c = compile_sm90(lora._lora_linear_fwd_kernel, ptr_dtypes=ptrs, constexprs=dict(
+        HAS_BIAS=True, HAS_LORA=True, SHRINK_IN_LOOP=True, SPLIT_K=1, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64,
+        BLOCK_R=16, GROUP_M=8, LORA_FP32=True, INPUT_PRECISION="ieee"),
+        unit_args=["stride_xk", "stride_wk", "stride_ak", "stride_yn"], float_args=["scaling"], num_warps=4,
+        num_stages=4)
+    loop = c.asm["ttgir"].split("scf.for", 1)[1].split("scf.yield", 1)[0]
+    out[a] = {"dots": loop.count("warp_group_dot "),
+              "waits": [int(p) for p in re.findall(r"warp_group_dot_wait.*?pendings = (\d+)", loop)]}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(ON_GPU, reason="compiled ahead of time where no GPU runs the kernels")
+def test_a_16bit_copy_of_A_keeps_the_shrink_on_async_wgmma_for_hopper():
+    """sm_90 compile of the main loop (bf16 x, fp32 B and xa, LORA_FP32): with the fp32
+    A the shrink is eight register-operand tf32 wgmmas each followed by a wait; with a
+    bf16 copy of A it is one wgmma and the loop's single wait leaves MMAs in flight."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).resolve().parent)
+    proc = subprocess.run([sys.executable, "-c", _SHRINK_WAITS, tests, "fp32", "bf16"], capture_output=True,
+                          text=True, env=dict(os.environ, TRITON_INTERPRET="0"), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["bf16"]["dots"] == 2 and got["bf16"]["waits"] and min(got["bf16"]["waits"]) >= 1, got
+    assert got["fp32"]["dots"] > got["bf16"]["dots"] and len(got["fp32"]["waits"]) > len(got["bf16"]["waits"]), got

@@ -378,7 +378,7 @@ class FastLoRALinear(AdapterLinear):
         is part of the graph."""
         adapters = list(self.adapters.values())
         tensors = [t for a in adapters for t in (a.lora_A, a.lora_B, a.lora_bias) if t is not None]
-        key = (tuple(id(t) for t in tensors), tuple(a.scaling for a in adapters))
+        key = (tuple(map(id, tensors)), tuple([a.scaling for a in adapters]))
         return self._kept(
             "_stack_cache", device, key, tensors, lambda: stack_adapters(adapters, device, self.weight.dtype)
         )
