@@ -253,18 +253,9 @@ def bottleneck_linear(
 
 
 def bottleneck_linear_unchecked(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    down_w: torch.Tensor,
-    down_b: Optional[torch.Tensor],
-    up_w: torch.Tensor,
-    up_b: Optional[torch.Tensor],
-    scaling: float,
-    activation: str,
-    w_eff: Optional[torch.Tensor],
-    b_eff: Optional[torch.Tensor],
-    backend: str,
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], down_w: torch.Tensor,
+    down_b: Optional[torch.Tensor], up_w: torch.Tensor, up_b: Optional[torch.Tensor], scaling: float,
+    activation: str, w_eff: Optional[torch.Tensor], b_eff: Optional[torch.Tensor], backend: str,
 ) -> torch.Tensor:
     """:func:`bottleneck_linear` for callers that guarantee what it checks (a layer with
     its own adapter, a checked ``x``, the adapter's tensors already in ``x``'s dtype, a

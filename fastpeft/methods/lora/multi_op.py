@@ -280,15 +280,8 @@ def multi_lora_linear(
 
 
 def multi_lora_linear_unchecked(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    ranks: torch.Tensor,
-    scalings: torch.Tensor,
-    meta: MultiLoraMeta,
-    backend: str,
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+    lora_B: torch.Tensor, ranks: torch.Tensor, scalings: torch.Tensor, meta: MultiLoraMeta, backend: str,
 ) -> torch.Tensor:
     """:func:`multi_lora_linear` for callers that guarantee what it checks (a layer with
     its own or a pool's slot stacks, ``ranks`` int32 and ``scalings`` fp32 contiguous on
