@@ -284,3 +284,27 @@ def test_a_16bit_copy_of_A_keeps_the_shrink_on_async_wgmma_for_hopper():
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["bf16"]["dots"] == 2 and got["bf16"]["waits"] and min(got["bf16"]["waits"]) >= 1, got
     assert got["fp32"]["dots"] > got["bf16"]["dots"] and len(got["fp32"]["waits"]) > len(got["bf16"]["waits"]), got
+
+
+def test_lora_bias_is_kept_at_decode_and_follows_changes(monkeypatch):
+    layer = fp.FastLoRALinear.wrap(nn.Linear(24, 16, device=DEVICE), r=4, lora_alpha=8, init_lora_weights=False,
+                                   lora_bias=True).eval()
+    calls = _spy(monkeypatch, lora_kernels, "lora_linear_fwd")
+    ad = layer.adapters["default"]
+    x = torch.randn(3, 24, device=DEVICE)
+
+    def ref():
+        b = _d(layer.bias) + ad.scaling * _d(ad.lora_bias)
+        return lora_linear_ref(_d(x), _d(layer.weight), b, _d(ad.lora_A), _d(ad.lora_B), ad.scaling)
+
+    with torch.no_grad():
+        y = layer(x)
+        layer(x)
+        first, second = (args[2] for args, _ in calls)
+        assert second is first  # s * lora_bias + b made once
+        assert rel_err(y, ref()) < TOL[torch.float32]
+        ad.lora_bias.add_(1.0)
+        y = layer(x)
+        assert calls[-1][0][2] is not first and rel_err(y, ref()) < TOL[torch.float32]
+    layer(x).sum().backward()  # with autograd: built in the graph, gradients reach lora_bias
+    assert ad.lora_bias.grad is not None

@@ -128,7 +128,7 @@ class FastLoRALinear(AdapterLinear):
             PyTorch reference), ``"triton"`` or ``"torch"``.
     """
 
-    _CACHES = ("_stack_cache", "_lowp_cache")
+    _CACHES = ("_stack_cache", "_lowp_cache", "_bias_cache")
 
     def __init__(
         self,
@@ -255,14 +255,20 @@ class FastLoRALinear(AdapterLinear):
         """Base bias plus ``s * lora_bias`` (PEFT scales ``lora_B``'s output, bias included).
 
         A tiny torch op outside the kernel, so autograd reaches ``lora_bias`` through the
-        op's bias gradient.
+        op's bias gradient; without a graph to build it is kept while the tensors and the
+        scaling are unchanged (``_kept``), not recomputed per call.
         """
         adapter = self.adapters[adapter_name]
         if adapter.lora_bias is None:
             return self.bias
-        # An fp32 lora_bias on a half model (autocast_adapter_dtype) joins in the base's dtype.
-        scaled = (adapter.lora_bias * adapter.scaling).to(self.weight.dtype)
-        return scaled if self.bias is None else self.bias + scaled
+        bias, lora_bias, scaling, dtype = self.bias, adapter.lora_bias, adapter.scaling, self.weight.dtype
+
+        def build() -> torch.Tensor:
+            # An fp32 lora_bias on a half model (autocast_adapter_dtype) joins in the base's dtype.
+            scaled = (lora_bias * scaling).to(dtype)
+            return scaled if bias is None else bias + scaled
+
+        return self._kept("_bias_cache", adapter_name, (scaling, dtype), (bias, lora_bias), build)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Parameters and modules read from their dicts: nn.Module.__getattr__ is a Python
