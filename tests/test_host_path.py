@@ -81,8 +81,11 @@ def test_a_strided_bias_is_never_replayed_from_a_plan(monkeypatch):
 # ------------------------------------------------------------------ fp32 adapters, 16-bit copies
 
 
-def _half_layer(a_scale: float = 1.0) -> fp.FastLoRALinear:
-    layer = fp.FastLoRALinear.from_linear(nn.Linear(24, 16, device=DEVICE).half(), r=4, lora_alpha=8,
+HALF_DTYPES = [F16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not ON_GPU, reason="bf16 kernels need a GPU"))]
+
+
+def _half_layer(a_scale: float = 1.0, dtype: torch.dtype = F16) -> fp.FastLoRALinear:
+    layer = fp.FastLoRALinear.from_linear(nn.Linear(24, 16, device=DEVICE).to(dtype), r=4, lora_alpha=8,
                                           init_lora_weights=False)
     for p in layer.adapters.parameters():  # PEFT's autocast_adapter_dtype: fp32 adapters
         p.data = p.data.float()
@@ -100,24 +103,25 @@ def _copies_passed(calls):
     return [kw.get("lora_A_lowp") for _, kw in calls]
 
 
-def test_fp32_adapters_feed_the_shrink_a_kept_fp16_copy_rebuilt_when_A_changes(monkeypatch):
-    layer = _half_layer()
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_fp32_adapters_feed_the_shrink_a_kept_16bit_copy_rebuilt_when_A_changes(monkeypatch, dtype):
+    layer = _half_layer(dtype=dtype)
     calls = _spy(monkeypatch, lora_kernels, "lora_linear_fwd")
-    x = torch.randn(3, 24, device=DEVICE, dtype=F16)
+    x = torch.randn(3, 24, device=DEVICE, dtype=dtype)
     with torch.no_grad():
         y1, y2 = layer(x), layer(x)
     first, second = _copies_passed(calls)
-    assert first is not None and first.dtype == F16 and second is first  # built once, kept
-    assert torch.equal(first, layer.lora_A.detach().half())
-    assert rel_err(y1, _ref(layer, x)) < TOL[F16] and torch.equal(y1, y2)
+    assert first is not None and first.dtype == dtype and second is first  # built once, kept
+    assert torch.equal(first, layer.lora_A.detach().to(dtype))
+    assert rel_err(y1, _ref(layer, x)) < TOL[dtype] and torch.equal(y1, y2)
 
     def check_rebuilt(what):
         calls.clear()
         with torch.no_grad():
             y = layer(x)
         (copy,) = _copies_passed(calls)
-        assert copy is not first and torch.equal(copy, layer.lora_A.detach().half()), what
-        assert rel_err(y, _ref(layer, x)) < TOL[F16], what
+        assert copy is not first and torch.equal(copy, layer.lora_A.detach().to(dtype)), what
+        assert rel_err(y, _ref(layer, x)) < TOL[dtype], what
         return copy
 
     opt = torch.optim.SGD(layer.adapters.parameters(), lr=0.5)

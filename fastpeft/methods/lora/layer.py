@@ -312,7 +312,9 @@ class FastLoRALinear(AdapterLinear):
         """``lora_A`` (fp32, on a 16-bit input) in ``dtype`` for the kernels' in-loop
         shrink (``runtime.lowp_copy``: None where it would overflow), kept per adapter
         while ``lora_A`` is unchanged (``_kept``: optimizer steps, ``load_state_dict``,
-        ``.data`` swaps rebuild it). Only the no-autograd path asks for it."""
+        ``.data`` swaps rebuild it). Only the no-autograd path asks for it. fp16 keeps the
+        10 mantissa bits the fp32 branch's tf32 dots keep; bf16 rounds ``A`` to 8, an error
+        of the order of the bf16 output's own rounding."""
         return self._kept("_lowp_cache", name, dtype, (lora_A,), lambda: lowp_copy(lora_A, dtype))
 
     def _make_row_plan(self, plan: BatchPlan) -> LoraRowPlan:
