@@ -28,12 +28,13 @@ input whose leading dims cannot be flattened without a copy (e.g. a transposed
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from . import autotune as _autotune
 from . import lora_tma
 from .lora_library import library_lora
 from .autotune import INTERPRETER_CONFIG, TMA_MIN_M, KernelConfig, LibraryGemm, Variant, lora_variants, m_bucket, pick
@@ -45,6 +46,8 @@ from .runtime import (
     input_precision,
     interpreter_active,
     k_splits,
+    keep_plan,
+    matmul_precision,
     lora_in_fp32,
     next_power_of_2,
     on_device,
@@ -203,6 +206,7 @@ def lora_linear_fwd(
     xa: Optional[torch.Tensor] = None,
     config: Optional[Variant] = None,
     out: Optional[torch.Tensor] = None,
+    lora_A_lowp: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Launch the fused kernel: ``y = x W^T + b + s * (x A^T) B^T`` (or ``s * xa B^T``).
 
@@ -217,13 +221,42 @@ def lora_linear_fwd(
         config: force a variant (a tile config, or ``LIBRARY_GEMM``; benchmarks);
             default: tuned per shape.
         out: optional preallocated contiguous output of shape ``(..., N)``.
+        lora_A_lowp: optional copy of ``lora_A`` in ``x``'s (16-bit) dtype when ``lora_A``
+            is fp32 (PEFT's fp32 adapters on a half model): the in-loop shrink reads it,
+            so its dot runs on 16-bit tensor cores and keeps MMAs in flight, while ``xa``
+            (the fp32 accumulator) and the expand keep fp32 range as with fp32 ``A``. The
+            caller keeps it equal to ``lora_A`` rounded, and finite where ``lora_A`` is.
 
     Returns:
         ``y`` of shape ``(..., N)``, contiguous, in ``x``'s dtype.
 
     Callers validate shapes and dtypes (the op layer does); this function trusts them,
     but refuses bf16 under the interpreter (:func:`runtime.check_interpretable`).
+
+    Steady state (no ``config``, ``out`` or ``xa``): the launch arguments of a call
+    signature (shapes, strides, dtypes, device, tuned variant) are computed once and
+    kept (:class:`_TilesPlan`), so a decode step does one dict lookup and the launch.
     """
+    if config is None and out is None and xa is None and lora_A is not None:
+        # What a launch's arguments depend on besides pointers and ``scaling``: shapes,
+        # strides, dtypes, device and the fp32 matmul precision (the tl.dot precision).
+        key = (
+            x.shape, x.stride(), x.dtype, x.device, weight.shape, weight.stride(),
+            None if bias is None else bias.stride(), lora_A.shape, lora_A.stride(), lora_A.dtype,
+            lora_B.stride(), lora_B.dtype, None if lora_A_lowp is None else (lora_A_lowp.dtype, lora_A_lowp.stride()),
+            matmul_precision(),
+        )
+        plan = _PLANS.get(key)
+        if plan is not None and plan.tuned is _autotune.TUNED:
+            return plan.run(x, weight, bias, lora_A_lowp if lora_A_lowp is not None else lora_A, lora_B, scaling)
+        y = _lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, None, None, None, lora_A_lowp, key)
+        return y
+    return _lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, xa, config, out, lora_A_lowp, None)
+
+
+def _lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, xa, config, out, lora_A_lowp, plan_key) -> torch.Tensor:
+    """:func:`lora_linear_fwd`'s general path; with ``plan_key``, the launch it makes is
+    kept as that signature's plan when it can be replayed (a plain tiled launch)."""
     check_interpretable(x.dtype)
     N, K = weight.shape
     y = output_for(x, N, out)
@@ -231,6 +264,8 @@ def lora_linear_fwd(
     M = rows.M
     if M == 0 or N == 0:
         return y
+    if plan_key is not None and bias is not None and bias.stride() != (1,):
+        plan_key = None  # a plan passes the bias as given: only a unit-stride one
     if bias is not None:
         bias = bias.contiguous()  # the kernels read it with unit stride
     y2 = y.view(M, N)
@@ -248,22 +283,26 @@ def lora_linear_fwd(
             if isinstance(variant, LibraryGemm):
                 _library_gemm(rows, weight, bias, lora_A, lora_B, xa, scaling, y2)
             else:
-                _launch(variant, rows, weight, bias, lora_A, lora_B, xa, scaling, y2)
+                _launch(variant, rows, weight, bias, lora_A, lora_B, xa, scaling, y2, lora_A_lowp)
 
         if config is None:
-            config = _tuned_config(x, rows, weight, bias, lora_A, lora_B, xa, y2, run)
+            config = _tuned_config(x, rows, weight, bias, lora_A, lora_B, xa, y2, run, lora_A_lowp)
         run(config)
+        if plan_key is not None:
+            _keep_plan(plan_key, config, rows, x, weight, bias, lora_A, lora_B, lora_A_lowp, y)
     return y
 
 
-def _tuned_config(x, rows: Rows, weight, bias, lora_A, lora_B, xa, y2, run) -> Variant:
+def _tuned_config(x, rows: Rows, weight, bias, lora_A, lora_B, xa, y2, run, lora_A_lowp=None) -> Variant:
     """The tuner's pick for this call (keyed by shapes, dtypes, precision, M bucket)."""
     M, (N, K) = rows.M, weight.shape
     r = 0 if lora_A is None else lora_A.shape[0]
     in_loop = lora_A is not None and xa is None
     tma_ok = M >= TMA_MIN_M and lora_tma.tma_fits(rows, weight, lora_A, y2)
-    # The adapters' dtype changes the kernel's shared memory: part of the key.
-    a_dtype = None if lora_A is None else (lora_A.dtype, lora_B.dtype)
+    # The adapters' dtype changes the kernel's shared memory: part of the key (the dtype
+    # the shrink reads: a low-precision copy's when one is given).
+    a_read = lora_A_lowp if lora_A_lowp is not None and in_loop else lora_A
+    a_dtype = None if lora_A is None else (a_read.dtype, lora_B.dtype)
     key = ("lora", x.device.index, x.dtype, input_precision(x.dtype), a_dtype, N, K, r, xa is None, bias is None,
            tma_ok, m_bucket(M))
     return pick(key, run, lambda: lora_variants(M, K, in_loop, tma_ok, x.dtype, N, _programs(x)))
@@ -306,20 +345,30 @@ def _launch(
     xa: Optional[torch.Tensor],
     scaling: float,
     y: torch.Tensor,
+    lora_A_lowp: Optional[torch.Tensor] = None,
 ) -> None:
-    """One launch of ``cfg``'s variant, written into ``y`` (``(M, N)``)."""
+    """One launch of ``cfg``'s variant, written into ``y`` (``(M, N)``); the in-loop
+    shrink reads ``lora_A_lowp`` when given (see :func:`lora_linear_fwd`)."""
     if lora_A is not None and lora_A.shape[0] == 0:
         lora_A = lora_B = None  # rank 0: the base GEMM alone
     if lora_A is not None and xa is None and cfg.precompute_xa:
         xa = _shrink(rows, lora_A)
     in_loop = lora_A is not None and xa is None
-    R = lora_A.shape[0] if lora_A is not None else 0
-    block_r = max(16, next_power_of_2(R)) if in_loop else _EPILOGUE_BLOCK_R
+    block_r = _block_r(lora_A, in_loop)
+    # From the fp32 master: xa and the expand keep fp32 range whichever A the shrink reads.
     lora_fp32 = lora_A is not None and lora_in_fp32(rows.x.dtype, lora_A.dtype)
+    if in_loop and lora_A_lowp is not None:
+        lora_A = lora_A_lowp
     if cfg.tma:
         _launch_tma(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r, lora_fp32)
     else:
         _launch_tiles(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r, lora_fp32)
+
+
+def _block_r(lora_A: Optional[torch.Tensor], in_loop: bool) -> int:
+    """The rank tile: the padded rank held in registers (in-loop shrink), else the
+    epilogue's chunk."""
+    return max(16, next_power_of_2(lora_A.shape[0])) if in_loop else _EPILOGUE_BLOCK_R
 
 
 def _launch_tma(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r, lora_fp32) -> None:
@@ -345,19 +394,32 @@ def _launch_tma(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r
 
 def _launch_tiles(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r, lora_fp32) -> None:
     """:func:`_launch` on the tiled kernel; split-K partial sums reduced into ``y`` after."""
-    M, (N, K) = rows.M, weight.shape
+    M, N = rows.M, weight.shape[0]
+    grid, consts, split = _tiles_args(cfg, rows, weight, bias is not None, lora_A, lora_B, xa, block_r, lora_fp32)
     # Unused pointers still need a tensor; ``weight`` is a safe placeholder.
+    a = lora_A if lora_A is not None else weight
+    b = lora_B if lora_A is not None else weight
+    # Split-K programs write fp32 partial sums, reduced into ``y`` below.
+    out = y if split == 1 else torch.empty((split, M, N), device=y.device, dtype=torch.float32)
+    _lora_linear_fwd_kernel[grid](
+        x_ptr=rows.x, w_ptr=weight, bias_ptr=bias if bias is not None else weight, a_ptr=a, b_ptr=b,
+        xa_ptr=xa if xa is not None else weight, y_ptr=out, scaling=float(scaling), **consts,
+    )
+    if split > 1:
+        _reduce_splits(out, bias, y)
+
+
+def _tiles_args(cfg, rows: Rows, weight, has_bias: bool, lora_A, lora_B, xa, block_r: int, lora_fp32: bool):
+    """``(grid, keywords, splits)`` of a tiled launch: every keyword but the pointers and
+    ``scaling``, from shapes, strides and dtypes alone (so a plan can keep them)."""
+    M, (N, K) = rows.M, weight.shape
     a = lora_A if lora_A is not None else weight
     b = lora_B if lora_A is not None else weight
     xa_t = xa if xa is not None else weight
     k_per_split, split = k_splits(K, cfg.split_k, cfg.block_k)
-    # Split-K programs write fp32 partial sums, reduced into ``y`` below.
-    out = y if split == 1 else torch.empty((split, M, N), device=y.device, dtype=torch.float32)
-    stride_ps, stride_ym, stride_yn = (0, y.stride(0), y.stride(1)) if split == 1 else out.stride()
+    stride_ps, stride_ym, stride_yn = (0, N, 1) if split == 1 else (M * N, N, 1)
     grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n), split)
-    _lora_linear_fwd_kernel[grid](
-        x_ptr=rows.x, w_ptr=weight, bias_ptr=bias if bias is not None else weight, a_ptr=a, b_ptr=b,
-        xa_ptr=xa_t, y_ptr=out,
+    consts = dict(
         M=M, N=N, K=K, R=lora_A.shape[0] if lora_A is not None else 0, M_INNER=rows.m_inner,
         stride_xm0=rows.stride_m0, stride_xm1=rows.stride_m1, stride_xk=rows.stride_k,
         stride_wn=weight.stride(0), stride_wk=weight.stride(1),
@@ -365,8 +427,8 @@ def _launch_tiles(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block
         stride_bn=b.stride(0), stride_br=b.stride(1),
         stride_xam=xa_t.stride(0), stride_xar=xa_t.stride(1),
         stride_ym=stride_ym, stride_yn=stride_yn, stride_ps=stride_ps,
-        scaling=float(scaling), K_PER_SPLIT=k_per_split,
-        HAS_BIAS=bias is not None,
+        K_PER_SPLIT=k_per_split,
+        HAS_BIAS=has_bias,
         HAS_LORA=lora_A is not None,
         SHRINK_IN_LOOP=lora_A is not None and xa is None,
         SPLIT_K=split,
@@ -375,8 +437,62 @@ def _launch_tiles(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block
         INPUT_PRECISION=input_precision(rows.x.dtype),
         **cfg.meta,
     )
-    if split > 1:
-        _reduce_splits(out, bias, y)
+    return grid, consts, split
+
+
+# --------------------------------------------------------------------------- launch plans
+
+# Call signature -> plan (bounded: ``runtime.keep_plan``).
+_PLANS: Dict[tuple, "_TilesPlan"] = {}
+
+
+class _TilesPlan:
+    """A tiled launch of one call signature, its keywords precomputed: replayed for
+    any call with that signature (new pointers and ``scaling``). ``tuned``: the tuner
+    table it was picked from (a replaced table retunes)."""
+
+    __slots__ = ("tuned", "grid", "consts", "y_shape", "split", "device_switch")
+
+    def __init__(self, tuned, grid, consts, y_shape, split, device_switch) -> None:
+        self.tuned, self.grid, self.consts, self.y_shape = tuned, grid, consts, y_shape
+        self.split, self.device_switch = split, device_switch
+
+    def run(self, x, weight, bias, a, lora_B, scaling) -> torch.Tensor:
+        y = torch.empty(self.y_shape, device=x.device, dtype=x.dtype)
+        out = y if self.split == 1 else torch.empty(
+            (self.split, self.consts["M"], self.consts["N"]), device=x.device, dtype=torch.float32
+        )
+        if self.device_switch:
+            with on_device(x):
+                self._launch(x, weight, bias, a, lora_B, scaling, y, out)
+        else:
+            self._launch(x, weight, bias, a, lora_B, scaling, y, out)
+        return y
+
+    def _launch(self, x, weight, bias, a, lora_B, scaling, y, out) -> None:
+        # ``kernel.run`` is what ``kernel[grid](...)`` calls, without the lambda between.
+        _lora_linear_fwd_kernel.run(
+            x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else weight, a_ptr=a, b_ptr=lora_B,
+            xa_ptr=weight, y_ptr=out, scaling=float(scaling), grid=self.grid, warmup=False, **self.consts,
+        )
+        if self.split > 1:
+            _reduce_splits(out, bias, y.view(self.consts["M"], self.consts["N"]))
+
+
+def _keep_plan(key, cfg, rows: Rows, x, weight, bias, lora_A, lora_B, lora_A_lowp, y) -> None:
+    """Keep the launch just made as ``key``'s plan when it is a plain tiled launch that
+    replays from the signature alone (not TMA, no precomputed ``xa``, no copy of ``x``,
+    a real rank and size, the tuner's own choice), else nothing."""
+    K, R = weight.shape[1], lora_A.shape[0]
+    if (
+        not isinstance(cfg, KernelConfig) or cfg.tma or cfg.precompute_xa or rows.x is not x
+        or K == 0 or R == 0 or R > MAX_IN_LOOP_RANK
+    ):
+        return
+    a = lora_A_lowp if lora_A_lowp is not None else lora_A
+    lora_fp32 = lora_in_fp32(x.dtype, lora_A.dtype)
+    grid, consts, split = _tiles_args(cfg, rows, weight, bias is not None, a, lora_B, None, _block_r(a, True), lora_fp32)
+    keep_plan(_PLANS, key, _TilesPlan(_autotune.TUNED, grid, consts, tuple(y.shape), split, x.is_cuda))
 
 
 def lora_shrink(x2: torch.Tensor, lora_A: torch.Tensor) -> torch.Tensor:

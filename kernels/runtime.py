@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Hashable, List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
 from triton.runtime.jit import JITFunction
 
 __all__ = [
+    "LaunchPlan",
     "Rows",
     "as_2d",
     "capturing",
@@ -23,8 +24,11 @@ __all__ = [
     "interpreter_active",
     "k_splits",
     "lora_in_fp32",
+    "lowp_copy",
+    "matmul_precision",
     "next_power_of_2",
     "on_device",
+    "keep_plan",
     "output_for",
     "rows_view",
     "sm_count",
@@ -108,10 +112,14 @@ def check_interpretable(dtype: torch.dtype) -> None:
         )
 
 
+# torch.get_float32_matmul_precision without its Python wrapper: read on every launch.
+matmul_precision = torch._C._get_float32_matmul_precision
+
+
 def input_precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s ``input_precision`` for inputs of ``dtype``: fp32 follows PyTorch's own
     matmul setting (ieee under "highest", else tf32), as a drop-in for nn.Linear must."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+    if dtype == torch.float32 and matmul_precision() != "highest":
         return "tf32"
     return "ieee"
 
@@ -126,6 +134,16 @@ def lora_in_fp32(x_dtype: torch.dtype, adapter_dtype: torch.dtype) -> bool:
     dots in tf32 (fp16's 10 mantissa bits, fp32's range; see ``tiles.lora_dot``).
     """
     return x_dtype != torch.float32 and adapter_dtype != x_dtype
+
+
+def lowp_copy(t: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """``t`` rounded to ``dtype`` (a detached, contiguous copy), or None when the rounding
+    would turn a finite entry into inf (fp16's range ends at 65504): a caller then uses
+    ``t`` itself. One host sync; callers keep the copy while ``t`` is unchanged."""
+    copy = t.detach().to(dtype, memory_format=torch.contiguous_format)
+    if bool((torch.isinf(copy) & torch.isfinite(t)).any()):
+        return None
+    return copy
 
 
 class Rows(NamedTuple):
@@ -189,3 +207,50 @@ def output_for(x: torch.Tensor, N: int, out: Optional[torch.Tensor]) -> torch.Te
     if out.shape != shape or out.dtype != x.dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {shape}")
     return out
+
+
+# --------------------------------------------------------------------------- launch plans
+
+# Bounded: a cache emptied when full (prefill lengths give new M values, each a signature).
+MAX_PLANS = 512
+
+
+class LaunchPlan:
+    """One tiled launch for one call signature (shapes, strides, dtypes, device, tuned
+    variant), its grid and every keyword but the tensors precomputed: a decode step
+    replays it with its own tensors (and scalars) instead of recomputing them.
+
+    ``tuned``: the tuner table the variant came from (a launcher replays the plan only
+    while that table is the tuner's, so replacing the table retunes); ``out_shape``: the
+    output it allocates (in the input's dtype); ``device_switch``: the launch runs under
+    :func:`on_device` (CUDA inputs).
+    """
+
+    __slots__ = ("tuned", "kernel", "grid", "consts", "out_shape", "device_switch")
+
+    def __init__(self, tuned: Any, kernel: Any, grid: tuple, consts: Dict[str, Any], out_shape: tuple,
+                 device_switch: bool) -> None:
+        self.tuned, self.kernel, self.grid, self.consts = tuned, kernel, grid, consts
+        self.out_shape, self.device_switch = out_shape, device_switch
+
+    def launch(self, x: torch.Tensor, tensors: Dict[str, Any]) -> torch.Tensor:
+        """Allocate the output (keyword ``y_ptr``) and launch with ``tensors`` (the other
+        per-call keywords)."""
+        y = torch.empty(self.out_shape, device=x.device, dtype=x.dtype)
+        if self.device_switch:
+            with on_device(x):
+                self.kernel.run(y_ptr=y, grid=self.grid, warmup=False, **tensors, **self.consts)
+        else:
+            # ``kernel.run`` is what ``kernel[grid](...)`` calls, without the lambda between.
+            self.kernel.run(y_ptr=y, grid=self.grid, warmup=False, **tensors, **self.consts)
+        return y
+
+
+def keep_plan(plans: Dict[Hashable, Any], key: Hashable, plan: Any) -> None:
+    """Store ``plan`` under ``key`` in a bounded plan cache; never inside a CUDA-graph
+    capture, where the tuner's choice is provisional."""
+    if capturing():
+        return
+    if len(plans) >= MAX_PLANS:
+        plans.clear()
+    plans[key] = plan

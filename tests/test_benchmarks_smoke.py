@@ -117,3 +117,19 @@ def test_bench_decode_cpu_pass_static_equals_eager(stub_timers):
     bench_decode = importlib.import_module("bench_decode")
     rows = bench_decode.run_cpu()
     assert [r["batch"] for r in rows] == [1, 3] and all(r["same_tokens"] == 1.0 for r in rows)
+
+
+def test_host_overhead_counts_launches_and_allocations(tmp_path):
+    out = tmp_path / "host.json"
+    proc = _run([str(BENCH / "host_overhead.py"), "--iters", "3", "--repeats", "1", "--json", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    rows = {(r["case"], r["M"], r["grad"]): r for r in json.loads(out.read_text())["results"]}
+    assert all(isinstance(r[k], int) for r in rows.values() for k in ("launches", "allocs", "aten_ops"))
+    assert rows[("nn.Linear", 1, False)]["launches"] == 0 and rows[("nn.Linear", 1, False)]["allocs"] >= 1
+    for m in (1, 16, 4096):
+        for grad in (False, True):
+            lora = rows[("FastLoRALinear", m, grad)]
+            assert lora["launches"] == 1 and lora["allocs"] >= 1, (m, grad)  # one fused launch, its output
+    for case in ("IA3Linear", "BottleneckLinear", "mixed, own adapters", "mixed, AdapterPool"):
+        assert any(k[0] == case and r["launches"] >= 1 for k, r in rows.items()), case
+    assert all(r["x_linear"] > 0 for r in rows.values())

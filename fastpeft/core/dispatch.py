@@ -48,6 +48,23 @@ def resolve_backend(backend: str, device: torch.device, dtype: Optional[torch.dt
     Triton cannot run, or would compute wrong numbers, is an error, never a silent
     fallback. Every op (LoRA, mixed-adapter LoRA, (IA)^3, bottleneck) dispatches here.
     """
+    # The interpreter probe itself is in the key: whoever replaces it gets fresh answers.
+    key = (backend, device.type, dtype, _runtime.interpreter_active)
+    found = _RESOLVED.get(key)
+    if found is not None:
+        return found
+    found = _resolve(backend, device, dtype)
+    _RESOLVED[key] = found
+    return found
+
+
+# (backend, device type, dtype, probe) -> backend: the answer never changes within a
+# process (the interpreter flag is read at import), and every forward asks.
+_RESOLVED: dict = {}
+
+
+def _resolve(backend: str, device: torch.device, dtype: Optional[torch.dtype]) -> str:
+    """:func:`resolve_backend` itself (raises where it must; only answers are kept)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device_ok = device.type == "cuda" or (device.type == "cpu" and _runtime.interpreter_active())

@@ -57,9 +57,13 @@ class TensorStamp:
         return (version, t.data_ptr(), t.dtype, t.device, tuple(t.shape), tuple(t.stride()))
 
     def matches(self, tensors: Sequence[Optional[torch.Tensor]]) -> bool:
-        return len(tensors) == len(self._keys) and all(
-            self._key(t) == key for t, key in zip(tensors, self._keys)
-        )
+        keys = self._keys
+        if len(tensors) != len(keys):
+            return False
+        for t, key in zip(tensors, keys):  # a loop, not all(<genexpr>): checked on every decode step
+            if self._key(t) != key:
+                return False
+        return True
 
 
 class PlanReader:

@@ -35,10 +35,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastpeft.core.dispatch import resolve_backend
+from fastpeft.core.dispatch import autocast_dtype, eager_inference, resolve_backend
 from fastpeft.core.linear import AdapterLinear
 from fastpeft.methods.bottleneck.config import check_activation
-from fastpeft.methods.bottleneck.op import bottleneck_down_eff, bottleneck_linear
+from fastpeft.methods.bottleneck.op import bottleneck_down_eff, bottleneck_linear, bottleneck_linear_unchecked
 
 __all__ = ["BottleneckAdapter", "BottleneckLinear", "bottleneck_size_for"]
 
@@ -129,6 +129,11 @@ class BottleneckAdapter(nn.Module):
         )
 
 
+def _cast(tensors, dtype: torch.dtype) -> tuple:
+    """Detached copies of ``tensors`` in ``dtype`` (None stays None)."""
+    return tuple(None if t is None else t.detach().to(dtype) for t in tensors)
+
+
 class BottleneckLinear(AdapterLinear):
     """A linear output projection followed by bottleneck adapters (one active at a time).
 
@@ -138,7 +143,7 @@ class BottleneckLinear(AdapterLinear):
     ``out_features // reduction_factor``.
     """
 
-    _CACHES = ("_eff_cache",)
+    _CACHES = ("_eff_cache", "_cast_cache")
 
     def __init__(self, *args, **kwargs) -> None:
         raise TypeError("build a BottleneckLinear with BottleneckLinear.from_linear(linear, ...)")
@@ -220,29 +225,42 @@ class BottleneckLinear(AdapterLinear):
 
     # ---------------------------------------------------------------- forward
 
-    def _down_eff(self, name: str, adapter: BottleneckAdapter):
-        """``(W_eff, b_eff)`` of an adapter, recomputed only when a tensor it depends on
-        changed (in-place updates, ``.data`` swaps, moves: see ``TensorStamp``); under
-        ``torch.compile``, traced from the weights on every call (``_kept``)."""
-        down = adapter.down
+    def _down_eff(self, name: str, weight: torch.Tensor, bias: Optional[torch.Tensor], down_w: torch.Tensor,
+                  down_b: Optional[torch.Tensor]):
+        """``(W_eff, b_eff)`` of an adapter (``weight``: the base as ``(out, in)``),
+        recomputed only when a tensor it depends on changed (in-place updates, ``.data``
+        swaps, moves: see ``TensorStamp``); under ``torch.compile``, traced from the
+        weights on every call (``_kept``)."""
         return self._kept(
-            "_eff_cache", name, None, (self.weight, self.bias, down.weight, down.bias),
-            lambda: bottleneck_down_eff(self.base_weight(), self.bias, down.weight, down.bias),
+            "_eff_cache", name, None, (weight, bias, down_w, down_b),
+            lambda: bottleneck_down_eff(weight, bias, down_w, down_b),
         )
 
     def _adapter_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
         adapter: BottleneckAdapter = self.adapters[name]
-        weight = self.base_weight()
+        weight, bias = self.base_weight(), self.bias
         if not adapter.fusable:
-            h = F.linear(x, weight, self.bias)
+            h = F.linear(x, weight, bias)
             # The adapter runs in its own dtype (fp32 on a half model: autocast_adapter_dtype).
             return adapter(h.to(adapter.down.weight.dtype)).to(h.dtype)
+        down, up = adapter.down, adapter.up
+        tensors = (down.weight, down.bias, up.weight, up.bias)
         w_eff = b_eff = None
         if resolve_backend(self.backend, x.device, x.dtype) == "triton":
-            w_eff, b_eff = self._down_eff(name, adapter)
-        down, up = adapter.down, adapter.up
+            w_eff, b_eff = self._down_eff(name, weight, bias, tensors[0], tensors[1])
+        if autocast_dtype(x.device) is None and eager_inference(x, weight, bias, *tensors):
+            # Decode: no checks beyond the layer's own, the adapter in x's dtype kept
+            # (not cast per call), the kernel launched without the custom op.
+            dw, db, uw, ub = tensors
+            if dw.dtype != x.dtype or uw.dtype != x.dtype or (db is not None and db.dtype != x.dtype) or (
+                ub is not None and ub.dtype != x.dtype
+            ):
+                tensors = self._kept("_cast_cache", name, x.dtype, tensors, lambda: _cast(tensors, x.dtype))
+            return bottleneck_linear_unchecked(
+                x, weight, bias, *tensors, adapter.scaling, adapter.non_linearity, w_eff, b_eff, self.backend
+            )
         return bottleneck_linear(
-            x, weight, self.bias, down.weight, down.bias, up.weight, up.bias, adapter.scaling,
+            x, weight, bias, down.weight, down.bias, up.weight, up.bias, adapter.scaling,
             adapter.non_linearity, w_eff=w_eff, b_eff=b_eff, backend=self.backend,
         )
 

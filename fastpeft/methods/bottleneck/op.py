@@ -20,6 +20,7 @@ from fastpeft.core.dispatch import (
     check_adapter_tensors,
     check_bias,
     check_linear_input,
+    eager_inference,
     resolve_backend,
     rows,
 )
@@ -27,7 +28,7 @@ from fastpeft.kernels import bottleneck as _bn_kernels
 from fastpeft.kernels.reference import bottleneck_activation_ref, bottleneck_linear_ref
 from fastpeft.methods.bottleneck.config import check_activation
 
-__all__ = ["bottleneck_linear", "bottleneck_down_eff"]
+__all__ = ["bottleneck_linear", "bottleneck_linear_unchecked", "bottleneck_down_eff"]
 
 
 def bottleneck_down_eff(
@@ -245,8 +246,27 @@ def bottleneck_linear(
         raise ValueError(
             f"w_eff/b_eff must have shapes ({D}, {K}) and ({D},), got {tuple(w_eff.shape)} and {tuple(b_eff.shape)}"
         )
+    return bottleneck_linear_unchecked(
+        x, weight, bias, down_w, down_b, up_w, up_b, scaling, activation,
+        None if w_eff is None else w_eff.detach(), None if b_eff is None else b_eff.detach(), backend,
+    )
+
+
+def bottleneck_linear_unchecked(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], down_w: torch.Tensor,
+    down_b: Optional[torch.Tensor], up_w: torch.Tensor, up_b: Optional[torch.Tensor], scaling: float,
+    activation: str, w_eff: Optional[torch.Tensor], b_eff: Optional[torch.Tensor], backend: str,
+) -> torch.Tensor:
+    """:func:`bottleneck_linear` for callers that guarantee what it checks (a layer with
+    its own adapter, a checked ``x``, the adapter's tensors already in ``x``'s dtype, a
+    canonical activation name, detached ``w_eff``/``b_eff``, no autocast): with neither
+    autograd nor a trace to serve, the kernel is launched directly (the custom-op
+    dispatcher costs more host time than the kernel at decode)."""
     use_triton = resolve_backend(backend, x.device, x.dtype) == "triton"
+    if use_triton and eager_inference(x, weight, bias, down_w, down_b, up_w, up_b):
+        return _bn_kernels.bottleneck_linear_fwd(
+            x, weight, bias, down_w, down_b, up_w, up_b, float(scaling), activation, w_eff=w_eff, b_eff=b_eff
+        )
     return _bottleneck_linear_op(
-        x, weight, bias, down_w, down_b, up_w, up_b, float(scaling), activation,
-        None if w_eff is None else w_eff.detach(), None if b_eff is None else b_eff.detach(), use_triton,
+        x, weight, bias, down_w, down_b, up_w, up_b, float(scaling), activation, w_eff, b_eff, use_triton
     )

@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastpeft.core.linear import AdapterLinear
-from fastpeft.methods.ia3.op import ia3_linear
+from fastpeft.core.dispatch import autocast_dtype
+from fastpeft.methods.ia3.op import ia3_linear, ia3_linear_unchecked
 
 __all__ = ["IA3Adapter", "IA3Linear"]
 
@@ -190,19 +191,19 @@ class IA3Linear(AdapterLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        weight = self.base_weight()
         if self.__dict__.get("_row_plan") is not None:
             return self._mixed_forward(x)
         name = self.active_adapter
         if name is None or self.merged_adapters:
             # Base only, or an adapter already folded into the weights: cuBLAS.
-            return F.linear(x, weight, self.bias)
+            return F.linear(x, self.base_weight(), self.bias)
         return self._run(x, name)
 
     def _run(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return ia3_linear(
-            x, self.base_weight(), self.bias, self.adapters[name].ia3_l, self.is_feedforward, backend=self.backend
-        )
+        l = self.adapters[name].ia3_l
+        if autocast_dtype(x.device) is None:  # x is checked and l is the layer's own
+            return ia3_linear_unchecked(x, self.base_weight(), self.bias, l, self.is_feedforward, self.backend)
+        return ia3_linear(x, self.base_weight(), self.bias, l, self.is_feedforward, backend=self.backend)
 
     def _mixed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Each batch row (``x``'s dim 0) through its own adapter (the row plan); ``None``

@@ -19,13 +19,14 @@ from fastpeft.core.dispatch import (
     check_adapter_tensors,
     check_bias,
     check_linear_input,
+    eager_inference,
     resolve_backend,
     rows,
 )
 from fastpeft.kernels import ia3 as _ia3_kernels
 from fastpeft.kernels.reference import ia3_linear_ref
 
-__all__ = ["ia3_linear"]
+__all__ = ["ia3_linear", "ia3_linear_unchecked"]
 
 
 @torch.library.custom_op("fastpeft::ia3_linear", mutates_args=())
@@ -152,5 +153,22 @@ def ia3_linear(
         raise ValueError(f"ia3_l must have shape {form}, got {got}")
     check_adapter_tensors(x, "ia3_linear", ia3_l=ia3_l)
     check_bias(bias, weight, x, "ia3_linear")
+    return ia3_linear_unchecked(x, weight, bias, ia3_l, bool(scale_input), backend)
+
+
+def ia3_linear_unchecked(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    ia3_l: torch.Tensor,
+    scale_input: bool,
+    backend: str,
+) -> torch.Tensor:
+    """:func:`ia3_linear` for callers that guarantee shapes, dtypes and devices (a layer
+    with its own vectors and a checked ``x``, outside autocast): no second round of
+    checks, and with neither autograd nor a trace to serve, the kernel launched directly
+    (the custom-op dispatcher costs more host time than the kernel at decode)."""
     use_triton = resolve_backend(backend, x.device, x.dtype) == "triton"
-    return _ia3_linear_op(x, weight, bias, ia3_l.reshape(-1), bool(scale_input), use_triton)
+    if use_triton and eager_inference(x, weight, bias, ia3_l):
+        return _ia3_kernels.ia3_linear_fwd(x, weight, bias, ia3_l, scale_input)
+    return _ia3_linear_op(x, weight, bias, ia3_l.reshape(-1), scale_input, use_triton)

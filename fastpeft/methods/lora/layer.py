@@ -13,6 +13,7 @@ reads through strides, so no copy of the base weight is ever made.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Hashable, Optional, Tuple, Union
@@ -24,12 +25,15 @@ import torch.nn.functional as F
 from fastpeft.core.dispatch import autocast_cast, autocast_dtype, check_linear_input
 from fastpeft.core.batch import BatchPlan, check_rows
 from fastpeft.core.linear import AdapterLinear
+from fastpeft.kernels.runtime import lowp_copy
 from fastpeft.methods.lora.config import lora_scaling
-from fastpeft.methods.lora.multi_op import multi_lora_linear, row_slots_for_tokens
+from fastpeft.methods.lora.multi_op import multi_lora_linear, multi_lora_linear_unchecked, row_slots_for_tokens
 from fastpeft.methods.lora.op import lora_linear_unchecked
 from fastpeft.methods.lora.stacks import SlotRows, SlotStacks, batch_meta, stack_adapters
 
 __all__ = ["FastLoRALinear", "LoraAdapter", "LoraRowPlan"]
+
+_autocast_on = torch._C._is_any_autocast_enabled
 
 InitSpec = Union[bool, str]
 
@@ -124,7 +128,7 @@ class FastLoRALinear(AdapterLinear):
             PyTorch reference), ``"triton"`` or ``"torch"``.
     """
 
-    _CACHES = ("_stack_cache",)
+    _CACHES = ("_stack_cache", "_lowp_cache", "_bias_cache")
 
     def __init__(
         self,
@@ -251,18 +255,29 @@ class FastLoRALinear(AdapterLinear):
         """Base bias plus ``s * lora_bias`` (PEFT scales ``lora_B``'s output, bias included).
 
         A tiny torch op outside the kernel, so autograd reaches ``lora_bias`` through the
-        op's bias gradient.
+        op's bias gradient; without a graph to build it is kept while the tensors and the
+        scaling are unchanged (``_kept``), not recomputed per call.
         """
         adapter = self.adapters[adapter_name]
         if adapter.lora_bias is None:
             return self.bias
-        # An fp32 lora_bias on a half model (autocast_adapter_dtype) joins in the base's dtype.
-        scaled = (adapter.lora_bias * adapter.scaling).to(self.weight.dtype)
-        return scaled if self.bias is None else self.bias + scaled
+        bias, lora_bias, scaling, dtype = self.bias, adapter.lora_bias, adapter.scaling, self.weight.dtype
+
+        def build() -> torch.Tensor:
+            # An fp32 lora_bias on a half model (autocast_adapter_dtype) joins in the base's dtype.
+            scaled = (lora_bias * scaling).to(dtype)
+            return scaled if bias is None else bias + scaled
+
+        return self._kept("_bias_cache", adapter_name, (scaling, dtype), (bias, lora_bias), build)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.base_weight(), self.bias
-        amp = autocast_dtype(x.device) if isinstance(x, torch.Tensor) else None
+        # Parameters and modules read from their dicts: nn.Module.__getattr__ is a Python
+        # call per attribute, a good part of a decode step's host time.
+        params = self._parameters
+        weight, bias = params["weight"], params.get("bias")
+        if self.fan_in_fan_out:
+            weight = weight.t()
+        amp = autocast_dtype(x.device) if _autocast_on() and isinstance(x, torch.Tensor) else None
         if amp is not None:  # torch.autocast: run in its dtype, as nn.Linear does
             x, weight, bias = autocast_cast(amp, x, weight, bias)
         check_linear_input(x, weight, type(self).__name__)
@@ -273,17 +288,34 @@ class FastLoRALinear(AdapterLinear):
         if name is None or self.merged_adapters:
             # The base (with any merged adapters folded in) is a plain linear: cuBLAS.
             return F.linear(x, weight, bias)
-        adapter = self.adapters[name]
+        adapter = self._modules["adapters"]._modules[name]
+        ap = adapter._parameters
+        lora_A, lora_B = ap["lora_A"], ap["lora_B"]
         x_lora = None
-        if self.training and isinstance(adapter.dropout, nn.Dropout):
-            x_lora = adapter.dropout(x)
-        lora_A, lora_B = adapter.lora_A, adapter.lora_B
-        eff_bias = bias if adapter.lora_bias is None else self._effective_bias(name)
+        if self.training:
+            dropout = adapter._modules["dropout"]
+            if isinstance(dropout, nn.Dropout):
+                x_lora = dropout(x)
+        eff_bias = bias if ap.get("lora_bias") is None else self._effective_bias(name)
         if amp is not None:
             eff_bias, lora_A, lora_B = autocast_cast(amp, eff_bias, lora_A, lora_B)
+        copy = None
+        if lora_A.dtype != x.dtype:
+            copy = functools.partial(self._shrink_copy, name, lora_A, x.dtype)
         # x is checked above and the adapter's shapes are the layer's own (add_adapter and
         # checkpoint loading check them): skip the op's second round of checks.
-        return lora_linear_unchecked(x, weight, eff_bias, lora_A, lora_B, adapter.scaling, x_lora, self.backend)
+        return lora_linear_unchecked(
+            x, weight, eff_bias, lora_A, lora_B, adapter.scaling, x_lora, self.backend, shrink_copy=copy
+        )
+
+    def _shrink_copy(self, name: str, lora_A: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """``lora_A`` (fp32, on a 16-bit input) in ``dtype`` for the kernels' in-loop
+        shrink (``runtime.lowp_copy``: None where it would overflow), kept per adapter
+        while ``lora_A`` is unchanged (``_kept``: optimizer steps, ``load_state_dict``,
+        ``.data`` swaps rebuild it). Only the no-autograd path asks for it. fp16 keeps the
+        10 mantissa bits the fp32 branch's tf32 dots keep; bf16 rounds ``A`` to 8, an error
+        of the order of the bf16 output's own rounding."""
+        return self._kept("_lowp_cache", name, dtype, (lora_A,), lambda: lowp_copy(lora_A, dtype))
 
     def _make_row_plan(self, plan: BatchPlan) -> LoraRowPlan:
         """Where the rows of a mixed batch take their adapters from, as tensors: a
@@ -329,13 +361,15 @@ class FastLoRALinear(AdapterLinear):
             return F.linear(x, weight, bias)
         stacks = rows.provided if rows.provided is not None else self._batch_stacks(x.device)
         if torch.compiler.is_compiling():
-            meta = row_slots_for_tokens(rows.row_slot, x)
-        else:
+            out = multi_lora_linear(
+                x, weight, bias, stacks.lora_A, stacks.lora_B, stacks.ranks, stacks.scalings,
+                row_slots_for_tokens(rows.row_slot, x), backend=self.backend, check=False,
+            )
+        else:  # stacks and metadata made for this layer and batch: no second round of checks
             meta = batch_meta(rows.batch, rows.key, rows.row_slot, stacks.lora_A.shape[0], x)
-        out = multi_lora_linear(
-            x, weight, bias, stacks.lora_A, stacks.lora_B, stacks.ranks, stacks.scalings, meta,
-            backend=self.backend, check=False,
-        )
+            out = multi_lora_linear_unchecked(
+                x, weight, bias, stacks.lora_A, stacks.lora_B, stacks.ranks, stacks.scalings, meta, self.backend
+            )
         if stacks.bias_table is not None:
             # PEFT scales lora_B's output, bias included: add s_i * lora_bias_i to row i
             # (the table's last row is zeros, for the rows with no adapter here).
@@ -352,7 +386,7 @@ class FastLoRALinear(AdapterLinear):
         is part of the graph."""
         adapters = list(self.adapters.values())
         tensors = [t for a in adapters for t in (a.lora_A, a.lora_B, a.lora_bias) if t is not None]
-        key = (tuple(id(t) for t in tensors), tuple(a.scaling for a in adapters))
+        key = (tuple(map(id, tensors)), tuple([a.scaling for a in adapters]))
         return self._kept(
             "_stack_cache", device, key, tensors, lambda: stack_adapters(adapters, device, self.weight.dtype)
         )

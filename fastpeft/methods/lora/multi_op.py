@@ -17,10 +17,10 @@ import torch
 from fastpeft.kernels import multi_lora as _kernels
 from fastpeft.kernels.multi_lora_meta import MultiLoraMeta
 from fastpeft.kernels.reference import multi_lora_linear_ref
-from fastpeft.core.dispatch import check_bias, check_linear_input, resolve_backend
+from fastpeft.core.dispatch import check_bias, check_linear_input, eager_inference, resolve_backend
 from fastpeft.core.dispatch import rows as _rows
 
-__all__ = ["MultiLoraMeta", "multi_lora_linear", "build_meta", "row_slots_for_tokens"]
+__all__ = ["MultiLoraMeta", "multi_lora_linear", "multi_lora_linear_unchecked", "build_meta", "row_slots_for_tokens"]
 
 
 @torch.library.custom_op("fastpeft::multi_lora_linear", mutates_args=())
@@ -276,5 +276,18 @@ def multi_lora_linear(
             f"one slot per row of x is needed: x has {M} rows (leading dims {tuple(x.shape[:-1])} "
             f"flattened), got {meta.num_rows} slots"
         )
+    return multi_lora_linear_unchecked(x, weight, bias, lora_A, lora_B, ranks, scalings, meta, backend)
+
+
+def multi_lora_linear_unchecked(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+    lora_B: torch.Tensor, ranks: torch.Tensor, scalings: torch.Tensor, meta: MultiLoraMeta, backend: str,
+) -> torch.Tensor:
+    """:func:`multi_lora_linear` for callers that guarantee what it checks (a layer with
+    its own or a pool's slot stacks, ``ranks`` int32 and ``scalings`` fp32 contiguous on
+    ``x``'s device, ``meta`` built for these rows and slots): with neither autograd nor a
+    trace to serve, the kernels are launched directly, without the custom-op dispatcher."""
     use_triton = resolve_backend(backend, x.device, x.dtype) == "triton"
+    if use_triton and eager_inference(x, weight, bias, lora_A, lora_B):
+        return _kernels.multi_lora_linear_fwd(x, weight, bias, lora_A, lora_B, ranks, scalings, meta)
     return _multi_lora_linear_op(x, weight, bias, lora_A, lora_B, ranks, scalings, *meta.tensors(), use_triton)

@@ -7,7 +7,7 @@ use it without graph breaks, and which carries its own autograd formula.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -189,13 +189,25 @@ def lora_linear_unchecked(
     scaling: float,
     x_lora: Optional[torch.Tensor],
     backend: str,
+    *,
+    shrink_copy: Optional[Callable[[], Optional[torch.Tensor]]] = None,
 ) -> torch.Tensor:
     """:func:`lora_linear` for callers that guarantee the shapes, dtypes and devices
     (a layer that built its own adapters and checked ``x``): no second round of checks
-    on the decode path."""
+    on the decode path.
+
+    ``shrink_copy``: where ``lora_A`` is fp32 on a 16-bit ``x``, returns ``lora_A`` in
+    ``x``'s dtype (kept by the caller, rebuilt when ``A`` changes) or None where that
+    would overflow; used on the no-autograd Triton path only (see
+    ``fastpeft.kernels.lora.lora_linear_fwd``'s ``lora_A_lowp``), so gradients always
+    reach the fp32 ``A`` itself.
+    """
     use_triton = resolve_backend(backend, x.device, x.dtype) == "triton"
     if use_triton and eager_inference(x, weight, bias, lora_A, lora_B, x_lora):
         # Lean decode path: no autograd and no tracing, so skip the custom-op dispatcher
         # and launch directly.
+        if x_lora is None:
+            lowp = None if shrink_copy is None or lora_A.dtype == x.dtype else shrink_copy()
+            return _kernels.lora_linear_fwd(x, weight, bias, lora_A, lora_B, float(scaling), lora_A_lowp=lowp)
         return _triton_forward(x, weight, bias, lora_A, lora_B, float(scaling), x_lora)
     return _lora_linear_op(x, weight, bias, lora_A, lora_B, float(scaling), x_lora, use_triton)
