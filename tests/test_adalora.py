@@ -77,7 +77,9 @@ def test_inject_init_matches_peft_and_is_a_no_op():
         assert a.lora_A.shape == (4, 32) and a.lora_E.shape == (4, 1) and a.lora_B.shape[1] == 4
         assert torch.count_nonzero(a.lora_E) == 0
         assert a.ranknum == 4.0 and a.scaling == 8
-    assert torch.equal(logits(model, ids), base)
+    # E = 0: the update is zero, so the outputs are the base model's up to the fused
+    # kernel's own summation order (its GEMM is not the BLAS that ran the base).
+    torch.testing.assert_close(logits(model, ids), base, rtol=1e-5, atol=1e-5)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.split(".")[-1] in ("lora_A", "lora_E", "lora_B") for n in trainable)
 
