@@ -52,6 +52,7 @@ from .tiles import (
     lora_expand_from_memory,
     lora_expand_resident,
     row_offsets,
+    scale_columns,
     tile_offsets,
 )
 
@@ -70,7 +71,7 @@ _REDUCE_BLOCK_M, _REDUCE_BLOCK_N = 16, 128
 @triton.jit
 def _lora_linear_fwd_kernel(
     # pointers
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, xa_ptr, y_ptr,
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, xa_ptr, mag_ptr, y_ptr,
     # sizes
     M, N, K, R, M_INNER,
     # strides
@@ -86,6 +87,7 @@ def _lora_linear_fwd_kernel(
     # meta
     HAS_BIAS: tl.constexpr,
     HAS_LORA: tl.constexpr,
+    HAS_MAG: tl.constexpr,
     SHRINK_IN_LOOP: tl.constexpr,
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -101,7 +103,9 @@ def _lora_linear_fwd_kernel(
     ``acc = sum_k x[m, k] W[n, k]`` over the K loop (fp32). With ``SHRINK_IN_LOOP`` the
     same loop also accumulates ``xa[m, j] = sum_k x[m, k] A[j, k]`` for ``j < BLOCK_R``
     (``BLOCK_R >= R``); otherwise ``xa`` is read from ``xa_ptr`` in ``BLOCK_R`` chunks.
-    Epilogue: ``acc += xa (s B)^T``, ``acc += b``, store in ``y``'s dtype. The branch's
+    Epilogue: ``acc += xa (s B)^T``; with ``HAS_MAG`` (DoRA) each column scaled,
+    ``acc *= c[n]`` (``c = m / ||W + s B A||``, fp32, unit stride); ``acc += b``; store
+    in ``y``'s dtype. The branch's
     dots round their operands to the input dtype, as an unfused low-precision LoRA branch
     would, or keep fp32 range with ``LORA_FP32`` (see ``tiles.lora_dot``).
 
@@ -109,8 +113,8 @@ def _lora_linear_fwd_kernel(
     ``[k * K_PER_SPLIT, (k + 1) * K_PER_SPLIT)`` and writes its fp32 partial sum (no bias)
     to slice ``k`` of ``y_ptr``, then an fp32 ``(SPLIT_K, M, N)`` buffer; the LoRA update
     is linear in ``x``, so each split adds its share of it (in-loop shrink: its partial
-    ``xa``; precomputed ``xa``: split 0 adds all of it). ``_splitk_reduce_kernel`` sums
-    the slices and adds the bias.
+    ``xa``; precomputed ``xa``: split 0 adds all of it), and the DoRA scale, per column,
+    distributes over the sum. ``_splitk_reduce_kernel`` sums the slices and adds the bias.
     """
     pid = tl.program_id(axis=0)
     pid_k = tl.program_id(axis=1)
@@ -145,6 +149,8 @@ def _lora_linear_fwd_kernel(
                 BLOCK_R, LORA_FP32, INPUT_PRECISION,
             )
 
+    if HAS_MAG:
+        acc = scale_columns(acc, mag_ptr, offs_n, mask_n, 1)
     y_ptrs = y_ptr + pid_k * stride_ps + offs_m64[:, None] * stride_ym + offs_n[None, :] * stride_yn
     if SPLIT_K == 1:
         if HAS_BIAS:
@@ -196,8 +202,10 @@ def lora_linear_fwd(
     xa: Optional[torch.Tensor] = None,
     config: Optional[KernelConfig] = None,
     out: Optional[torch.Tensor] = None,
+    mag: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Launch the fused kernel: ``y = x W^T + b + s * (x A^T) B^T`` (or ``s * xa B^T``).
+    """Launch the fused kernel: ``y = x W^T + b + s * (x A^T) B^T`` (or ``s * xa B^T``);
+    with ``mag`` (DoRA), ``y = mag * (x W^T + s * (x A^T) B^T) + b``.
 
     Args:
         x: ``(..., K)``, any strides; fp32, fp16 or bf16.
@@ -209,6 +217,8 @@ def lora_linear_fwd(
             for dropout, any rank).
         config: force a launch config (benchmarks); default: tuned per shape.
         out: optional preallocated contiguous output of shape ``(..., N)``.
+        mag: optional DoRA column scale ``c = m / ||W + s B A||``, ``(N,)`` fp32,
+            contiguous, applied in the epilogue before the bias.
 
     Returns:
         ``y`` of shape ``(..., N)``, contiguous, in ``x``'s dtype.
@@ -227,7 +237,7 @@ def lora_linear_fwd(
         bias = bias.contiguous()  # the kernels read it with unit stride
     y2 = y.view(M, N)
     with on_device(x):
-        if K == 0:  # empty sums: y = b (x A^T is zero too)
+        if K == 0:  # empty sums: y = b (x A^T is zero too; the DoRA scale multiplies zero)
             if bias is None:
                 y2.zero_()
             else:
@@ -237,24 +247,25 @@ def lora_linear_fwd(
             xa = _shrink(rows, lora_A)
 
         def run(cfg: KernelConfig) -> None:
-            _launch(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y2)
+            _launch(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y2, mag)
 
         if config is None:
-            config = _tuned_config(x, rows, weight, bias, lora_A, lora_B, xa, y2, run)
+            config = _tuned_config(x, rows, weight, bias, lora_A, lora_B, xa, y2, run, mag is not None)
         run(config)
     return y
 
 
-def _tuned_config(x, rows: Rows, weight, bias, lora_A, lora_B, xa, y2, run) -> KernelConfig:
-    """The tuner's pick for this call (keyed by shapes, dtypes, precision, M bucket)."""
+def _tuned_config(x, rows: Rows, weight, bias, lora_A, lora_B, xa, y2, run, has_mag: bool = False) -> KernelConfig:
+    """The tuner's pick for this call (keyed by shapes, dtypes, precision, M bucket); the
+    TMA kernel has no DoRA epilogue, so a DoRA call picks among the tiled variants."""
     M, (N, K) = rows.M, weight.shape
     r = 0 if lora_A is None else lora_A.shape[0]
     in_loop = lora_A is not None and xa is None
-    tma_ok = M > TMA_MIN_M and lora_tma.tma_fits(rows, weight, lora_A, y2)
+    tma_ok = not has_mag and M > TMA_MIN_M and lora_tma.tma_fits(rows, weight, lora_A, y2)
     # The adapters' dtype changes the kernel's shared memory: part of the key.
     a_dtype = None if lora_A is None else (lora_A.dtype, lora_B.dtype)
     key = ("lora", x.device.index, x.dtype, input_precision(x.dtype), a_dtype, N, K, r, xa is None, bias is None,
-           tma_ok, m_bucket(M))
+           tma_ok, has_mag, m_bucket(M))
     return pick(key, run, lambda: lora_candidates(M, K, in_loop, tma_ok, x.dtype))
 
 
@@ -268,6 +279,7 @@ def _launch(
     xa: Optional[torch.Tensor],
     scaling: float,
     y: torch.Tensor,
+    mag: Optional[torch.Tensor] = None,
 ) -> None:
     """One launch of ``cfg``'s variant, written into ``y`` (``(M, N)``)."""
     if lora_A is not None and lora_A.shape[0] == 0:
@@ -278,10 +290,10 @@ def _launch(
     R = lora_A.shape[0] if lora_A is not None else 0
     block_r = max(16, next_power_of_2(R)) if in_loop else _EPILOGUE_BLOCK_R
     lora_fp32 = lora_A is not None and lora_in_fp32(rows.x.dtype, lora_A.dtype)
-    if cfg.tma:
+    if cfg.tma and mag is None:
         _launch_tma(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r, lora_fp32)
     else:
-        _launch_tiles(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r, lora_fp32)
+        _launch_tiles(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r, lora_fp32, mag)
 
 
 def _launch_tma(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r, lora_fp32) -> None:
@@ -298,7 +310,7 @@ def _launch_tma(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r
     )
 
 
-def _launch_tiles(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r, lora_fp32) -> None:
+def _launch_tiles(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r, lora_fp32, mag=None) -> None:
     """:func:`_launch` on the tiled kernel; split-K partial sums reduced into ``y`` after."""
     M, (N, K) = rows.M, weight.shape
     # Unused pointers still need a tensor; ``weight`` is a safe placeholder.
@@ -312,7 +324,7 @@ def _launch_tiles(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block
     grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n), split)
     _lora_linear_fwd_kernel[grid](
         x_ptr=rows.x, w_ptr=weight, bias_ptr=bias if bias is not None else weight, a_ptr=a, b_ptr=b,
-        xa_ptr=xa_t, y_ptr=out,
+        xa_ptr=xa_t, mag_ptr=mag if mag is not None else weight, y_ptr=out,
         M=M, N=N, K=K, R=lora_A.shape[0] if lora_A is not None else 0, M_INNER=rows.m_inner,
         stride_xm0=rows.stride_m0, stride_xm1=rows.stride_m1, stride_xk=rows.stride_k,
         stride_wn=weight.stride(0), stride_wk=weight.stride(1),
@@ -323,6 +335,7 @@ def _launch_tiles(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block
         scaling=float(scaling), K_PER_SPLIT=k_per_split,
         HAS_BIAS=bias is not None,
         HAS_LORA=lora_A is not None,
+        HAS_MAG=mag is not None,
         SHRINK_IN_LOOP=lora_A is not None and xa is None,
         SPLIT_K=split,
         BLOCK_R=block_r,
