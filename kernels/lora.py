@@ -87,7 +87,6 @@ def _lora_linear_fwd_kernel(
     # meta
     HAS_BIAS: tl.constexpr,
     HAS_LORA: tl.constexpr,
-    HAS_MAG: tl.constexpr,
     SHRINK_IN_LOOP: tl.constexpr,
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -97,6 +96,7 @@ def _lora_linear_fwd_kernel(
     GROUP_M: tl.constexpr,
     LORA_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    HAS_MAG: tl.constexpr = False,
 ):
     """One ``(BLOCK_M, BLOCK_N)`` tile of ``y = x W^T + b + s * xa B^T``.
 

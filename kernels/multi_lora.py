@@ -137,7 +137,6 @@ def _mlora_expand_kernel(
     # meta
     FUSE_BASE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    HAS_MAG: tl.constexpr,
     GATHER: tl.constexpr,
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -147,6 +146,7 @@ def _mlora_expand_kernel(
     GROUP_M: tl.constexpr,
     LORA_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    HAS_MAG: tl.constexpr = False,
 ):
     """One ``(BLOCK_M, BLOCK_N)`` tile, rows in sorted order: base plus each segment's expand.
 

@@ -115,8 +115,11 @@ def lora_config_of(name: str, cfg: Mapping[str, Any], origin: str) -> LoraConfig
     peft_type = cfg.get("peft_type")
     if peft_type is not None and str(peft_type).upper() != "LORA":
         raise _not_lora(str(peft_type).upper(), name, f"peft_type {peft_type!r} in {origin}")
-    return _servable(name, LoraConfig, {**cfg, "peft_type": "LORA"}, origin,
-                     ["lora_bias=True"] if cfg.get("lora_bias") else [])
+    problems = ["lora_bias=True"] if cfg.get("lora_bias") else []
+    if cfg.get("use_dora"):
+        problems.append("DoRA (use_dora=True) is not served by the pool yet: load it into the model "
+                        "(fastpeft.load_adapter) and mix it with others through fastpeft.batch_adapters")
+    return _servable(name, LoraConfig, {**cfg, "peft_type": "LORA"}, origin, problems)
 
 
 def _servable(name: str, config_cls: type, cfg: Mapping[str, Any], origin: str, problems: List[str]) -> Any:
