@@ -61,6 +61,7 @@ step bench_lora 120 python benchmarks/bench_lora.py --quick --json "$out/bench_l
 step bench_adapters 60 python benchmarks/bench_adapters.py --quick --json "$out/bench_adapters.json"
 step bench_multi 60 python benchmarks/bench_multi.py --quick --json "$out/bench_multi.json"
 step bench_adalora 45 python benchmarks/bench_adalora.py --quick --json "$out/bench_adalora.json"
+step bench_dora 60 python benchmarks/bench_dora.py --quick --json "$out/bench_dora.json"
 if [ "$#" -eq 0 ]; then
   step other_tests 60 python -m pytest -q -p no:cacheprovider tests $(printf -- '--ignore=%s ' $kernel_tests)
 fi

@@ -285,9 +285,10 @@ def _tuned_launch(launch: MultiLoraLaunch, args: tuple, config: Optional[KernelC
     timed once per shape and M bucket by the tuner: the split runs only where it measures
     faster. Untimed (interpreter, CUDA-graph capture): the choices by M."""
     x, weight, bias, lora_A, lora_B = args[:5]
+    has_mag = len(args) > 8 and args[8] is not None  # DoRA scales (args[8]) change the epilogue
     M = math.prod(x.shape[:-1])
     key = ("multi_lora_launch", x.device.index, x.dtype, input_precision(x.dtype), lora_A.dtype, lora_B.dtype,
-           weight.shape, lora_A.shape, bias is None, args[8] is None, launch.fuse_base, launch.gather, m_bucket(M))
+           weight.shape, lora_A.shape, bias is None, has_mag, launch.fuse_base, launch.gather, m_bucket(M))
 
     def run(trial: MultiLoraLaunch) -> None:
         _forward(*args, launch=trial, config=config, out=out)

@@ -105,3 +105,14 @@ def test_bench_lora_training_point_checks_every_variant(bench_lora):
     for name in ("unfused", "peft", "fastpeft"):
         assert row[f"{name}_err"] < 1e-5, row
         assert row[f"{name}_x"] == 1.0
+
+
+def test_bench_dora_point_checks_every_variant(stub_timers):
+    """bench_dora's GPU path builds every variant (PEFT's DoRA layer, cached and not, the
+    fused layer, a mixed batch, training steps) and checks each before timing."""
+    pytest.importorskip("peft")
+    row = importlib.import_module("bench_dora")._time_point(48, 40, 6, dev="cpu", dt=torch.float32)
+    for name in ("fused", "fused_nocache", "mixed", "peft", "peft_cached", "train_fused", "train_peft"):
+        assert f"{name}_error" not in row, row.get(f"{name}_error")
+        assert row[f"{name}_err"] <= 1e-4, name
+        assert row[f"{name}_x"] == 1.0

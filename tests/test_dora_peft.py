@@ -46,18 +46,23 @@ def _peft_dora(tmp_path, kind="llama", dropout=0.0):
     return path, pm
 
 
-@pytest.fixture
-def dora_launches(monkeypatch):
-    """Launches of the fused LoRA kernel that carried a DoRA scale (the epilogue ran)."""
+def _spy_mag(monkeypatch, module, name):
+    """Replace ``module.name`` (a kernel launcher) by a spy; returns, per launch, whether
+    it carried DoRA scales (``mag=``): the fused epilogue ran."""
     calls = []
-    real = lora_kernels.lora_linear_fwd
+    real = getattr(module, name)
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("mag") is not None)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lora_kernels, "lora_linear_fwd", spy)
+    monkeypatch.setattr(module, name, spy)
     return calls
+
+
+@pytest.fixture
+def dora_launches(monkeypatch):
+    return _spy_mag(monkeypatch, lora_kernels, "lora_linear_fwd")
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -181,14 +186,7 @@ def test_set_and_delete_adapter():
 
 def test_mixed_batch_rows_equal_each_adapter_alone(monkeypatch):
     layer = _three_adapter_layer()
-    mags = []
-    real = multi_kernels.multi_lora_linear_fwd
-
-    def spy(*args, **kwargs):
-        mags.append(kwargs.get("mag") is not None)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(multi_kernels, "multi_lora_linear_fwd", spy)
+    mags = _spy_mag(monkeypatch, multi_kernels, "multi_lora_linear_fwd")
     names = ["a", "b", None, "c", "a"]
     x = torch.randn(len(names), 3, 24, device=DEVICE)
     with torch.no_grad():
