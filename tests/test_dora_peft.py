@@ -247,3 +247,49 @@ def test_compile_inference_and_training_without_graph_breaks():
     m.grad = layer.lora_A.grad = layer.lora_B.grad = None
     layer(x).square().sum().backward()
     assert rel_err(got[0], m.grad) <= TOL and rel_err(got[1], layer.lora_A.grad) <= TOL
+
+
+def test_pool_serves_dora_rows_as_each_adapter_alone(tmp_path, monkeypatch):
+    from fastpeft.serving.pool import AdapterError, AdapterPool
+
+    path, pm = _peft_dora(tmp_path)
+    torch.manual_seed(9)
+    pm_lora = peft.get_peft_model(_model("llama"), peft.LoraConfig(r=2, init_lora_weights=False,
+                                                                   target_modules=["q_proj"])).eval()
+    pm_lora.save_pretrained(str(tmp_path / "lora"))
+    model = fp.inject(_model("llama"), fp.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).eval()
+    pool = AdapterPool(model, max_adapters=3, max_rank=8)
+    pool.load("dora", path)
+    pool.load("lora", tmp_path / "lora")
+    mags = _spy_mag(monkeypatch, multi_kernels, "multi_lora_linear_fwd")
+    names = ["dora", None, "lora"]
+    ids = input_ids(batch=3).to(DEVICE)
+    with torch.no_grad(), fp.batch_adapters(model, names):
+        out = model(input_ids=ids).logits
+    assert mags and all(mags), "the pool's mixed batch did not apply DoRA scales in the kernel"
+    with torch.no_grad():
+        ref = torch.cat([pm(input_ids=ids[0:1]).logits, _model("llama")(input_ids=ids[1:2]).logits,
+                         pm_lora(input_ids=ids[2:3]).logits])
+    assert rel_err(out, ref) <= TOL
+    # a magnitude vector of the wrong length: refused, the pool unchanged
+    bad = {k: v for k, v in safetensors_torch.load_file(str(path / "adapter_model.safetensors")).items()}
+    key = next(k for k in bad if k.endswith(".lora_magnitude_vector"))
+    bad[key] = bad[key][:-1]
+    before = [t.clone() for ls in pool.layers.values() for t in (ls.lora_A, ls.mag)]
+    with pytest.raises(AdapterError, match="lora_magnitude_vector must have shape"):
+        pool.load("bad", bad, lora_alpha=8)
+    assert pool.adapters == ["dora", "lora"]
+    after = [t for ls in pool.layers.values() for t in (ls.lora_A, ls.mag)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_compiled_mixed_batch_with_dora_slots():
+    torch._dynamo.reset()
+    layer = _three_adapter_layer()
+    x = torch.randn(3, 2, 24, device=DEVICE)
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        for names in (["a", None, "b"], ["c", "a", "a"]):  # another mix: the same graph, rows as data
+            layer.row_adapters = names
+            assert rel_err(compiled(x), layer(x)) <= TOL
+    layer.row_adapters = None

@@ -20,7 +20,7 @@ The forward-only custom ops (``fastpeft::dora_linear``, ``fastpeft::multi_dora_l
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from fastpeft.kernels import lora as _lora_kernels
 from fastpeft.kernels import multi_lora as _multi_kernels
 from fastpeft.kernels.multi_lora_meta import MultiLoraMeta
 from fastpeft.kernels.reference import dora_scaled_ref, dora_weight_norm_ref, multi_lora_linear_ref
+from fastpeft.methods.lora.multi_op import build_meta
 from fastpeft.methods.lora.op import lora_linear_unchecked
 
 __all__ = ["dora_weight_norm", "dora_linear_unchecked", "dora_scale", "multi_dora_linear"]
@@ -182,19 +183,19 @@ def multi_dora_linear(
     ranks: torch.Tensor,
     scalings: torch.Tensor,
     mag_table: torch.Tensor,
-    meta: MultiLoraMeta,
+    meta: Union[MultiLoraMeta, torch.Tensor],
     backend: str,
 ) -> torch.Tensor:
     """A mixed batch with DoRA slots, inference only: row ``m`` of slot ``i`` is
     ``mag_table[i] * (x W^T + s_i (x A_i^T) B_i^T) + b`` (``mag_table: (S, N)`` fp32,
     ones for LoRA slots; rows with no adapter: the base), the scale in the mixed
-    kernel's epilogue. Callers (a layer) checked the stacks."""
+    kernel's epilogue. ``meta``: the batch metadata, or each token row's slot (built into
+    metadata here: in a compiled graph). Callers (a layer) checked the stacks."""
+    if isinstance(meta, torch.Tensor):
+        meta = build_meta(meta, lora_A.shape[0], check=False)
     use_triton = resolve_backend(backend, x.device, x.dtype) == "triton"
     mag_table = mag_table.detach().float().contiguous()
     if use_triton and eager_inference(x, weight, bias, lora_A, lora_B):
         return _multi_kernels.multi_lora_linear_fwd(x, weight, bias, lora_A, lora_B, ranks, scalings, meta,
                                                     mag=mag_table)
-    return _multi_dora_op(
-        x, weight, bias, lora_A, lora_B, ranks, scalings, mag_table, meta.row_slot, meta.sorted_rows,
-        meta.sorted_slot, meta.seg_end, meta.slot_rows, meta.slot_start, use_triton,
-    )
+    return _multi_dora_op(x, weight, bias, lora_A, lora_B, ranks, scalings, mag_table, *meta.tensors(), use_triton)

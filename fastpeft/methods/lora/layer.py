@@ -355,7 +355,7 @@ class FastLoRALinear(DoraLayerMixin, AdapterLinear):
             meta = row_slots_for_tokens(rows.row_slot, x)
         else:
             meta = batch_meta(rows.batch, rows.key, rows.row_slot, stacks.lora_A.shape[0], x)
-        table = self._dora_table() if rows.provided is None else None
+        table = self._dora_table() if rows.provided is None else stacks.mag_table
         if table is not None:  # DoRA slots: their column scales in the mixed kernel's epilogue
             return self._dora_mixed(x, weight, bias, stacks, meta, rows.row_slot, table)
         out = multi_lora_linear(

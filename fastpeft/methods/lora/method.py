@@ -269,12 +269,17 @@ LORA = LoraMethod()
 # --------------------------------------------------------------------- reading keys back
 
 # ``<path>.lora_A.weight`` as PEFT saves it, or ``<path>.lora_A.<adapter>.weight`` as a
-# live PEFT model's state dict holds it.
+# live PEFT model's state dict holds it; DoRA's ``<path>.lora_magnitude_vector`` (saved) or
+# ``<path>.lora_magnitude_vector.<adapter>.weight`` (live).
 _LORA_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+_MAGNITUDE_KEY = re.compile(r"^(?P<path>.+)\.lora_magnitude_vector(?:\.(?P<adapter>[^.]+)\.weight)?$")
 
 
 def parse_lora_key(key: str) -> Optional[Tuple[str, str, Optional[str]]]:
-    """``(layer path, "A" or "B", adapter-name segment or None)`` of a plain LoRA layer's
-    checkpoint key (the key map read backwards); None for any other key."""
+    """``(layer path, "A", "B" or "M" (DoRA's magnitude), adapter-name segment or None)``
+    of a LoRA layer's checkpoint key (the key map read backwards); None for any other key."""
     m = _LORA_KEY.match(key)
-    return None if m is None else (m.group("path"), m.group("ab"), m.group("adapter"))
+    if m is not None:
+        return m.group("path"), m.group("ab"), m.group("adapter")
+    m = _MAGNITUDE_KEY.match(key)
+    return None if m is None else (m.group("path"), "M", m.group("adapter"))
