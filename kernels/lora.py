@@ -256,12 +256,12 @@ def lora_linear_fwd(
 
 
 def _tuned_config(x, rows: Rows, weight, bias, lora_A, lora_B, xa, y2, run, has_mag: bool = False) -> KernelConfig:
-    """The tuner's pick for this call (keyed by shapes, dtypes, precision, M bucket); the
-    TMA kernel has no DoRA epilogue, so a DoRA call picks among the tiled variants."""
+    """The tuner's pick for this call (keyed by shapes, dtypes, precision, DoRA scale or
+    not, M bucket)."""
     M, (N, K) = rows.M, weight.shape
     r = 0 if lora_A is None else lora_A.shape[0]
     in_loop = lora_A is not None and xa is None
-    tma_ok = not has_mag and M > TMA_MIN_M and lora_tma.tma_fits(rows, weight, lora_A, y2)
+    tma_ok = M > TMA_MIN_M and lora_tma.tma_fits(rows, weight, lora_A, y2)
     # The adapters' dtype changes the kernel's shared memory: part of the key.
     a_dtype = None if lora_A is None else (lora_A.dtype, lora_B.dtype)
     key = ("lora", x.device.index, x.dtype, input_precision(x.dtype), a_dtype, N, K, r, xa is None, bias is None,
@@ -290,13 +290,13 @@ def _launch(
     R = lora_A.shape[0] if lora_A is not None else 0
     block_r = max(16, next_power_of_2(R)) if in_loop else _EPILOGUE_BLOCK_R
     lora_fp32 = lora_A is not None and lora_in_fp32(rows.x.dtype, lora_A.dtype)
-    if cfg.tma and mag is None:
-        _launch_tma(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r, lora_fp32)
+    if cfg.tma:
+        _launch_tma(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r, lora_fp32, mag)
     else:
         _launch_tiles(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r, lora_fp32, mag)
 
 
-def _launch_tma(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r, lora_fp32) -> None:
+def _launch_tma(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r, lora_fp32, mag=None) -> None:
     """:func:`_launch` on the persistent TMA kernel (its inputs must be descriptor-ready)."""
     x2 = as_2d(rows, weight.shape[1])
     if not lora_tma.tma_eligible(x2, weight, lora_A, weight.shape[0], lora_A is not None and xa is None):
@@ -306,7 +306,7 @@ def _launch_tma(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r
         )
     lora_tma.lora_linear_tma_launch(
         x2=x2, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, xa=xa, scaling=scaling, y=y,
-        cfg=cfg, block_r=block_r, lora_fp32=lora_fp32, input_precision=input_precision(rows.x.dtype),
+        cfg=cfg, block_r=block_r, lora_fp32=lora_fp32, input_precision=input_precision(rows.x.dtype), mag=mag,
     )
 
 

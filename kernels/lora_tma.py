@@ -26,7 +26,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .autotune import KernelConfig
 from .runtime import Rows, as_2d, cdiv, interpreter_active
-from .tiles import add_bias, grouped_tile, lora_dot, lora_expand_from_memory, lora_expand_resident
+from .tiles import add_bias, grouped_tile, lora_dot, lora_expand_from_memory, lora_expand_resident, scale_columns
 
 __all__ = ["tma_eligible", "tma_fits", "lora_linear_tma_launch"]
 
@@ -42,7 +42,7 @@ _INTERPRETER_PROGRAMS = 3
 @triton.jit
 def _lora_linear_tma_kernel(
     # descriptors and pointers
-    x_desc, w_desc, a_desc, y_desc, bias_ptr, b_ptr, xa_ptr,
+    x_desc, w_desc, a_desc, y_desc, bias_ptr, b_ptr, xa_ptr, mag_ptr,
     # sizes
     M, N, K, R, num_programs,
     # strides
@@ -61,8 +61,10 @@ def _lora_linear_tma_kernel(
     GROUP_M: tl.constexpr,
     LORA_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    HAS_MAG: tl.constexpr = False,
 ):
-    """Persistent tiles of ``y = x W^T + b + s * xa B^T``.
+    """Persistent tiles of ``y = x W^T + b + s * xa B^T`` (DoRA, ``HAS_MAG``:
+    ``y = c * (x W^T + s * xa B^T) + b``, ``c`` fp32 per column).
 
     For each tile ``(pid_m, pid_n)``: ``acc = sum_k x[m, k] W[n, k]`` (fp32) over TMA
     boxes of ``x`` and ``W``; with ``SHRINK_IN_LOOP`` the same loop accumulates
@@ -107,6 +109,8 @@ def _lora_linear_tma_kernel(
                     stride_xam, stride_xar, stride_bn, stride_br, scaling, dtype, BLOCK_R, LORA_FP32,
                     INPUT_PRECISION,
                 )
+        if HAS_MAG:
+            acc = scale_columns(acc, mag_ptr, offs_n, mask_n, 1)
         if HAS_BIAS:
             acc = add_bias(acc, bias_ptr, offs_n, mask_n)
         y_desc.store([off_m, off_n], acc.to(dtype))
@@ -186,10 +190,12 @@ def lora_linear_tma_launch(
     block_r: int,
     lora_fp32: bool,
     input_precision: str,
+    mag: Optional[torch.Tensor] = None,
 ) -> None:
     """Launch the persistent TMA kernel on a ``tma_eligible`` call (``y``: ``(M, N)``,
     contiguous) with ``cfg``'s tiles. ``xa`` given: epilogue-only LoRA; ``lora_A`` None:
-    base GEMM only; ``lora_fp32``: the branch keeps fp32 range (``runtime.lora_in_fp32``)."""
+    base GEMM only; ``lora_fp32``: the branch keeps fp32 range (``runtime.lora_in_fp32``);
+    ``mag``: DoRA's column scale (``(N,)`` fp32, contiguous) before the bias."""
     M, K = x2.shape
     N = weight.shape[0]
     has_lora = lora_A is not None and lora_A.shape[0] > 0
@@ -207,11 +213,13 @@ def lora_linear_tma_launch(
     _lora_linear_tma_kernel[(programs,)](
         x_desc=x_desc, w_desc=w_desc, a_desc=a_desc, y_desc=y_desc,
         bias_ptr=bias if bias is not None else weight, b_ptr=b, xa_ptr=xa_t,
+        mag_ptr=mag if mag is not None else weight,
         M=M, N=N, K=K, R=lora_A.shape[0] if has_lora else 0, num_programs=programs,
         stride_bn=b.stride(0), stride_br=b.stride(1),
         stride_xam=xa_t.stride(0), stride_xar=xa_t.stride(1),
         scaling=float(scaling),
         HAS_BIAS=bias is not None,
+        HAS_MAG=mag is not None,
         HAS_LORA=has_lora,
         SHRINK_IN_LOOP=in_loop,
         BLOCK_R=block_r,

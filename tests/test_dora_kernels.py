@@ -50,14 +50,23 @@ CONFIGS = {
     "in-loop": (None, False),
     "xa": (None, True),
     "split-k": (KernelConfig(16, 32, 32, 8, 1, 1, split_k=2), False),
+    "tma": (KernelConfig(16, 32, 32, num_warps=1, num_stages=1, tma=True), False),
+    "tma-xa": (KernelConfig(16, 16, 16, num_warps=1, num_stages=1, tma=True, precompute_xa=True), False),
 }
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
-@pytest.mark.parametrize("variant,has_bias", [("in-loop", True), ("in-loop", False), ("xa", True), ("split-k", True)])
-def test_fused_epilogue_scales_columns(dtype, variant, has_bias):
+@pytest.mark.parametrize("variant,has_bias", [
+    ("in-loop", True), ("in-loop", False), ("xa", True), ("split-k", True), ("tma", True), ("tma-xa", False),
+])
+def test_fused_epilogue_scales_columns(dtype, variant, has_bias, monkeypatch):
     config, pre_xa = CONFIGS[variant]
-    M, N, K, r = 5, 37, 123 if variant != "split-k" else 96, 6
+    # TMA needs 16-byte aligned rows: K and N multiples of 8 (fp16) / 4 (fp32)
+    M, N, K, r = (5, 40, 96, 6) if variant.startswith("tma") else (5, 37, 123 if variant != "split-k" else 96, 6)
+    tma_calls = []
+    real_tma = lora_kernels.lora_tma.lora_linear_tma_launch
+    monkeypatch.setattr(lora_kernels.lora_tma, "lora_linear_tma_launch",
+                        lambda **kw: tma_calls.append(kw["mag"] is not None) or real_tma(**kw))
     x = _t(M, K, dtype=dtype)
     W, A, B = _t(N, K, dtype=dtype) * 0.1, _t(r, K, dtype=dtype) * 0.1, _t(N, r, dtype=dtype) * 0.1
     b = _t(N, dtype=dtype) if has_bias else None
@@ -68,6 +77,7 @@ def test_fused_epilogue_scales_columns(dtype, variant, has_bias):
     ref = dora_scaled_ref(*_f64(x, W, b, A, B), 0.5, c.double())
     same = dora_scaled_ref(x, W, b, A, B, 0.5, c)
     assert_matches_ref(y, ref, same, dtype)
+    assert tma_calls == ([True] if variant.startswith("tma") else [])
     # the scale really applied: without it the output differs
     plain = lora_kernels.lora_linear_fwd(x, W, b, A, B, 0.5, xa=xa, config=config)
     assert rel_err(plain, ref) > 10 * rel_err(y, ref)

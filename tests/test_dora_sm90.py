@@ -1,6 +1,6 @@
 """DoRA's GPU code compiles for Hopper (sm_90) and fits its shared memory: the fused LoRA
 kernel with the column-scale epilogue (largest tile, in-loop and precomputed ``xa``, a
-split-K decode tile), the mixed kernel's per-row scale and the row-norm kernel. No GPU
+split-K decode tile, the persistent TMA kernel), the mixed kernel's per-row scale and the row-norm kernel. No GPU
 needed (see tests/sm90.py); a few representative configs, not every candidate."""
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ pytestmark = pytest.mark.skipif(ON_GPU, reason="ahead-of-time check for machines
 
 BIG = max(autotune.gemm_candidates(4096), key=lambda c: c.block_m * c.block_n)
 DECODE = next(c for c in autotune.lora_candidates(1, 16384, True) if c.split_k > 1)
+TMA = next(c for c in autotune.lora_candidates(4096, 4096, True, tma_ok=True) if c.tma)
 I32 = "i32"
 
 
@@ -37,6 +38,28 @@ def _lora(cfg, block_r: int, in_loop: bool) -> Dict[str, Any]:
             LORA_FP32=False, INPUT_PRECISION="ieee",
         ),
         "unit_args": ["stride_xk", "stride_wk", "stride_ak", "stride_br", "stride_xar", "stride_yn"],
+        "float_args": ["scaling"],
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
+    }
+
+
+def _tma(cfg, block_r: int) -> Dict[str, Any]:
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    return {
+        "id": f"tma-mag-{bm}x{bn}-r{block_r}",
+        "module": "fastpeft.kernels.lora_tma",
+        "kernel": "_lora_linear_tma_kernel",
+        "descriptors": {
+            "x_desc": f"tensordesc<bf16[{bm}, {bk}]>", "w_desc": f"tensordesc<bf16[{bn}, {bk}]>",
+            "a_desc": f"tensordesc<bf16[{block_r}, {bk}]>", "y_desc": f"tensordesc<bf16[{bm}, {bn}]>",
+        },
+        "ptr_dtypes": {"bias_ptr": "bf16", "b_ptr": "bf16", "xa_ptr": "bf16", "mag_ptr": "fp32"},
+        "constexprs": dict(
+            HAS_BIAS=True, HAS_LORA=True, HAS_MAG=True, SHRINK_IN_LOOP=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            BLOCK_R=block_r, GROUP_M=cfg.group_m, LORA_FP32=False, INPUT_PRECISION="ieee",
+        ),
+        "unit_args": ["stride_br", "stride_xar"],
         "float_args": ["scaling"],
         "num_warps": cfg.num_warps,
         "num_stages": cfg.num_stages,
@@ -80,7 +103,7 @@ def _norm(dtype: str, block_r: int) -> Dict[str, Any]:
 
 
 SPECS: List[Dict[str, Any]] = [
-    _lora(BIG, 16, True), _lora(BIG, 32, False), _lora(DECODE, 16, True),
+    _lora(BIG, 16, True), _lora(BIG, 32, False), _lora(DECODE, 16, True), _tma(TMA, 16),
     _expand(autotune.gemm_candidates(1)[0], True, True), _expand(BIG, False, False),
     _norm("bf16", 32), _norm("fp32", 16),
 ]
@@ -96,5 +119,5 @@ def test_dora_kernels_compile_for_hopper(reports, spec):
     rep = reports[spec["id"]]
     assert "error" not in rep, rep.get("error")
     assert rep["shared"] <= HOPPER_MAX_SHARED, f"{spec['id']} needs {rep['shared']} B of shared memory"
-    if spec["kernel"] == "_lora_linear_fwd_kernel":
+    if spec["kernel"] in ("_lora_linear_fwd_kernel", "_lora_linear_tma_kernel"):
         assert rep["pipelined"], f"{spec['id']}: the K loop's loads are not pipelined"
