@@ -65,7 +65,7 @@ def dora_launches(monkeypatch):
     return _spy_mag(monkeypatch, lora_kernels, "lora_linear_fwd")
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama"])  # gpt2 (Conv1D) loads in the merge test below
 def test_peft_dora_checkpoint_loads_and_saves_back(tmp_path, kind, dora_launches):
     path, pm = _peft_dora(tmp_path, kind)
     keys = safetensors_torch.load_file(str(path / "adapter_model.safetensors"))

@@ -5,7 +5,9 @@ The frozen base lives in ``weight``/``bias``; each named adapter is one
 r)`` in PEFT's layout (and, with ``lora_bias``, PEFT's ``lora_B.bias``). ``layer.lora_A``,
 ``layer.lora_B`` and ``layer.scaling`` are the active adapter's. The forward of the active
 adapter is one call of the fused op (``fastpeft.methods.lora.op``); a mixed batch is one
-call of the mixed-adapter op over slot stacks (``fastpeft.methods.lora.stacks``).
+call of the mixed-adapter op over slot stacks (``fastpeft.methods.lora.stacks``). A
+DoRA adapter (``use_dora``) also holds ``lora_magnitude_vector``; what DoRA adds (norms,
+forward, merge, mixed batches) comes from ``DoraLayerMixin`` (``dora_layer.py``).
 
 A layer made from a GPT-2 style ``Conv1D`` (``fan_in_fan_out``) keeps the Conv1D's
 ``(in, out)`` weight tensor as is and hands the op a transposed *view* of it: the kernel
