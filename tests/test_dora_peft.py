@@ -281,6 +281,12 @@ def test_pool_serves_dora_rows_as_each_adapter_alone(tmp_path, monkeypatch):
     assert pool.adapters == ["dora", "lora"]
     after = [t for ls in pool.layers.values() for t in (ls.lora_A, ls.mag)]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+    # a live PEFT state dict (``lora_magnitude_vector.default.weight``) stages the same scales
+    live = {k: v for k, v in pm.state_dict().items() if ".lora_" in k}
+    assert any(k.endswith("lora_magnitude_vector.default.weight") for k in live)
+    slot = pool.load("live", live, config=pm.peft_config["default"])
+    for ls in pool.layers.values():
+        assert torch.equal(ls.mag[slot], ls.mag[pool.slot_of("dora")])
 
 
 def test_compiled_mixed_batch_with_dora_slots():
