@@ -256,6 +256,8 @@ def lora_linear_fwd(
 
         def run(variant: Variant) -> None:
             if isinstance(variant, LibraryGemm):
+                if mag is not None:
+                    raise ValueError("the library-GEMM variant has no DoRA epilogue; use a Triton variant with mag=")
                 _library_gemm(rows, weight, bias, lora_A, lora_B, xa, scaling, y2)
             else:
                 _launch(variant, rows, weight, bias, lora_A, lora_B, xa, scaling, y2, mag)

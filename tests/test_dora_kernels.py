@@ -13,7 +13,7 @@ from numerics import TOL, assert_matches_ref, rel_err
 from fastpeft.kernels import dora as dora_kernels
 from fastpeft.kernels import lora as lora_kernels
 from fastpeft.kernels import multi_lora as multi_kernels
-from fastpeft.kernels.autotune import KernelConfig
+from fastpeft.kernels.autotune import LIBRARY_GEMM, KernelConfig
 from fastpeft.kernels.multi_lora_meta import MultiLoraLaunch
 from fastpeft.kernels.reference import dora_scaled_ref, dora_weight_norm_ref, multi_lora_linear_ref
 from fastpeft.methods.lora.layer import FastLoRALinear
@@ -52,12 +52,14 @@ CONFIGS = {
     "split-k": (KernelConfig(16, 32, 32, 8, 1, 1, split_k=2), False),
     "tma": (KernelConfig(16, 32, 32, num_warps=1, num_stages=1, tma=True), False),
     "tma-xa": (KernelConfig(16, 16, 16, num_warps=1, num_stages=1, tma=True, precompute_xa=True), False),
+    "tma-split-k": (KernelConfig(16, 32, 32, num_warps=1, num_stages=1, tma=True, split_k=2), False),
 }
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES)
 @pytest.mark.parametrize("variant,has_bias", [
     ("in-loop", True), ("in-loop", False), ("xa", True), ("split-k", True), ("tma", True), ("tma-xa", False),
+    ("tma-split-k", True),
 ])
 def test_fused_epilogue_scales_columns(dtype, variant, has_bias, monkeypatch):
     config, pre_xa = CONFIGS[variant]
@@ -78,6 +80,8 @@ def test_fused_epilogue_scales_columns(dtype, variant, has_bias, monkeypatch):
     same = dora_scaled_ref(x, W, b, A, B, 0.5, c)
     assert_matches_ref(y, ref, same, dtype)
     assert tma_calls == ([True] if variant.startswith("tma") else [])
+    with pytest.raises(ValueError, match="no DoRA epilogue"):
+        lora_kernels.lora_linear_fwd(x, W, b, A, B, 0.5, config=LIBRARY_GEMM, mag=c)
     # the scale really applied: without it the output differs
     plain = lora_kernels.lora_linear_fwd(x, W, b, A, B, 0.5, xa=xa, config=config)
     assert rel_err(plain, ref) > 10 * rel_err(y, ref)

@@ -56,7 +56,8 @@ def _tma(cfg, block_r: int) -> Dict[str, Any]:
         },
         "ptr_dtypes": {"bias_ptr": "bf16", "b_ptr": "bf16", "xa_ptr": "bf16", "mag_ptr": "fp32"},
         "constexprs": dict(
-            HAS_BIAS=True, HAS_LORA=True, HAS_MAG=True, SHRINK_IN_LOOP=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            HAS_BIAS=True, HAS_LORA=True, HAS_MAG=True, SHRINK_IN_LOOP=True, SPLIT_K=1, BLOCK_M=bm, BLOCK_N=bn,
+            BLOCK_K=bk,
             BLOCK_R=block_r, GROUP_M=cfg.group_m, LORA_FP32=False, INPUT_PRECISION="ieee",
         ),
         "unit_args": ["stride_br", "stride_xar"],
