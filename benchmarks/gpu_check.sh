@@ -72,6 +72,7 @@ step bench_adapters 60 python benchmarks/bench_adapters.py --quick --json "$out/
 step bench_multi 60 python benchmarks/bench_multi.py --quick --json "$out/bench_multi.json"
 step bench_decode 60 python benchmarks/bench_decode.py --quick --json "$out/bench_decode.json"
 step bench_adalora 45 python benchmarks/bench_adalora.py --quick --json "$out/bench_adalora.json"
+step bench_dora 60 python benchmarks/bench_dora.py --quick --json "$out/bench_dora.json"
 # Fine-tuning step time on Llama-3.2-1B's shapes (random weights, no download), fastpeft
 # against PEFT, same data and settings; each JSON holds mean_step_s. GPU only.
 if [ "$TRITON_INTERPRET" = "0" ]; then

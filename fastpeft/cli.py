@@ -50,6 +50,7 @@ BENCHMARKS: Sequence[Benchmark] = (
     Benchmark("adapters", "bench_adapters.py", "fused (IA)^3 and bottleneck layers vs the base and unfused PyTorch"),
     Benchmark("multi", "bench_multi.py", "mixed-adapter batches vs a PEFT-style loop and gather + bmm"),
     Benchmark("adalora", "bench_adalora.py", "AdaLoRA layers (forward, forward + backward) vs unfused and PEFT"),
+    Benchmark("dora", "bench_dora.py", "fused DoRA (eval, mixed batch, training step) vs PEFT's DoRA layer"),
     Benchmark("train", "bench_train.py", "a LoRA training step: fused backward vs unfused"),
     Benchmark("decode", "bench_decode.py", "ServingEngine decode: eager steps vs CUDA-graph replay"),
     Benchmark("host", "host_overhead.py", "Python time per layer call (launch path), no GPU needed"),

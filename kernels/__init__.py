@@ -6,7 +6,8 @@
 * ``tiles.py``: ``@triton.jit`` helpers the kernels share (tile order, row offsets, the K
   loop, epilogues, activations);
 * ``lora.py``, ``lora_tma.py``, ``ia3.py``, ``bottleneck.py``, ``multi_lora.py`` (with
-  ``multi_lora_meta.py``): ``@triton.jit`` kernels and one typed launcher per op;
+  ``multi_lora_meta.py``), ``dora.py`` (DoRA's row norms): ``@triton.jit`` kernels and one
+  typed launcher per op;
 * ``reference.py``: the pure-PyTorch math of every fused op.
 
 A kernel file imports only public names of the others.

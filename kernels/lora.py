@@ -28,7 +28,7 @@ input whose leading dims cannot be flattened without a copy (e.g. a transposed
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 import triton
@@ -62,6 +62,7 @@ from .tiles import (
     lora_expand_from_memory,
     lora_expand_resident,
     row_offsets,
+    scale_columns,
     tile_offsets,
 )
 
@@ -80,7 +81,7 @@ _REDUCE_BLOCK_M, _REDUCE_BLOCK_N = 16, 128
 @triton.jit
 def _lora_linear_fwd_kernel(
     # pointers
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, xa_ptr, y_ptr,
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, xa_ptr, mag_ptr, y_ptr,
     # sizes
     M, N, K, R, M_INNER,
     # strides
@@ -105,13 +106,16 @@ def _lora_linear_fwd_kernel(
     GROUP_M: tl.constexpr,
     LORA_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    HAS_MAG: tl.constexpr = False,
 ):
     """One ``(BLOCK_M, BLOCK_N)`` tile of ``y = x W^T + b + s * xa B^T``.
 
     ``acc = sum_k x[m, k] W[n, k]`` over the K loop (fp32). With ``SHRINK_IN_LOOP`` the
     same loop also accumulates ``xa[m, j] = sum_k x[m, k] A[j, k]`` for ``j < BLOCK_R``
     (``BLOCK_R >= R``); otherwise ``xa`` is read from ``xa_ptr`` in ``BLOCK_R`` chunks.
-    Epilogue: ``acc += xa (s B)^T``, ``acc += b``, store in ``y``'s dtype. The branch's
+    Epilogue: ``acc += xa (s B)^T``; with ``HAS_MAG`` (DoRA) each column scaled,
+    ``acc *= c[n]`` (``c = m / ||W + s B A||``, fp32, unit stride); ``acc += b``; store
+    in ``y``'s dtype. The branch's
     dots round their operands to the input dtype, as an unfused low-precision LoRA branch
     would, or keep fp32 range with ``LORA_FP32`` (see ``tiles.lora_dot``).
 
@@ -119,8 +123,8 @@ def _lora_linear_fwd_kernel(
     ``[k * K_PER_SPLIT, (k + 1) * K_PER_SPLIT)`` and writes its fp32 partial sum (no bias)
     to slice ``k`` of ``y_ptr``, then an fp32 ``(SPLIT_K, M, N)`` buffer; the LoRA update
     is linear in ``x``, so each split adds its share of it (in-loop shrink: its partial
-    ``xa``; precomputed ``xa``: split 0 adds all of it). ``_splitk_reduce_kernel`` sums
-    the slices and adds the bias.
+    ``xa``; precomputed ``xa``: split 0 adds all of it), and the DoRA scale, per column,
+    distributes over the sum. ``_splitk_reduce_kernel`` sums the slices and adds the bias.
     """
     pid = tl.program_id(axis=0)
     pid_k = tl.program_id(axis=1)
@@ -155,6 +159,8 @@ def _lora_linear_fwd_kernel(
                 BLOCK_R, LORA_FP32, INPUT_PRECISION,
             )
 
+    if HAS_MAG:
+        acc = scale_columns(acc, mag_ptr, offs_n, mask_n, 1)
     y_ptrs = y_ptr + pid_k * stride_ps + offs_m64[:, None] * stride_ym + offs_n[None, :] * stride_yn
     if SPLIT_K == 1:
         if HAS_BIAS:
@@ -207,8 +213,10 @@ def lora_linear_fwd(
     config: Optional[Variant] = None,
     out: Optional[torch.Tensor] = None,
     lora_A_lowp: Optional[torch.Tensor] = None,
+    mag: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Launch the fused kernel: ``y = x W^T + b + s * (x A^T) B^T`` (or ``s * xa B^T``).
+    """Launch the fused kernel: ``y = x W^T + b + s * (x A^T) B^T`` (or ``s * xa B^T``);
+    with ``mag`` (DoRA), ``y = mag * (x W^T + s * (x A^T) B^T) + b``.
 
     Args:
         x: ``(..., K)``, any strides; fp32, fp16 or bf16.
@@ -226,6 +234,8 @@ def lora_linear_fwd(
             so its dot runs on 16-bit tensor cores and keeps MMAs in flight, while ``xa``
             (the fp32 accumulator) and the expand keep fp32 range as with fp32 ``A``. The
             caller keeps it equal to ``lora_A`` rounded, and finite where ``lora_A`` is.
+        mag: optional DoRA column scale ``c = m / ||W + s B A||``, ``(N,)`` fp32,
+            contiguous, applied in the epilogue before the bias.
 
     Returns:
         ``y`` of shape ``(..., N)``, contiguous, in ``x``'s dtype.
@@ -237,7 +247,7 @@ def lora_linear_fwd(
     signature (shapes, strides, dtypes, device, tuned variant) are computed once and
     kept (:class:`_TilesPlan`), so a decode step does one dict lookup and the launch.
     """
-    if config is None and out is None and xa is None and lora_A is not None:
+    if config is None and out is None and xa is None and mag is None and lora_A is not None:
         # What a launch's arguments depend on besides pointers and ``scaling``: shapes,
         # strides, dtypes, device and the fp32 matmul precision (the tl.dot precision).
         key = (
@@ -249,12 +259,14 @@ def lora_linear_fwd(
         plan = _PLANS.get(key)
         if plan is not None and plan.tuned is _autotune.TUNED:
             return plan.run(x, weight, bias, lora_A_lowp if lora_A_lowp is not None else lora_A, lora_B, scaling)
-        y = _lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, None, None, None, lora_A_lowp, key)
+        y = _lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, None, None, None, lora_A_lowp, None, key)
         return y
-    return _lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, xa, config, out, lora_A_lowp, None)
+    return _lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, xa, config, out, lora_A_lowp, mag, None)
 
 
-def _lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, xa, config, out, lora_A_lowp, plan_key) -> torch.Tensor:
+def _lora_linear_fwd(
+    x, weight, bias, lora_A, lora_B, scaling, xa, config, out, lora_A_lowp, mag, plan_key
+) -> torch.Tensor:
     """:func:`lora_linear_fwd`'s general path; with ``plan_key``, the launch it makes is
     kept as that signature's plan when it can be replayed (a plain tiled launch)."""
     check_interpretable(x.dtype)
@@ -270,7 +282,7 @@ def _lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, xa, config, out, 
         bias = bias.contiguous()  # the kernels read it with unit stride
     y2 = y.view(M, N)
     with on_device(x):
-        if K == 0:  # empty sums: y = b (x A^T is zero too)
+        if K == 0:  # empty sums: y = b (x A^T is zero too; the DoRA scale multiplies zero)
             if bias is None:
                 y2.zero_()
             else:
@@ -281,20 +293,26 @@ def _lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, xa, config, out, 
 
         def run(variant: Variant) -> None:
             if isinstance(variant, LibraryGemm):
+                if mag is not None:
+                    raise ValueError("the library-GEMM variant has no DoRA epilogue; use a Triton variant with mag=")
                 _library_gemm(rows, weight, bias, lora_A, lora_B, xa, scaling, y2)
             else:
-                _launch(variant, rows, weight, bias, lora_A, lora_B, xa, scaling, y2, lora_A_lowp)
+                _launch(variant, rows, weight, bias, lora_A, lora_B, xa, scaling, y2, lora_A_lowp, mag)
 
         if config is None:
-            config = _tuned_config(x, rows, weight, bias, lora_A, lora_B, xa, y2, run, lora_A_lowp)
+            config = _tuned_config(x, rows, weight, bias, lora_A, lora_B, xa, y2, run, lora_A_lowp, mag is not None)
         run(config)
         if plan_key is not None:
             _keep_plan(plan_key, config, rows, x, weight, bias, lora_A, lora_B, lora_A_lowp, y)
     return y
 
 
-def _tuned_config(x, rows: Rows, weight, bias, lora_A, lora_B, xa, y2, run, lora_A_lowp=None) -> Variant:
-    """The tuner's pick for this call (keyed by shapes, dtypes, precision, M bucket)."""
+def _tuned_config(
+    x, rows: Rows, weight, bias, lora_A, lora_B, xa, y2, run, lora_A_lowp=None, has_mag: bool = False
+) -> Variant:
+    """The tuner's pick for this call (keyed by shapes, dtypes, precision, DoRA scale or
+    not, M bucket). A DoRA call (``has_mag``) picks among the Triton variants, whose
+    epilogue applies the scale in the same pass (the library GEMM has none)."""
     M, (N, K) = rows.M, weight.shape
     r = 0 if lora_A is None else lora_A.shape[0]
     in_loop = lora_A is not None and xa is None
@@ -304,8 +322,13 @@ def _tuned_config(x, rows: Rows, weight, bias, lora_A, lora_B, xa, y2, run, lora
     a_read = lora_A_lowp if lora_A_lowp is not None and in_loop else lora_A
     a_dtype = None if lora_A is None else (a_read.dtype, lora_B.dtype)
     key = ("lora", x.device.index, x.dtype, input_precision(x.dtype), a_dtype, N, K, r, xa is None, bias is None,
-           tma_ok, m_bucket(M))
-    return pick(key, run, lambda: lora_variants(M, K, in_loop, tma_ok, x.dtype, N, _programs(x)))
+           tma_ok, has_mag, m_bucket(M))
+
+    def variants() -> List[Variant]:
+        found = lora_variants(M, K, in_loop, tma_ok, x.dtype, N, _programs(x))
+        return [v for v in found if not isinstance(v, LibraryGemm)] if has_mag else found
+
+    return pick(key, run, variants)
 
 
 def _programs(x: torch.Tensor) -> int:
@@ -346,6 +369,7 @@ def _launch(
     scaling: float,
     y: torch.Tensor,
     lora_A_lowp: Optional[torch.Tensor] = None,
+    mag: Optional[torch.Tensor] = None,
 ) -> None:
     """One launch of ``cfg``'s variant, written into ``y`` (``(M, N)``); the in-loop
     shrink reads ``lora_A_lowp`` when given (see :func:`lora_linear_fwd`)."""
@@ -360,9 +384,9 @@ def _launch(
     if in_loop and lora_A_lowp is not None:
         lora_A = lora_A_lowp
     if cfg.tma:
-        _launch_tma(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r, lora_fp32)
+        _launch_tma(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r, lora_fp32, mag)
     else:
-        _launch_tiles(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r, lora_fp32)
+        _launch_tiles(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r, lora_fp32, mag)
 
 
 def _block_r(lora_A: Optional[torch.Tensor], in_loop: bool) -> int:
@@ -371,9 +395,10 @@ def _block_r(lora_A: Optional[torch.Tensor], in_loop: bool) -> int:
     return max(16, next_power_of_2(lora_A.shape[0])) if in_loop else _EPILOGUE_BLOCK_R
 
 
-def _launch_tma(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r, lora_fp32) -> None:
+def _launch_tma(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r, lora_fp32, mag=None) -> None:
     """:func:`_launch` on the persistent TMA kernel (its inputs must be descriptor-ready);
-    split-K partial sums reduced into ``y`` after."""
+    split-K partial sums reduced into ``y`` after (the DoRA scale, per column, distributes
+    over them)."""
     M, (N, K) = rows.M, weight.shape
     x2 = as_2d(rows, K)
     if not lora_tma.tma_eligible(x2, weight, lora_A, weight.shape[0], lora_A is not None and xa is None):
@@ -386,16 +411,18 @@ def _launch_tma(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r
     lora_tma.lora_linear_tma_launch(
         x2=x2, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, xa=xa, scaling=scaling, y=out,
         cfg=cfg, block_r=block_r, lora_fp32=lora_fp32, input_precision=input_precision(rows.x.dtype),
-        k_per_split=k_per_split,
+        k_per_split=k_per_split, mag=mag,
     )
     if split > 1:
         _reduce_splits(out, bias, y)
 
 
-def _launch_tiles(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r, lora_fp32) -> None:
+def _launch_tiles(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r, lora_fp32, mag=None) -> None:
     """:func:`_launch` on the tiled kernel; split-K partial sums reduced into ``y`` after."""
     M, N = rows.M, weight.shape[0]
-    grid, consts, split = _tiles_args(cfg, rows, weight, bias is not None, lora_A, lora_B, xa, block_r, lora_fp32)
+    grid, consts, split = _tiles_args(
+        cfg, rows, weight, bias is not None, lora_A, lora_B, xa, block_r, lora_fp32, mag is not None
+    )
     # Unused pointers still need a tensor; ``weight`` is a safe placeholder.
     a = lora_A if lora_A is not None else weight
     b = lora_B if lora_A is not None else weight
@@ -403,13 +430,16 @@ def _launch_tiles(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block
     out = y if split == 1 else torch.empty((split, M, N), device=y.device, dtype=torch.float32)
     _lora_linear_fwd_kernel[grid](
         x_ptr=rows.x, w_ptr=weight, bias_ptr=bias if bias is not None else weight, a_ptr=a, b_ptr=b,
-        xa_ptr=xa if xa is not None else weight, y_ptr=out, scaling=float(scaling), **consts,
+        xa_ptr=xa if xa is not None else weight, mag_ptr=mag if mag is not None else weight, y_ptr=out,
+        scaling=float(scaling), **consts,
     )
     if split > 1:
         _reduce_splits(out, bias, y)
 
 
-def _tiles_args(cfg, rows: Rows, weight, has_bias: bool, lora_A, lora_B, xa, block_r: int, lora_fp32: bool):
+def _tiles_args(
+    cfg, rows: Rows, weight, has_bias: bool, lora_A, lora_B, xa, block_r: int, lora_fp32: bool, has_mag: bool = False
+):
     """``(grid, keywords, splits)`` of a tiled launch: every keyword but the pointers and
     ``scaling``, from shapes, strides and dtypes alone (so a plan can keep them)."""
     M, (N, K) = rows.M, weight.shape
@@ -430,6 +460,7 @@ def _tiles_args(cfg, rows: Rows, weight, has_bias: bool, lora_A, lora_B, xa, blo
         K_PER_SPLIT=k_per_split,
         HAS_BIAS=has_bias,
         HAS_LORA=lora_A is not None,
+        HAS_MAG=has_mag,
         SHRINK_IN_LOOP=lora_A is not None and xa is None,
         SPLIT_K=split,
         BLOCK_R=block_r,
@@ -473,7 +504,8 @@ class _TilesPlan:
         # ``kernel.run`` is what ``kernel[grid](...)`` calls, without the lambda between.
         _lora_linear_fwd_kernel.run(
             x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else weight, a_ptr=a, b_ptr=lora_B,
-            xa_ptr=weight, y_ptr=out, scaling=float(scaling), grid=self.grid, warmup=False, **self.consts,
+            xa_ptr=weight, mag_ptr=weight, y_ptr=out, scaling=float(scaling), grid=self.grid, warmup=False,
+            **self.consts,
         )
         if self.split > 1:
             _reduce_splits(out, bias, y.view(self.consts["M"], self.consts["N"]))

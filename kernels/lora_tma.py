@@ -30,7 +30,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .autotune import KernelConfig
 from .runtime import Rows, as_2d, cdiv, interpreter_active, sm_count
-from .tiles import add_bias, grouped_tile, lora_dot, lora_expand_from_memory, lora_expand_resident
+from .tiles import add_bias, grouped_tile, lora_dot, lora_expand_from_memory, lora_expand_resident, scale_columns
 
 __all__ = ["tma_eligible", "tma_fits", "lora_linear_tma_launch"]
 
@@ -44,7 +44,7 @@ _INTERPRETER_PROGRAMS = 3
 @triton.jit
 def _lora_linear_tma_kernel(
     # descriptors and pointers
-    x_desc, w_desc, a_desc, y_desc, bias_ptr, b_ptr, xa_ptr,
+    x_desc, w_desc, a_desc, y_desc, bias_ptr, b_ptr, xa_ptr, mag_ptr,
     # sizes
     M, N, K, R, num_programs,
     # strides
@@ -64,8 +64,10 @@ def _lora_linear_tma_kernel(
     GROUP_M: tl.constexpr,
     LORA_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    HAS_MAG: tl.constexpr = False,
 ):
-    """Persistent tiles of ``y = x W^T + b + s * xa B^T``.
+    """Persistent tiles of ``y = x W^T + b + s * xa B^T`` (DoRA, ``HAS_MAG``:
+    ``y = c * (x W^T + s * xa B^T) + b``, ``c`` fp32 per column).
 
     For each tile ``(pid_m, pid_n)``: ``acc = sum_k x[m, k] W[n, k]`` (fp32) over TMA
     boxes of ``x`` and ``W``; with ``SHRINK_IN_LOOP`` the same loop accumulates
@@ -120,6 +122,8 @@ def _lora_linear_tma_kernel(
                     stride_xam, stride_xar, stride_bn, stride_br, scaling, dtype, BLOCK_R, LORA_FP32,
                     INPUT_PRECISION,
                 )
+        if HAS_MAG:  # per column: distributes over the split-K partial sums
+            acc = scale_columns(acc, mag_ptr, offs_n, mask_n, 1)
         if SPLIT_K == 1:
             if HAS_BIAS:
                 acc = add_bias(acc, bias_ptr, offs_n, mask_n)
@@ -196,12 +200,14 @@ def lora_linear_tma_launch(
     lora_fp32: bool,
     input_precision: str,
     k_per_split: int = 0,
+    mag: Optional[torch.Tensor] = None,
 ) -> None:
     """Launch the persistent TMA kernel on a ``tma_eligible`` call (``y``: ``(M, N)``,
     contiguous) with ``cfg``'s tiles. ``xa`` given: epilogue-only LoRA; ``lora_A`` None:
     base GEMM only; ``lora_fp32``: the branch keeps fp32 range (``runtime.lora_in_fp32``).
     Split-K: ``y`` is a contiguous fp32 ``(splits, M, N)`` buffer of partial sums (no
-    bias), slice ``k`` over K columns ``[k * k_per_split, (k + 1) * k_per_split)``."""
+    bias), slice ``k`` over K columns ``[k * k_per_split, (k + 1) * k_per_split)``.
+    ``mag``: DoRA's column scale (``(N,)`` fp32, contiguous) before the bias."""
     M, K = x2.shape
     N = weight.shape[0]
     split = y.shape[0] if y.dim() == 3 else 1
@@ -221,11 +227,13 @@ def lora_linear_tma_launch(
     _lora_linear_tma_kernel[(programs,)](
         x_desc=x_desc, w_desc=w_desc, a_desc=a_desc, y_desc=y_desc,
         bias_ptr=bias if bias is not None else weight, b_ptr=b, xa_ptr=xa_t,
+        mag_ptr=mag if mag is not None else weight,
         M=M, N=N, K=K, R=lora_A.shape[0] if has_lora else 0, num_programs=programs,
         stride_bn=b.stride(0), stride_br=b.stride(1),
         stride_xam=xa_t.stride(0), stride_xar=xa_t.stride(1),
         scaling=float(scaling), K_PER_SPLIT=k_per_split if split > 1 else K,
         HAS_BIAS=bias is not None,
+        HAS_MAG=mag is not None,
         HAS_LORA=has_lora,
         SHRINK_IN_LOOP=in_loop,
         SPLIT_K=split,

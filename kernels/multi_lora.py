@@ -56,7 +56,9 @@ from .runtime import (
     Rows, cdiv, check_interpretable, input_precision, interpreter_active, k_splits, lora_in_fp32, on_device,
     output_for, rows_view,
 )
-from .tiles import add_bias, gemm_k_loop, grouped_tile, lora_expand_gathered, lora_expand_segments, row_offsets
+from .tiles import (
+    add_bias, gemm_k_loop, grouped_tile, lora_expand_gathered, lora_expand_segments, row_offsets, slot_column_scale,
+)
 
 __all__ = ["multi_lora_linear_fwd"]
 
@@ -121,7 +123,7 @@ def _mlora_shrink_kernel(
 @triton.jit
 def _mlora_expand_kernel(
     # pointers
-    x_ptr, w_ptr, bias_ptr, b_ptr, xa_ptr, y_ptr,
+    x_ptr, w_ptr, bias_ptr, b_ptr, xa_ptr, mag_ptr, y_ptr,
     sorted_rows_ptr, sorted_slot_ptr, seg_end_ptr, rank_ptr, scaling_ptr,
     # sizes
     M, N, K, M_INNER,
@@ -131,6 +133,7 @@ def _mlora_expand_kernel(
     stride_bs, stride_bn, stride_br,
     stride_xas, stride_xap, stride_xar,
     stride_ym, stride_yn,
+    stride_ms,
     # meta
     FUSE_BASE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -143,6 +146,7 @@ def _mlora_expand_kernel(
     GROUP_M: tl.constexpr,
     LORA_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    HAS_MAG: tl.constexpr = False,
 ):
     """One ``(BLOCK_M, BLOCK_N)`` tile, rows in sorted order: base plus each segment's expand.
 
@@ -153,6 +157,11 @@ def _mlora_expand_kernel(
     low-precision LoRA branch would; kept in fp32 with ``LORA_FP32``, see
     ``tiles.lora_dot``), by :func:`~tiles.lora_expand_gathered` (``GATHER``) or
     :func:`~tiles.lora_expand_segments`. Stored at ``row(p)``.
+
+    ``HAS_MAG`` (DoRA slots): row ``p`` of slot ``i`` becomes
+    ``mag[i] * (x W^T + s_i xa B_i^T) + b`` (``mag: (S, N)`` fp32, ones for a LoRA slot):
+    the bias goes on after the scale (subtracted first from the rows with an adapter
+    when the base comes from cuBLAS); rows with no adapter are left as the base.
     """
     pid = tl.program_id(axis=0)
     pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -176,10 +185,21 @@ def _mlora_expand_kernel(
             acc, x_ptr, row_offsets(rows, M_INNER, stride_xm0, stride_xm1), mask_p, w_ptr, offs_n, mask_n,
             0, K, stride_xk, stride_wn, stride_wk, BLOCK_K, INPUT_PRECISION,
         )
-        if HAS_BIAS:
+        if HAS_BIAS and not HAS_MAG:
             acc = add_bias(acc, bias_ptr, offs_n, mask_n)
     else:
         acc = tl.load(y_ptrs, mask=mask_y, other=0.0).to(tl.float32)
+    if HAS_MAG:
+        slot_p = tl.load(sorted_slot_ptr + offs_p, mask=mask_p, other=-1)
+        if HAS_BIAS:
+            # The bias to put back after the scale: every row's with the base fused, else
+            # only the rows with an adapter (the others keep cuBLAS's y untouched).
+            b_n = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            if FUSE_BASE:
+                keep_b = b_n[None, :]
+            else:
+                keep_b = tl.where((slot_p >= 0)[:, None], b_n[None, :], 0.0)
+                acc -= keep_b
 
     dtype = x_ptr.dtype.element_ty
     if GATHER:
@@ -195,6 +215,10 @@ def _mlora_expand_kernel(
             stride_bs, stride_bn, stride_br, stride_xas, stride_xap, stride_xar,
             SPLIT_K, BLOCK_M, BLOCK_R, LORA_FP32, INPUT_PRECISION,
         )
+    if HAS_MAG:
+        acc = acc * slot_column_scale(mag_ptr, slot_p, offs_n, mask_n, stride_ms)
+        if HAS_BIAS:
+            acc += keep_b
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
 
 
@@ -213,8 +237,10 @@ def multi_lora_linear_fwd(
     launch: Optional[MultiLoraLaunch] = None,
     config: Optional[KernelConfig] = None,
     out: Optional[torch.Tensor] = None,
+    mag: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``y[m] = x[m] W^T + b + s_i (x[m] A_i^T) B_i^T`` with ``i = meta.row_slot[m]``.
+    """``y[m] = x[m] W^T + b + s_i (x[m] A_i^T) B_i^T`` with ``i = meta.row_slot[m]``;
+    with ``mag`` (DoRA), ``y[m] = mag[i] * (x[m] W^T + s_i (x[m] A_i^T) B_i^T) + b``.
 
     Args:
         x: ``(..., K)``, any strides, fp32/fp16/bf16; its rows (leading dims flattened)
@@ -228,6 +254,8 @@ def multi_lora_linear_fwd(
         launch, config: force launch choices (tests, benchmarks).
         out: optional preallocated contiguous output of shape ``(..., N)`` (tests poison
             it to catch unwritten elements).
+        mag: optional ``(S, N)`` fp32 DoRA column scales per slot (unit last stride;
+            ones for a LoRA slot), applied in the expand's epilogue.
 
     Returns:
         ``y`` of shape ``(..., N)``, contiguous, in ``x``'s dtype.
@@ -244,7 +272,7 @@ def multi_lora_linear_fwd(
         return output_for(x, N, out)
     if bias is not None:
         bias = bias.contiguous()  # the kernels read it with unit stride
-    args = (x, weight, bias, lora_A, lora_B, ranks, scalings, meta)
+    args = (x, weight, bias, lora_A, lora_B, ranks, scalings, meta, mag)
     with on_device(x):
         if (launch.fuse_base is None or launch.gather is None) and x.is_cuda:
             launch = _tuned_launch(launch, args, config, out)
@@ -257,9 +285,10 @@ def _tuned_launch(launch: MultiLoraLaunch, args: tuple, config: Optional[KernelC
     timed once per shape and M bucket by the tuner: the split runs only where it measures
     faster. Untimed (interpreter, CUDA-graph capture): the choices by M."""
     x, weight, bias, lora_A, lora_B = args[:5]
+    has_mag = len(args) > 8 and args[8] is not None  # DoRA scales (args[8]) change the epilogue
     M = math.prod(x.shape[:-1])
     key = ("multi_lora_launch", x.device.index, x.dtype, input_precision(x.dtype), lora_A.dtype, lora_B.dtype,
-           weight.shape, lora_A.shape, bias is None, launch.fuse_base, launch.gather, m_bucket(M))
+           weight.shape, lora_A.shape, bias is None, has_mag, launch.fuse_base, launch.gather, m_bucket(M))
 
     def run(trial: MultiLoraLaunch) -> None:
         _forward(*args, launch=trial, config=config, out=out)
@@ -277,6 +306,7 @@ def _forward(
     ranks: torch.Tensor,
     scalings: torch.Tensor,
     meta: MultiLoraMeta,
+    mag: Optional[torch.Tensor] = None,
     *,
     launch: MultiLoraLaunch,
     config: Optional[KernelConfig],
@@ -307,21 +337,24 @@ def _forward(
 
     def run(cfg: KernelConfig) -> None:
         _launch_expand(cfg, rows, weight, bias, lora_B, xa, ranks, scalings, meta, y2,
-                       fuse=fuse, gather=gather, launch=launch, lora_fp32=lora_fp32)
+                       fuse=fuse, gather=gather, launch=launch, lora_fp32=lora_fp32, mag=mag)
 
     if config is None:
-        config = _expand_config(x, weight, bias, lora_A, lora_B, xa, y2, run, fuse=fuse, gather=gather)
+        config = _expand_config(x, weight, bias, lora_A, lora_B, xa, y2, run, fuse=fuse, gather=gather,
+                                has_mag=mag is not None)
     run(config)
     return y
 
 
-def _expand_config(x, weight, bias, lora_A, lora_B, xa, y2, run, *, fuse: bool, gather: bool) -> KernelConfig:
+def _expand_config(
+    x, weight, bias, lora_A, lora_B, xa, y2, run, *, fuse: bool, gather: bool, has_mag: bool = False
+) -> KernelConfig:
     """The tuner's expand tiles for this call. Timing re-runs the expand on the same
     inputs; without the fused base that would add the LoRA terms again into ``y``, so
     then it times on a scratch copy of ``y``'s base."""
     M, (N, K) = y2.shape[0], weight.shape
     key = ("multi_lora", x.device.index, x.dtype, input_precision(x.dtype), lora_A.dtype, lora_B.dtype, N, K,
-           fuse, gather, bias is None, xa.shape[0], m_bucket(M))
+           fuse, gather, bias is None, has_mag, xa.shape[0], m_bucket(M))
     if fuse or not will_time(key):
         return pick(key, run, lambda: gemm_candidates(M, x.dtype))
     base = y2.clone()
@@ -379,6 +412,7 @@ def _launch_expand(
     gather: bool,
     launch: MultiLoraLaunch,
     lora_fp32: bool,
+    mag: Optional[torch.Tensor] = None,
 ) -> None:
     """One launch of the base + expand kernel with ``cfg``'s tiles, into ``y2`` (``(M, N)``)."""
     M, (N, K) = rows.M, weight.shape
@@ -388,7 +422,8 @@ def _launch_expand(
         block_r = block_r_for_dot(launch.block_r)
     grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)
     _mlora_expand_kernel[grid](
-        x_ptr=rows.x, w_ptr=weight, bias_ptr=bias if bias is not None else weight, b_ptr=lora_B, xa_ptr=xa, y_ptr=y2,
+        x_ptr=rows.x, w_ptr=weight, bias_ptr=bias if bias is not None else weight, b_ptr=lora_B, xa_ptr=xa,
+        mag_ptr=mag if mag is not None else xa, y_ptr=y2,
         sorted_rows_ptr=meta.sorted_rows, sorted_slot_ptr=meta.sorted_slot, seg_end_ptr=meta.seg_end,
         rank_ptr=ranks, scaling_ptr=scalings,
         M=M, N=N, K=K, M_INNER=rows.m_inner,
@@ -397,8 +432,10 @@ def _launch_expand(
         stride_bs=lora_B.stride(0), stride_bn=lora_B.stride(1), stride_br=lora_B.stride(2),
         stride_xas=xa.stride(0), stride_xap=xa.stride(1), stride_xar=xa.stride(2),
         stride_ym=y2.stride(0), stride_yn=y2.stride(1),
+        stride_ms=mag.stride(0) if mag is not None else 0,
         FUSE_BASE=fuse,
         HAS_BIAS=bias is not None,
+        HAS_MAG=mag is not None,
         GATHER=gather,
         SPLIT_K=xa.shape[0],
         BLOCK_R=block_r,

@@ -20,6 +20,9 @@ __all__ = [
     "bottleneck_activation_ref",
     "bottleneck_linear_ref",
     "multi_lora_linear_ref",
+    "dora_weight_norm_ref",
+    "dora_scaled_ref",
+    "dora_linear_ref",
 ]
 
 
@@ -143,6 +146,7 @@ def multi_lora_linear_ref(
     ranks: torch.Tensor,
     scalings: torch.Tensor,
     row_slot: torch.Tensor,
+    mag_scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Mixed-adapter LoRA linear: each row of ``x`` through its own adapter slot::
 
@@ -158,11 +162,16 @@ def multi_lora_linear_ref(
         lora_A: ``(S, max_rank, K)``; lora_B: ``(S, N, max_rank)``: slot stacks.
         ranks: ``(S,)`` integers in ``[0, max_rank]``; scalings: ``(S,)``.
         row_slot: ``(M,)`` integers in ``[-1, S)``, M = number of rows of ``x``.
+        mag_scale: optional ``(S, N)`` DoRA column scales ``c_i`` (ones for a LoRA
+            slot): rows of slot ``i`` become ``c_i * (x W^T + s_i (x A_i^T) B_i^T) + b``,
+            each as :func:`dora_linear_ref`.
 
     Returns:
         ``y`` of shape ``(..., N)`` in ``x``'s dtype. Each slot's LoRA branch runs in the
         adapters' dtype and is cast back, as :func:`lora_linear_ref` does.
     """
+    if mag_scale is not None:
+        return _multi_dora_ref(x, weight, bias, lora_A, lora_B, ranks, scalings, row_slot, mag_scale)
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
     y = F.linear(x2, weight, bias)
@@ -178,3 +187,76 @@ def multi_lora_linear_ref(
         update = F.linear(F.linear(xl, A), B) * float(scalings[i])
         y = y.index_add(0, rows, update.to(y.dtype))
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _multi_dora_ref(x, weight, bias, lora_A, lora_B, ranks, scalings, row_slot, mag_scale) -> torch.Tensor:
+    """:func:`multi_lora_linear_ref` with DoRA column scales: each slot's rows as
+    :func:`dora_linear_ref` with ``c_i = mag_scale[i]``."""
+    K, N = x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, K)
+    y = F.linear(x2, weight, bias)
+    slot = row_slot.reshape(-1).to(device=x.device, dtype=torch.long)
+    for i in torch.unique(slot[slot >= 0]).tolist():
+        rows = (slot == i).nonzero().squeeze(1)
+        r = int(ranks[i])
+        out = dora_scaled_ref(
+            x2.index_select(0, rows), weight, bias, lora_A[i, :r], lora_B[i, :, :r], float(scalings[i]), mag_scale[i]
+        )
+        y = y.index_copy(0, rows, out.to(y.dtype))
+    return y.reshape(*x.shape[:-1], N)
+
+
+def dora_weight_norm_ref(
+    weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """DoRA's row norms ``||W + s B A||`` (one per output row, ``(N,)``), in fp32 or the
+    weight's dtype if wider: ``W: (N, K)``, ``A: (r, K)``, ``B: (N, r)``."""
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    full = weight.to(dtype) + scaling * (lora_B.to(dtype) @ lora_A.to(dtype))
+    return torch.linalg.vector_norm(full, dim=1)
+
+
+def dora_scaled_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    mag_scale: torch.Tensor,
+) -> torch.Tensor:
+    """``y = c * (x W^T + s (x A^T) B^T) + b`` for a given column scale ``c`` (``(N,)``):
+    the fused kernel's DoRA epilogue (``c = m / ||W + s B A||``)."""
+    z = lora_linear_ref(x, weight, None, lora_A, lora_B, scaling)
+    c = mag_scale.to(torch.promote_types(z.dtype, mag_scale.dtype))
+    y = z * c
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype)
+
+
+def dora_linear_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    magnitude: torch.Tensor,
+    x_lora: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """DoRA linear (PEFT's ``DoraLinearLayer``): with ``c = m / ||W + s B A||`` (the norm
+    per output row, detached from autograd, as PEFT)::
+
+        y = x W^T + b + (c - 1) * (x_l W^T) + c * s * (x_l A^T) B^T
+
+    ``x_l`` is ``x_lora`` (the dropped-out input) or ``x``; without dropout this is
+    ``c * (x W^T + s (x A^T) B^T) + b``. ``magnitude``: ``m``, shape ``(N,)``.
+    """
+    norm = dora_weight_norm_ref(weight, lora_A, lora_B, scaling).detach()
+    c = magnitude / norm.to(magnitude.dtype)
+    if x_lora is None:
+        return dora_scaled_ref(x, weight, bias, lora_A, lora_B, scaling, c)
+    base = F.linear(x, weight, bias)
+    dora = dora_scaled_ref(x_lora, weight, None, lora_A, lora_B, scaling, c) - F.linear(x_lora, weight)
+    return (base + dora).to(x.dtype)

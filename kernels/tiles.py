@@ -33,6 +33,7 @@ __all__ = [
     "lora_expand_segments",
     "row_offsets",
     "scale_columns",
+    "slot_column_scale",
     "sum_splits",
     "tile_offsets",
 ]
@@ -175,6 +176,16 @@ def scale_columns(acc, l_ptr, offs_n, mask_n, stride_l):
     """``acc * l[n]``: every column of the tile scaled by its entry of ``l`` (fp32)."""
     l_n = tl.load(l_ptr + offs_n * stride_l, mask=mask_n, other=0.0).to(tl.float32)
     return acc * l_n[None, :]
+
+
+@triton.jit
+def slot_column_scale(mag_ptr, slot_p, offs_n, mask_n, stride_ms):
+    """``c[p, n] = mag[slot_p[p], n]`` (fp32; 1 where ``slot_p < 0``): per-row column
+    scales gathered from a ``(S, N)`` table by each row's slot (DoRA in mixed batches)."""
+    has = slot_p >= 0
+    slot_c = tl.where(has, slot_p, 0).to(tl.int64)
+    ptrs = mag_ptr + slot_c[:, None] * stride_ms + offs_n[None, :]
+    return tl.load(ptrs, mask=has[:, None] & mask_n[None, :], other=1.0).to(tl.float32)
 
 
 @triton.jit

@@ -53,7 +53,8 @@ def compile_sm90(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    params = list(inspect.signature(kernel.fn).parameters)
+    defaults = {n: p.default for n, p in inspect.signature(kernel.fn).parameters.items()}
+    params = list(defaults)
     consts: Dict[str, object] = dict(constexprs)
     unit, floats = set(unit_args), set(float_args)
     signature, attrs = {}, {}
@@ -65,6 +66,9 @@ def compile_sm90(
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in consts:
             signature[name] = "constexpr"
+        elif defaults[name] is not inspect.Parameter.empty:  # a constexpr the spec leaves at its default
+            signature[name] = "constexpr"
+            consts[name] = defaults[name]
         elif name in unit:
             signature[name] = "constexpr"
             consts[name] = 1

@@ -133,3 +133,14 @@ def test_host_overhead_counts_launches_and_allocations(tmp_path):
     for case in ("IA3Linear", "BottleneckLinear", "mixed, own adapters", "mixed, AdapterPool"):
         assert any(k[0] == case and r["launches"] >= 1 for k, r in rows.items()), case
     assert all(r["x_linear"] > 0 for r in rows.values())
+
+
+def test_bench_dora_point_checks_every_variant(stub_timers):
+    """bench_dora's GPU path builds every variant (PEFT's DoRA layer, cached and not, the
+    fused layer, a mixed batch, training steps) and checks each before timing."""
+    pytest.importorskip("peft")
+    row = importlib.import_module("bench_dora")._time_point(48, 40, 6, dev="cpu", dt=torch.float32)
+    for name in ("fused", "fused_nocache", "mixed", "peft", "peft_cached", "train_fused", "train_peft"):
+        assert f"{name}_error" not in row, row.get(f"{name}_error")
+        assert row[f"{name}_err"] <= 1e-4, name
+        assert row[f"{name}_x"] == 1.0

@@ -226,7 +226,7 @@ def test_a_failure_late_in_inject_leaves_no_trace(model, monkeypatch, step):
         (dict(target_modules=["nowhere"]), ValueError),
         (dict(target_modules=["q_proj"], init_lora_weights="pissa"), NotImplementedError),
         (dict(target_modules=["q_proj"], modules_to_save=["not_here"]), ValueError),
-        (dict(target_modules=["q_proj"], use_dora=True), NotImplementedError),
+        (dict(target_modules=["q_proj"], use_dora=True, lora_bias=True), NotImplementedError),
     ],
 )
 def test_a_failed_inject_leaves_no_trace(model, kwargs, exc):

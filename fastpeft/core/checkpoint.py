@@ -212,7 +212,7 @@ def load_adapter(
     ``is_trainable=False`` (the default) the adapter is frozen and the model put in
     eval mode; ``autocast_adapter_dtype`` keeps an fp16/bf16 model's adapter in fp32, as
     PEFT does. Everything is checked before any tensor is copied: on any error (missing
-    files, unknown or unsupported ``peft_type``, DoRA, targets that match nothing, keys
+    files, unknown or unsupported ``peft_type`` or config, targets that match nothing, keys
     or shapes that do not fit, a failure while copying) the model is left exactly as it
     was: the same modules, tensors, flags and modes, and no attribute added.
     """

@@ -36,6 +36,7 @@ from fastpeft.kernels.multi_lora_meta import MultiLoraMeta
 from fastpeft.methods.lora.layer import FastLoRALinear
 from fastpeft.methods.lora.multi_op import build_meta, row_slots_for_tokens
 from fastpeft.methods.lora.stacks import SlotRows, SlotStacks
+from fastpeft.serving.dora_staging import check_dora_config, magnitude_scale
 from fastpeft.serving.staging import (
     AdapterError,
     Source,
@@ -61,7 +62,8 @@ class LayerSlots:
 
     ``lora_A[i, :r_i]`` and ``lora_B[i, :, :r_i]`` hold slot ``i``'s adapter (PEFT layout);
     ``ranks[i] = r_i`` (0: the adapter does not target this layer, or the slot is free)
-    and ``scalings[i] = s_i``.
+    and ``scalings[i] = s_i``; ``mag[i]``: a DoRA adapter's column scale
+    ``m / ||W + s B A||`` (ones for LoRA; the last row, ones, for rows with no adapter).
     """
 
     name: str
@@ -71,6 +73,7 @@ class LayerSlots:
     lora_B: torch.Tensor
     ranks: torch.Tensor
     scalings: torch.Tensor
+    mag: Optional[torch.Tensor] = None
 
 
 def _layer_specs(model, layers, device, dtype) -> Dict[str, Tuple[int, int, Any, Any, Optional[nn.Module]]]:
@@ -139,9 +142,12 @@ class AdapterPool:
                 name=name, in_features=K, out_features=N,
                 lora_A=torch.zeros(S, R, K, device=dev, dtype=dt), lora_B=torch.zeros(S, N, R, device=dev, dtype=dt),
                 ranks=torch.zeros(S, device=dev, dtype=torch.int32), scalings=torch.zeros(S, device=dev, dtype=torch.float32),
+                mag=torch.ones(S + 1, N, device=dev, dtype=torch.float32),
             )
             for name, (K, N, dev, dt, _) in specs.items()
         }
+        self._bases = {n: s[4] for n, s in specs.items()}  # the layers (None for a pool over shapes)
+        self._dora: set = set()  # loaded DoRA adapters: the mixed kernel then applies ``mag``
         self._modules: Dict[str, nn.Module] = {}
         self._model: Optional[nn.Module] = None
         if attach and isinstance(model, nn.Module):
@@ -208,6 +214,9 @@ class AdapterPool:
           ``config`` (a fastpeft/peft ``LoraConfig`` or its dict) or ``lora_alpha``;
         * ``{layer name: (A, B)}`` with ``lora_alpha`` or ``scaling`` (one float, or one
           per layer);
+        * a DoRA adapter (``use_dora=True``, ``lora_magnitude_vector`` keys) in any of the
+          PEFT forms above: each layer's column scale ``m / ||W + s B A||`` is computed
+          from the layer's base weight at load and applied in the mixed kernel's epilogue;
         * an AdaLoRA adapter: a PEFT AdaLoRA directory, or its state dict (``lora_A``,
           ``lora_E``, ``lora_B``) with ``config`` (a fastpeft/peft ``AdaLoraConfig`` or its
           dict). It is served as a LoRA adapter of each layer's current rank: ``A ∘ E``
@@ -221,7 +230,7 @@ class AdapterPool:
         not fit the layers or the config, NaN/inf weights or values past the range of the
         pool's dtype (checked as the slots would hold them), tensors of several adapters or
         of one layer twice, another PEFT method ((IA)^3, bottleneck, ...) or LoRA features
-        the kernels do not run (DoRA, lora_bias), an AdaLoRA ``lora_E`` that does not fit.
+        the kernels do not run (lora_bias), an AdaLoRA ``lora_E`` that does not fit.
         Raises :class:`PoolFullError` when every slot is pinned or in use.
         """
         if not isinstance(name, str) or not name:
@@ -231,6 +240,8 @@ class AdapterPool:
         staged = self._stage(name, source, config, lora_alpha, scaling, use_rslora)
         slot = self._free_slot(name)
         self._write(slot, staged)
+        if staged.dora:
+            self._dora.add(name)
         self._slot_of[name] = slot
         self._lru[name] = None
         if pin:
@@ -245,6 +256,7 @@ class AdapterPool:
         slot = self._slot_of.pop(name)
         self._lru.pop(name, None)
         self._pinned.discard(name)
+        self._dora.discard(name)
         self._write(slot, Staged({}))
 
     def pin(self, name: str) -> None:
@@ -292,6 +304,9 @@ class AdapterPool:
                     ls.lora_B[slot, :, :r].copy_(B)
                 ls.ranks[slot] = r
                 ls.scalings[slot] = float(s)
+                ls.mag[slot].fill_(1.0)
+                if lname in staged.dora:
+                    ls.mag[slot].copy_(staged.dora[lname])
 
     # ---------------------------------------------------------------- validation
 
@@ -306,6 +321,7 @@ class AdapterPool:
                 "(scaling / (ranknum + 1e-5)); do not pass scaling=, lora_alpha= or use_rslora="
             )
         staged: Dict[str, Tuple[torch.Tensor, torch.Tensor, float]] = {}
+        dora: Dict[str, torch.Tensor] = {}
         keys_of: Dict[str, Tuple[str, ...]] = {}
         for key, pair in pairs.items():
             lname = self._match_layer(key, name)
@@ -333,7 +349,12 @@ class AdapterPool:
             check_finite(where, "lora_A ∘ lora_E" if fixed else "lora_A", pair.A, A_slot)
             check_finite(where, "lora_B", pair.B, B_slot)
             staged[lname] = (A_slot, B_slot, s)
-        return Staged(staged)
+            check_dora_config(name, None if lora_config is None else lora_config.use_dora,
+                              pair.magnitude is not None, key, AdapterError)
+            if pair.magnitude is not None:
+                dora[lname] = magnitude_scale(where, pair.magnitude, A_slot, B_slot, s, self._bases[lname],
+                                              AdapterError)
+        return Staged(staged, dora)
 
     def _match_layer(self, key: str, adapter: str) -> str:
         """The pool layer that a checkpoint's module path names (equal, or one path ends
@@ -398,11 +419,13 @@ class AdapterPool:
         batch_slot = torch.tensor(slots, dtype=torch.int32, device=self.device)
         key = ("pool", id(self), tuple(slots), self.max_adapters)
         with self.in_use(rows):
-            yield {module: self._stacks(self.layers[name], batch_slot, key) for name, module in self._modules.items()}
+            yield {module: self._stacks(self.layers[name], batch_slot, key, bool(self._dora))
+                   for name, module in self._modules.items()}
 
     @staticmethod
-    def _stacks(ls: LayerSlots, batch_slot: torch.Tensor, key: Any) -> SlotRows:
-        stacks = SlotStacks(lora_A=ls.lora_A, lora_B=ls.lora_B, ranks=ls.ranks, scalings=ls.scalings)
+    def _stacks(ls: LayerSlots, batch_slot: torch.Tensor, key: Any, dora: bool = False) -> SlotRows:
+        stacks = SlotStacks(lora_A=ls.lora_A, lora_B=ls.lora_B, ranks=ls.ranks, scalings=ls.scalings,
+                            mag_table=ls.mag if dora else None)
         return SlotRows(stacks=stacks, batch_slot=batch_slot, key=key)
 
     def detach(self) -> None:

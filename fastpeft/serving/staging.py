@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -51,13 +51,16 @@ class Pair:
     B: Any
     keys: Tuple[str, ...]
     scale: Optional[float] = None
+    magnitude: Any = None  # DoRA's lora_magnitude_vector, when the adapter has one
 
 
 @dataclass
 class Staged:
-    """A validated adapter, ready to be written into a slot: ``{layer: (A, B, scaling)}``."""
+    """A validated adapter, ready to be written into a slot: ``{layer: (A, B, scaling)}``
+    and, for a DoRA adapter, ``{layer: column scale c}`` (``(N,)`` fp32)."""
 
     layers: Dict[str, Tuple[torch.Tensor, torch.Tensor, float]]
+    dora: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def describe(t: Any) -> str:
@@ -111,7 +114,7 @@ def _not_lora(peft_type: str, name: str, evidence: str) -> AdapterError:
 def lora_config_of(name: str, cfg: Mapping[str, Any], origin: str) -> LoraConfig:
     """The LoRA config of a config dict, or an ``AdapterError`` naming what the pool
     cannot serve: another PEFT method, or LoRA features no fastpeft LoRA layer runs
-    (DoRA, variants, base-rewriting inits, lora_bias)."""
+    (variants, base-rewriting inits, lora_bias)."""
     peft_type = cfg.get("peft_type")
     if peft_type is not None and str(peft_type).upper() != "LORA":
         raise _not_lora(str(peft_type).upper(), name, f"peft_type {peft_type!r} in {origin}")
@@ -182,8 +185,6 @@ def _config_dict(config: Any) -> Dict[str, Any]:
 def _not_lora_key(key: str) -> str:
     if "lora_B" in key and key.endswith(".bias"):
         return "lora_bias (unsupported by the pool)"
-    if "lora_magnitude_vector" in key:
-        return "DoRA magnitude (unsupported by the pool)"
     if "lora_embedding" in key:
         return "LoRA on an embedding (unsupported by the pool)"
     if ".lora_" not in key:
@@ -208,7 +209,10 @@ def _pairs(tensors: Mapping[str, Any], name: str, origin: str = "") -> Dict[str,
                 "tensors (what PEFT saves: peft.get_peft_model_state_dict), not a whole model's state dict")
 
     groups = _groups(tensors, where, parse_lora_key, unknown)
-    return {path: Pair(h["A"][1], h["B"][1], (h["A"][0], h["B"][0])) for path, h in _complete(groups, "AB", where)}
+    return {
+        path: Pair(h["A"][1], h["B"][1], (h["A"][0], h["B"][0]), magnitude=h["M"][1] if "M" in h else None)
+        for path, h in _complete(groups, "AB", where)
+    }
 
 
 def _groups(
@@ -250,6 +254,8 @@ def _groups(
 
 
 def _part(part: str) -> str:
+    if part == "M":
+        return "lora_magnitude_vector"
     return part if part.startswith("lora_") else f"lora_{part}"
 
 

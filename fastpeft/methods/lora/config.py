@@ -96,8 +96,8 @@ class LoraConfig(AdapterConfig):
     def unsupported(self) -> List[str]:
         """Features of this config fastpeft cannot run yet (empty when all is supported)."""
         problems = []
-        if self.use_dora:
-            problems.append("DoRA (use_dora=True) is not supported yet; use plain LoRA")
+        if self.use_dora and self.lora_bias:
+            problems.append("DoRA (use_dora=True) together with lora_bias=True is not supported")
         init = self.init_lora_weights
         if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
             problems.append(

@@ -5,7 +5,9 @@ The frozen base lives in ``weight``/``bias``; each named adapter is one
 r)`` in PEFT's layout (and, with ``lora_bias``, PEFT's ``lora_B.bias``). ``layer.lora_A``,
 ``layer.lora_B`` and ``layer.scaling`` are the active adapter's. The forward of the active
 adapter is one call of the fused op (``fastpeft.methods.lora.op``); a mixed batch is one
-call of the mixed-adapter op over slot stacks (``fastpeft.methods.lora.stacks``).
+call of the mixed-adapter op over slot stacks (``fastpeft.methods.lora.stacks``). A
+DoRA adapter (``use_dora``) also holds ``lora_magnitude_vector``; what DoRA adds (norms,
+forward, merge, mixed batches) comes from ``DoraLayerMixin`` (``dora_layer.py``).
 
 A layer made from a GPT-2 style ``Conv1D`` (``fan_in_fan_out``) keeps the Conv1D's
 ``(in, out)`` weight tensor as is and hands the op a transposed *view* of it: the kernel
@@ -27,6 +29,7 @@ from fastpeft.core.batch import BatchPlan, check_rows
 from fastpeft.core.linear import AdapterLinear
 from fastpeft.kernels.runtime import lowp_copy
 from fastpeft.methods.lora.config import lora_scaling
+from fastpeft.methods.lora.dora_layer import DORA_CACHES, DoraLayerMixin
 from fastpeft.methods.lora.multi_op import multi_lora_linear, multi_lora_linear_unchecked, row_slots_for_tokens
 from fastpeft.methods.lora.op import lora_linear_unchecked
 from fastpeft.methods.lora.stacks import SlotRows, SlotStacks, batch_meta, stack_adapters
@@ -72,15 +75,19 @@ class LoraAdapter(nn.Module):
     its base), ``"gaussian"`` (A ~ N(0, 1/r), B zeros) or False (A and B both
     kaiming-uniform, a non-trivial adapter: for tests). ``lora_bias`` adds PEFT's
     ``lora_B.bias`` (zeros unless ``init_lora_weights`` is False), scaled like ``B``.
+    ``use_dora`` adds DoRA's ``lora_magnitude_vector`` ``(out,)`` (the layer sets it to
+    the row norms of ``W + s B A``: ``DoraLayerMixin``).
     """
 
     def __init__(
         self, in_features: int, out_features: int, r: int, lora_alpha: float, lora_dropout: float = 0.0,
         use_rslora: bool = False, init_lora_weights: InitSpec = True, lora_bias: bool = False,
-        device=None, dtype=None,
+        device=None, dtype=None, use_dora: bool = False,
     ) -> None:
         super().__init__()
         _check_rank(r)
+        if use_dora and lora_bias:
+            raise ValueError("DoRA (use_dora=True) with lora_bias=True is not supported")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
         if init_lora_weights not in (True, False, "gaussian"):
@@ -108,16 +115,23 @@ class LoraAdapter(nn.Module):
                 nn.init.uniform_(lb, -1 / math.sqrt(r), 1 / math.sqrt(r))
             self.lora_bias = nn.Parameter(lb)
         self.dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.lora_magnitude_vector: Optional[nn.Parameter] = None
+        if use_dora:
+            self.lora_magnitude_vector = nn.Parameter(torch.ones(out_features, **factory))
+        # DoRA: the norm an adapter was merged with, for the unmerge (moves with the
+        # layer, never saved).
+        self.register_buffer("dora_merge_norm", None, persistent=False)
 
     def delta_weight(self) -> torch.Tensor:
         """``s * B A``, computed in fp32, shape ``(out, in)``."""
         return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling}, lora_bias={self.lora_bias is not None}"
+        return (f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling}, "
+                f"lora_bias={self.lora_bias is not None}, use_dora={self.lora_magnitude_vector is not None}")
 
 
-class FastLoRALinear(AdapterLinear):
+class FastLoRALinear(DoraLayerMixin, AdapterLinear):
     """Linear layer ``y = x W^T + b + s * (dropout(x) A^T) B^T`` with fused kernels.
 
     Args:
@@ -128,7 +142,7 @@ class FastLoRALinear(AdapterLinear):
             PyTorch reference), ``"triton"`` or ``"torch"``.
     """
 
-    _CACHES = ("_stack_cache", "_lowp_cache", "_bias_cache")
+    _CACHES = ("_stack_cache", "_lowp_cache", "_bias_cache") + DORA_CACHES
 
     def __init__(
         self,
@@ -156,7 +170,7 @@ class FastLoRALinear(AdapterLinear):
     def wrap(
         cls, module: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
         use_rslora: bool = False, *, adapter_name: str = "default", init_lora_weights: InitSpec = True,
-        lora_bias: bool = False, backend: str = "auto",
+        lora_bias: bool = False, backend: str = "auto", use_dora: bool = False,
     ) -> "FastLoRALinear":
         """Wrap an ``nn.Linear`` or a GPT-2 style ``Conv1D`` (``y = x W + b``, ``W: (in,
         out)``: PEFT's ``fan_in_fan_out``, kept in its layout): the new layer shares the
@@ -166,7 +180,10 @@ class FastLoRALinear(AdapterLinear):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer._init_base(*parts, fan_in_fan_out=fan_in_fan_out, base_cls=base_cls, backend=backend)
-        layer.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_bias=lora_bias)
+        layer.add_adapter(
+            adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_bias=lora_bias,
+            use_dora=use_dora,
+        )
         return layer
 
     @classmethod
@@ -193,14 +210,17 @@ class FastLoRALinear(AdapterLinear):
         init_lora_weights: InitSpec = True,
         *,
         lora_bias: bool = False,
+        use_dora: bool = False,
     ) -> None:
         """Add an adapter (and make it active if none is); see :class:`LoraAdapter`."""
         self._check_new_name(adapter_name)
         adapter = LoraAdapter(
             self.in_features, self.out_features, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights,
-            lora_bias, device=self.weight.device, dtype=self.weight.dtype,
+            lora_bias, device=self.weight.device, dtype=self.weight.dtype, use_dora=use_dora,
         )
         self._added(adapter_name, adapter)
+        if use_dora:
+            self._init_magnitude(adapter_name)
 
     # ---------------------------------------------------------------- active adapter
 
@@ -231,6 +251,8 @@ class FastLoRALinear(AdapterLinear):
         """``W + sign * s B A`` (and ``b + sign * s lora_bias``): fp32 math, stored in
         the base dtypes, as new tensors."""
         adapter = self.adapters[adapter_name]
+        if adapter.lora_magnitude_vector is not None:
+            return self._dora_fold(adapter_name, weight, sign), bias
         delta = adapter.delta_weight()
         if self.fan_in_fan_out:
             delta = delta.t()
@@ -302,6 +324,8 @@ class FastLoRALinear(AdapterLinear):
         copy = None
         if lora_A.dtype != x.dtype:
             copy = functools.partial(self._shrink_copy, name, lora_A, x.dtype)
+        if adapter.lora_magnitude_vector is not None:
+            return self._dora_forward(name, x, weight, eff_bias, lora_A, lora_B, x_lora)
         # x is checked above and the adapter's shapes are the layer's own (add_adapter and
         # checkpoint loading check them): skip the op's second round of checks.
         return lora_linear_unchecked(
@@ -325,6 +349,7 @@ class FastLoRALinear(AdapterLinear):
         (the adapter did not target this layer). The stacks kept from an earlier batch
         go: a new batch sees weights changed in between, even through ``.data``."""
         self._stack_cache.clear()
+        self.__dict__.get("_dora_table_cache", {}).clear()
         device, n = self.weight.device, len(plan.rows)
         given: Optional[SlotRows] = plan.provided.get(self)
         if given is not None:
@@ -360,13 +385,20 @@ class FastLoRALinear(AdapterLinear):
         if rows.row_slot is None or not (torch.compiler.is_compiling() or rows.used):
             return F.linear(x, weight, bias)
         stacks = rows.provided if rows.provided is not None else self._batch_stacks(x.device)
-        if torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if compiling:
+            meta = row_slots_for_tokens(rows.row_slot, x)
+        else:
+            meta = batch_meta(rows.batch, rows.key, rows.row_slot, stacks.lora_A.shape[0], x)
+        table = self._dora_table() if rows.provided is None else stacks.mag_table
+        if table is not None:  # DoRA slots: their column scales in the mixed kernel's epilogue
+            return self._dora_mixed(x, weight, bias, stacks, meta, rows.row_slot, table)
+        if compiling:
             out = multi_lora_linear(
-                x, weight, bias, stacks.lora_A, stacks.lora_B, stacks.ranks, stacks.scalings,
-                row_slots_for_tokens(rows.row_slot, x), backend=self.backend, check=False,
+                x, weight, bias, stacks.lora_A, stacks.lora_B, stacks.ranks, stacks.scalings, meta,
+                backend=self.backend, check=False,
             )
         else:  # stacks and metadata made for this layer and batch: no second round of checks
-            meta = batch_meta(rows.batch, rows.key, rows.row_slot, stacks.lora_A.shape[0], x)
             out = multi_lora_linear_unchecked(
                 x, weight, bias, stacks.lora_A, stacks.lora_B, stacks.ranks, stacks.scalings, meta, self.backend
             )

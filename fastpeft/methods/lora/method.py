@@ -4,7 +4,9 @@ Checkpoint keys (PEFT's, without ``base_model.model.``), per adapted layer at ``
 ``<path>.lora_A.weight (r, in)``, ``<path>.lora_B.weight (out, r)`` and, with
 ``lora_bias``, ``<path>.lora_B.bias (out,)``; with ``bias="lora_only"`` the adapted
 layers' base biases (``<path>.base_layer.bias``), with ``bias="all"`` every bias of the
-model, as PEFT saves them. A MiCA adapter (``init_lora_weights="mica"``) trains only its
+model, as PEFT saves them; with DoRA (``use_dora``) ``<path>.lora_magnitude_vector (out,)``
+(PEFT's saved spelling; a live PEFT model holds it as
+``lora_magnitude_vector.<adapter>.weight``). A MiCA adapter (``init_lora_weights="mica"``) trains only its
 ``lora_A``, as in PEFT; inits fastpeft cannot make load fine but are refused for new
 adapters (``check_new``).
 """
@@ -73,7 +75,7 @@ class LoraMethod(Method):
         # An init fastpeft cannot make (a loaded adapter's): its weights replace these.
         init = config.init_lora_weights if config.init_lora_weights in LORA_INIT_CHOICES else True
         return dict(r=r, lora_alpha=alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
-                    init_lora_weights=init, lora_bias=config.lora_bias)
+                    init_lora_weights=init, lora_bias=config.lora_bias, use_dora=config.use_dora)
 
     def build_layer(self, path: str, module: nn.Module, config: LoraConfig, adapter_name: str,
                     backend: str) -> nn.Module:
@@ -89,6 +91,8 @@ class LoraMethod(Method):
         keys = {"lora_A.weight": adapter.lora_A, "lora_B.weight": adapter.lora_B}
         if adapter.lora_bias is not None:
             keys["lora_B.bias"] = adapter.lora_bias
+        if adapter.lora_magnitude_vector is not None:
+            keys["lora_magnitude_vector"] = adapter.lora_magnitude_vector
         return keys
 
     def save_keys(self, model: nn.Module, adapter_name: str, config: LoraConfig) -> Dict[str, torch.Tensor]:
@@ -124,6 +128,7 @@ class LoraMethod(Method):
         self, config: LoraConfig, source: Dict[str, torch.Tensor], targets: Dict[str, torch.Tensor], where: str
     ) -> None:
         _check_ranks(config, source, targets, where)
+        _check_magnitudes(config, source, targets, where)
 
     def trainable(self, model: nn.Module, adapter_name: str, config: LoraConfig) -> List[nn.Parameter]:
         params = super().trainable(model, adapter_name, config)
@@ -226,6 +231,29 @@ def _check_ranks(
             )
 
 
+def _check_magnitudes(
+    config: LoraConfig, source: Dict[str, torch.Tensor], targets: Dict[str, torch.Tensor], where: str
+) -> None:
+    """A DoRA magnitude vector must hold one entry per output feature of its layer; a
+    checkpoint with magnitudes the config does not ask for (or the reverse) is named."""
+    for key, dst in targets.items():
+        if not key.endswith(".lora_magnitude_vector"):
+            continue
+        m = source.get(key)
+        if isinstance(m, torch.Tensor) and tuple(m.shape) != tuple(dst.shape):
+            raise ValueError(
+                f"{where}: {key} (DoRA magnitude) has shape {tuple(m.shape)} but its layer has "
+                f"{dst.shape[0]} output features, so it needs shape ({dst.shape[0]},): a damaged checkpoint "
+                "or one made for another base model"
+            )
+    stray = [k for k in source if k.endswith(".lora_magnitude_vector") and k not in targets]
+    if stray and not config.use_dora:
+        raise ValueError(
+            f"{where}: the checkpoint holds DoRA magnitude vectors ({stray[0]!r}, ...) but adapter_config.json "
+            "says use_dora=False: the config and the weights do not belong together"
+        )
+
+
 def _without_adapter_name(key: str, adapter_name: str) -> str:
     """PEFT's rule for dropping the adapter name from a state-dict key."""
     if key.endswith(f".{adapter_name}"):
@@ -241,12 +269,17 @@ LORA = LoraMethod()
 # --------------------------------------------------------------------- reading keys back
 
 # ``<path>.lora_A.weight`` as PEFT saves it, or ``<path>.lora_A.<adapter>.weight`` as a
-# live PEFT model's state dict holds it.
+# live PEFT model's state dict holds it; DoRA's ``<path>.lora_magnitude_vector`` (saved) or
+# ``<path>.lora_magnitude_vector.<adapter>.weight`` (live).
 _LORA_KEY = re.compile(r"^(?P<path>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+_MAGNITUDE_KEY = re.compile(r"^(?P<path>.+)\.lora_magnitude_vector(?:\.(?P<adapter>[^.]+)\.weight)?$")
 
 
 def parse_lora_key(key: str) -> Optional[Tuple[str, str, Optional[str]]]:
-    """``(layer path, "A" or "B", adapter-name segment or None)`` of a plain LoRA layer's
-    checkpoint key (the key map read backwards); None for any other key."""
+    """``(layer path, "A", "B" or "M" (DoRA's magnitude), adapter-name segment or None)``
+    of a LoRA layer's checkpoint key (the key map read backwards); None for any other key."""
     m = _LORA_KEY.match(key)
-    return None if m is None else (m.group("path"), m.group("ab"), m.group("adapter"))
+    if m is not None:
+        return m.group("path"), m.group("ab"), m.group("adapter")
+    m = _MAGNITUDE_KEY.match(key)
+    return None if m is None else (m.group("path"), "M", m.group("adapter"))

@@ -33,13 +33,15 @@ class SlotStacks:
     ``i``'s adapter in PEFT's layout, padded to ``R`` (the kernels never read past
     ``ranks[i]``); ``ranks (S,)`` int32 and ``scalings (S,)`` fp32; ``bias_table (S + 1,
     N)``: ``s_i * lora_bias_i`` per slot (the last row zeros, for base rows), or None
-    without ``lora_bias``."""
+    without ``lora_bias``; ``mag_table (S + 1, N)`` fp32: DoRA column scales per slot
+    (ones for LoRA slots and, last row, for base rows), or None without DoRA."""
 
     lora_A: torch.Tensor
     lora_B: torch.Tensor
     ranks: torch.Tensor
     scalings: torch.Tensor
     bias_table: Optional[torch.Tensor] = None
+    mag_table: Optional[torch.Tensor] = None
 
 
 @dataclass(frozen=True)
