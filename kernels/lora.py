@@ -66,7 +66,7 @@ from .tiles import (
     tile_offsets,
 )
 
-__all__ = ["MAX_IN_LOOP_RANK", "lora_linear_fwd", "lora_shrink"]
+__all__ = ["MAX_IN_LOOP_RANK", "forget_launch_plans", "lora_linear_fwd", "lora_shrink"]
 
 # Largest padded rank kept in registers by the in-loop shrink; larger ranks use the
 # precomputed-xa epilogue, which walks R in chunks of _EPILOGUE_BLOCK_R.
@@ -475,6 +475,12 @@ def _tiles_args(
 
 # Call signature -> plan (bounded: ``runtime.keep_plan``).
 _PLANS: Dict[tuple, "_TilesPlan"] = {}
+
+
+def forget_launch_plans() -> None:
+    """Drop every kept launch plan: the next call of each signature goes through the
+    tuner again (benchmarks that report the tuner's pick; tests)."""
+    _PLANS.clear()
 
 
 class _TilesPlan:
