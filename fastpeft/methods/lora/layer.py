@@ -21,12 +21,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastpeft.core.dispatch import autocast_cast, autocast_dtype, check_linear_input
+from fastpeft.core.dispatch import autocast_cast, autocast_dtype, check_linear_input, resolve_backend
 from fastpeft.core.batch import BatchPlan, check_rows
 from fastpeft.core.linear import AdapterLinear
 from fastpeft.methods.lora.config import lora_scaling
 from fastpeft.methods.lora.multi_op import multi_lora_linear, row_slots_for_tokens
-from fastpeft.methods.lora.op import lora_linear_unchecked
+from fastpeft.methods.lora.op import dropout_seed, lora_linear_unchecked
 from fastpeft.methods.lora.stacks import SlotRows, SlotStacks, batch_meta, stack_adapters
 
 __all__ = ["FastLoRALinear", "LoraAdapter", "LoraRowPlan"]
@@ -274,16 +274,23 @@ class FastLoRALinear(AdapterLinear):
             # The base (with any merged adapters folded in) is a plain linear: cuBLAS.
             return F.linear(x, weight, bias)
         adapter = self.adapters[name]
-        x_lora = None
+        x_lora, dropout_p, seed = None, 0.0, None
         if self.training and isinstance(adapter.dropout, nn.Dropout):
-            x_lora = adapter.dropout(x)
+            if resolve_backend(self.backend, x.device, x.dtype) == "triton":
+                # The kernels draw the mask from a seed taken from torch's RNG (so that
+                # checkpointing's RNG restore redraws it) and never store it.
+                dropout_p, seed = adapter.dropout.p, dropout_seed(x.device)
+            else:
+                x_lora = adapter.dropout(x)
         lora_A, lora_B = adapter.lora_A, adapter.lora_B
         eff_bias = bias if adapter.lora_bias is None else self._effective_bias(name)
         if amp is not None:
             eff_bias, lora_A, lora_B = autocast_cast(amp, eff_bias, lora_A, lora_B)
         # x is checked above and the adapter's shapes are the layer's own (add_adapter and
         # checkpoint loading check them): skip the op's second round of checks.
-        return lora_linear_unchecked(x, weight, eff_bias, lora_A, lora_B, adapter.scaling, x_lora, self.backend)
+        return lora_linear_unchecked(
+            x, weight, eff_bias, lora_A, lora_B, adapter.scaling, x_lora, self.backend, dropout_p, seed
+        )
 
     def _make_row_plan(self, plan: BatchPlan) -> LoraRowPlan:
         """Where the rows of a mixed batch take their adapters from, as tensors: a

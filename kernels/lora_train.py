@@ -1,0 +1,480 @@
+"""Fused LoRA training kernels: dropout + shrink (forward) and the LoRA backward.
+
+Math (PEFT layout, ``W: (N, K)``, ``A: (r, K)``, ``B: (N, r)``, rows of ``x`` flattened
+to ``(M, K)``, ``g = dL/dy`` of shape ``(M, N)``, dropout probability ``p``)::
+
+    keep[m, k] = U(seed; k, m) >= p                   Philox, regenerated, never stored
+    D(x)       = keep * x / (1 - p)                    (the identity when p = 0)
+    S          = D(x) A^T                              (M, r)   forward, kept for backward
+    y          = x W^T + b + s S B^T                   kernels/lora.py, xa = S
+    dS         = s g B                                 (M, r)   \\ one read of g
+    dB         = s g^T S                               (N, r)   /
+    dX         = g W + keep * (dS A) / (1 - p)         (M, K)   one GEMM, dropout in the epilogue
+    dA         = dS^T D(x)                             (r, K)   mask regenerated from the seed
+
+The training step therefore keeps only ``x`` (which the base GEMM needs anyway), ``S``
+and a one-element seed, never ``D(x)`` nor its mask (PEFT keeps ``x``, ``D(x)``, the
+mask and ``x A^T``). ``U(seed; k, m)`` is the first word of ``philox(seed, k, m, 0, 0)``
+mapped to ``[0, 1)``: the same for every kernel that reads element ``(m, k)``, whatever
+its tiling. :func:`dropout_mask` materialises it (tests; the reference takes it as an
+explicit mask).
+
+Every dot accumulates in fp32; operands are rounded as ``tiles.lora_dot`` says (to the
+input dtype, or kept in fp32 range for fp32 adapters on a 16-bit model). The reductions
+over M (``dB``, ``dA``) and the K-split shrink accumulate across programs with fp32
+atomics (order-dependent in the last bits, as split-K GEMMs are); the adapter gradients
+are returned in the adapters' dtype.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .autotune import KernelConfig, gemm_candidates, m_bucket, pick
+from .runtime import (
+    cdiv,
+    check_interpretable,
+    input_precision,
+    lora_in_fp32,
+    next_power_of_2,
+    on_device,
+    rows_view,
+)
+from .tiles import gemm_k_loop, lora_dot, lora_expand_from_memory, row_offsets, tile_offsets
+
+__all__ = ["dropout_mask", "lora_dropout_shrink", "lora_grad_a", "lora_grad_dx", "lora_grad_shrink"]
+
+# Under the interpreter: small tiles, and two splits so that the atomics run in tests.
+_INTERPRETER = KernelConfig(16, 32, 32, 1, 1, 1, split_k=2)
+_MAX_BLOCK_R = 64
+
+
+@triton.jit
+def dropout_tile(v, seed_ptr, offs_m, offs_k, p, keep_scale):
+    """``keep * v * keep_scale`` (fp32) for the tile of rows ``offs_m`` and columns
+    ``offs_k``, ``keep[m, k] = U(seed; k, m) >= p`` (Philox counters ``(k, m, 0, 0)``)."""
+    seed = tl.load(seed_ptr)
+    c0 = offs_k.to(tl.int32)[None, :] + tl.zeros_like(offs_m).to(tl.int32)[:, None]
+    c1 = offs_m.to(tl.int32)[:, None] + tl.zeros_like(offs_k).to(tl.int32)[None, :]
+    zero = c0 * 0
+    r0, _r1, _r2, _r3 = tl.philox(seed, c0, c1, zero, zero)
+    u = tl.uint_to_uniform_float(r0)
+    return tl.where(u >= p, v.to(tl.float32) * keep_scale, 0.0)
+
+
+@triton.jit
+def _mask_kernel(seed_ptr, out_ptr, M, K, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``out[m, k] = keep[m, k]`` (int8): the mask every kernel here regenerates."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ones = tl.full((BLOCK_M, BLOCK_K), 1.0, tl.float32)
+    keep = dropout_tile(ones, seed_ptr, offs_m, offs_k, p, 1.0)
+    mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], keep.to(tl.int8), mask=mask)
+
+
+@triton.jit
+def _dropout_shrink_kernel(
+    # pointers
+    x_ptr, a_ptr, seed_ptr, s_ptr,
+    # sizes
+    M, K, R, M_INNER,
+    # strides
+    stride_xm0, stride_xm1, stride_xk,
+    stride_ar, stride_ak,
+    stride_sm, stride_sr,
+    # scalars
+    p, keep_scale, K_PER_SPLIT,
+    # meta
+    DROPOUT: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    LORA_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """``S[m, j] = sum_k D(x)[m, k] A[j, k]`` for one ``(BLOCK_M, BLOCK_R)`` tile and the
+    K columns ``[pid_k * K_PER_SPLIT, ...)``: stored (one split) or atomically added to
+    an fp32 ``S`` (``ATOMIC``). ``D(x)`` is formed in registers from the seed."""
+    pid_m, pid_k, pid_r = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m, mask_r = offs_m < M, offs_r < R
+    row_off = row_offsets(offs_m, M_INNER, stride_xm0, stride_xm1)
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(K, k_start + K_PER_SPLIT)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        cols = k0 + offs_k
+        mask_k = cols < k_end
+        x = tl.load(x_ptr + row_off[:, None] + cols.to(tl.int64)[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if DROPOUT:
+            x = dropout_tile(x, seed_ptr, offs_m, cols, p, keep_scale)
+        a = tl.load(a_ptr + offs_r[None, :] * stride_ar + cols[:, None] * stride_ak,
+                    mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        acc = lora_dot(x, a, acc, x_ptr.dtype.element_ty, LORA_FP32, INPUT_PRECISION)
+    s_ptrs = s_ptr + offs_m.to(tl.int64)[:, None] * stride_sm + offs_r[None, :] * stride_sr
+    mask = mask_m[:, None] & mask_r[None, :]
+    if ATOMIC:
+        tl.atomic_add(s_ptrs, acc, mask=mask)
+    else:
+        tl.store(s_ptrs, acc.to(s_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grad_shrink_kernel(
+    # pointers
+    g_ptr, b_ptr, s_ptr, ds_ptr, db_ptr,
+    # sizes
+    M, N, R,
+    # strides
+    stride_gm, stride_gn,
+    stride_bn, stride_br,
+    stride_sm, stride_sr,
+    stride_dsm, stride_dsr,
+    stride_dbn, stride_dbr,
+    # scalars
+    scaling, N_PER_SPLIT,
+    # meta
+    NEED_DB: tl.constexpr,
+    DS_ATOMIC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    LORA_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """One read of ``g`` for both ``dS = s g B`` and ``dB = s g^T S``.
+
+    Program ``(m, n, r)`` walks the columns ``[n * N_PER_SPLIT, ...)`` of its ``BLOCK_M``
+    rows of ``g`` in ``BLOCK_N`` chunks: each chunk ``g_c`` adds ``g_c B_c`` to the tile's
+    ``dS`` (registers) and ``s g_c^T S_tile`` to ``dB``'s rows of that chunk (fp32
+    atomics: every row tile contributes). ``dS`` is stored, or atomically added when
+    several programs share its rows (``DS_ATOMIC``).
+    """
+    pid_m, pid_n, pid_r = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_m, mask_r = offs_m < M, offs_r < R
+    offs_m64 = offs_m.to(tl.int64)
+    dtype = g_ptr.dtype.element_ty
+    if NEED_DB:
+        s_tile = tl.load(s_ptr + offs_m64[:, None] * stride_sm + offs_r[None, :] * stride_sr,
+                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    n_start = pid_n * N_PER_SPLIT
+    n_end = tl.minimum(N, n_start + N_PER_SPLIT)
+    ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(n_start, n_end, BLOCK_N):
+        cols = n0 + offs_n
+        mask_n = cols < n_end
+        g = tl.load(g_ptr + offs_m64[:, None] * stride_gm + cols[None, :] * stride_gn,
+                    mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        b = tl.load(b_ptr + cols[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                    mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+        ds = lora_dot(g, b, ds, dtype, LORA_FP32, INPUT_PRECISION)
+        if NEED_DB:
+            db = lora_dot(tl.trans(g), s_tile, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), dtype,
+                          LORA_FP32, INPUT_PRECISION)
+            tl.atomic_add(db_ptr + cols[:, None] * stride_dbn + offs_r[None, :] * stride_dbr, db * scaling,
+                          mask=mask_n[:, None] & mask_r[None, :])
+    ds_ptrs = ds_ptr + offs_m64[:, None] * stride_dsm + offs_r[None, :] * stride_dsr
+    if DS_ATOMIC:
+        tl.atomic_add(ds_ptrs, ds * scaling, mask=mask_m[:, None] & mask_r[None, :])
+    else:
+        tl.store(ds_ptrs, ds * scaling, mask=mask_m[:, None] & mask_r[None, :])
+
+
+@triton.jit
+def _grad_a_kernel(
+    # pointers
+    ds_ptr, x_ptr, seed_ptr, da_ptr,
+    # sizes
+    M, K, R, M_INNER,
+    # strides
+    stride_xm0, stride_xm1, stride_xk,
+    stride_dsm, stride_dsr,
+    stride_dar, stride_dak,
+    # scalars
+    p, keep_scale, M_PER_SPLIT,
+    # meta
+    DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    LORA_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """``dA[j, k] += sum_m dS[m, j] D(x)[m, k]`` over the rows ``[pid_m * M_PER_SPLIT,
+    ...)`` for one ``(BLOCK_R, BLOCK_K)`` tile, atomically added to an fp32 ``dA``;
+    ``D(x)`` regenerated from the seed, ``dS`` (fp32) rounded as ``lora_dot`` says."""
+    pid_k, pid_m, pid_r = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_k, mask_r = offs_k < K, offs_r < R
+    m_start = pid_m * M_PER_SPLIT
+    m_end = tl.minimum(M, m_start + M_PER_SPLIT)
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        mask_m = rows < m_end
+        row_off = row_offsets(rows, M_INNER, stride_xm0, stride_xm1)
+        x = tl.load(x_ptr + row_off[:, None] + offs_k.to(tl.int64)[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if DROPOUT:
+            x = dropout_tile(x, seed_ptr, rows, offs_k, p, keep_scale)
+        ds = tl.load(ds_ptr + rows.to(tl.int64)[:, None] * stride_dsm + offs_r[None, :] * stride_dsr,
+                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        acc = lora_dot(tl.trans(ds), x, acc, x_ptr.dtype.element_ty, LORA_FP32, INPUT_PRECISION)
+    tl.atomic_add(da_ptr + offs_r[:, None] * stride_dar + offs_k[None, :] * stride_dak, acc,
+                  mask=mask_r[:, None] & mask_k[None, :])
+
+
+@triton.jit
+def _grad_dx_kernel(
+    # pointers
+    g_ptr, w_ptr, ds_ptr, a_ptr, seed_ptr, dx_ptr,
+    # sizes
+    M, K, N, R,
+    # strides
+    stride_gm, stride_gn,
+    stride_wn, stride_wk,
+    stride_dsm, stride_dsr,
+    stride_ar, stride_ak,
+    stride_dxm, stride_dxk,
+    # scalars
+    p, keep_scale,
+    # meta
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    LORA_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """One ``(BLOCK_M, BLOCK_N)`` tile of ``dX = g W + keep * (dS A) / (1 - p)``
+    (``BLOCK_N`` runs over dX's K columns, the K loop over g's N columns).
+
+    The base part is the K loop of ``tiles.gemm_k_loop`` over ``W`` read as ``W^T``
+    (strides swapped, no copy); the LoRA part ``dS A`` is the epilogue expand of
+    ``tiles.lora_expand_from_memory`` into its own accumulator, masked by the dropout
+    keep of the same ``(m, k)`` elements as the forward, then added.
+    """
+    offs_m, offs_k, mask_m, mask_k = tile_offsets(tl.program_id(0), M, K, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m64 = offs_m.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # W^T: "output column" k is W's column k, the reduction runs over W's rows n.
+    acc = gemm_k_loop(acc, g_ptr, offs_m64 * stride_gm, mask_m, w_ptr, offs_k, mask_k, 0, N,
+                      stride_gn, stride_wk, stride_wn, BLOCK_K, INPUT_PRECISION)
+    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    lora = lora_expand_from_memory(lora, ds_ptr, a_ptr, offs_m64, offs_k, mask_m, mask_k, R,
+                                   stride_dsm, stride_dsr, stride_ak, stride_ar, 1.0, g_ptr.dtype.element_ty,
+                                   BLOCK_R, LORA_FP32, INPUT_PRECISION)
+    acc += dropout_tile(lora, seed_ptr, offs_m, offs_k, p, keep_scale)
+    dx_ptrs = dx_ptr + offs_m64[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_k[None, :])
+
+
+# --------------------------------------------------------------------------- launch
+
+
+def _block_r(R: int) -> int:
+    return min(_MAX_BLOCK_R, max(16, next_power_of_2(R)))
+
+
+def _reduce_candidates(n_tiles: int, reduce_len: int, dtype: torch.dtype) -> List[KernelConfig]:
+    """Tiles for the skinny reductions: a split of the reduced dim so that ``n_tiles``
+    (tiles of the kept dims) times the split fills the GPU, and the tiles' widths."""
+    cands = []
+    for bm, bn, bk, warps in ((64, 64, 64, 4), (128, 64, 64, 8), (64, 128, 128, 8), (32, 64, 128, 4)):
+        for split in (1, 2, 4, 8, 16, 32):
+            if split == 1 or (n_tiles * split <= 1024 and reduce_len >= split * 256):
+                cands.append(KernelConfig(bm, bn, bk, 8, warps, 3 if dtype.itemsize < 4 else 2, split_k=split))
+    return cands
+
+
+def _seed_or_dummy(seed: Optional[torch.Tensor], ref: torch.Tensor) -> torch.Tensor:
+    return seed if seed is not None else ref
+
+
+def _keep_scale(p: float) -> float:
+    return 1.0 / (1.0 - p) if p > 0 else 1.0
+
+
+def dropout_mask(seed: torch.Tensor, M: int, K: int, p: float) -> torch.Tensor:
+    """The keep mask (bool, ``(M, K)``) that the kernels regenerate from ``seed`` for an
+    input of M rows and K columns: for tests and for a reference given the same mask."""
+    out = torch.empty((M, K), device=seed.device, dtype=torch.int8)
+    if M and K:
+        with on_device(seed):
+            _mask_kernel[(cdiv(M, 16), cdiv(K, 32))](seed_ptr=seed, out_ptr=out, M=M, K=K, p=float(p),
+                                                     BLOCK_M=16, BLOCK_K=32)
+    return out.bool()
+
+
+def lora_dropout_shrink(
+    x: torch.Tensor, lora_A: torch.Tensor, p: float = 0.0, seed: Optional[torch.Tensor] = None,
+    config: Optional[KernelConfig] = None,
+) -> torch.Tensor:
+    """``S = D(x) A^T``, ``(M, r)``, in ``x``'s dtype, or fp32 when the branch keeps fp32
+    range (``runtime.lora_in_fp32``, as ``lora.lora_shrink``). ``x``: ``(..., K)``, any
+    strides (no copy); ``seed``: one-element int64 tensor, needed when ``p > 0``."""
+    check_interpretable(x.dtype)
+    rows = rows_view(x)
+    (R, K), M = lora_A.shape, rows.M
+    fp32 = lora_in_fp32(x.dtype, lora_A.dtype)
+    s_dtype = torch.float32 if fp32 else x.dtype
+    if M == 0 or R == 0 or K == 0:
+        return torch.zeros((M, R), device=x.device, dtype=s_dtype)
+    block_r = _block_r(R)
+
+    def run(cfg: KernelConfig) -> torch.Tensor:
+        split = min(cfg.split_k, cdiv(K, cfg.block_k))
+        k_per = cdiv(cdiv(K, split), cfg.block_k) * cfg.block_k
+        split = cdiv(K, k_per)
+        out = torch.zeros((M, R), device=x.device, dtype=torch.float32) if split > 1 else \
+            torch.empty((M, R), device=x.device, dtype=s_dtype)
+        _dropout_shrink_kernel[(cdiv(M, cfg.block_m), split, cdiv(R, block_r))](
+            x_ptr=rows.x, a_ptr=lora_A, seed_ptr=_seed_or_dummy(seed, lora_A), s_ptr=out,
+            M=M, K=K, R=R, M_INNER=rows.m_inner,
+            stride_xm0=rows.stride_m0, stride_xm1=rows.stride_m1, stride_xk=rows.stride_k,
+            stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
+            stride_sm=out.stride(0), stride_sr=out.stride(1),
+            p=float(p), keep_scale=_keep_scale(p), K_PER_SPLIT=k_per,
+            DROPOUT=p > 0, ATOMIC=split > 1,
+            BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
+            LORA_FP32=fp32, INPUT_PRECISION=input_precision(x.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return out
+
+    with on_device(x):
+        key = ("lora_train.shrink", x.device.index, x.dtype, lora_A.dtype, input_precision(x.dtype), K, R, p > 0,
+               m_bucket(M))
+        cfg = config or pick(key, run, lambda: _reduce_candidates(cdiv(M, 64), K, x.dtype), fixed=_INTERPRETER)
+        return run(cfg).to(s_dtype)
+
+
+def lora_grad_shrink(
+    g: torch.Tensor, lora_B: torch.Tensor, xa: torch.Tensor, scaling: float, need_db: bool = True,
+    config: Optional[KernelConfig] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(dS, dB)`` from one read of ``g`` (``(M, N)``, any 2-D strides): ``dS = s g B``
+    (fp32, ``(M, r)``) and ``dB = s g^T S`` (``(N, r)`` in ``B``'s dtype; None unless
+    ``need_db``). ``xa``: the forward's ``S`` (``(M, r)``)."""
+    check_interpretable(g.dtype)
+    (M, N), R = g.shape, lora_B.shape[1]
+    fp32 = lora_in_fp32(g.dtype, lora_B.dtype)
+    if M == 0 or N == 0 or R == 0:
+        db = torch.zeros_like(lora_B) if need_db else None
+        return torch.zeros((M, R), device=g.device, dtype=torch.float32), db
+    block_r = _block_r(R)
+
+    def run(cfg: KernelConfig) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        split = min(cfg.split_k, cdiv(N, cfg.block_n))
+        n_per = cdiv(cdiv(N, split), cfg.block_n) * cfg.block_n
+        split = cdiv(N, n_per)
+        ds = (torch.zeros if split > 1 else torch.empty)((M, R), device=g.device, dtype=torch.float32)
+        db = torch.zeros((N, R), device=g.device, dtype=torch.float32) if need_db else ds
+        _grad_shrink_kernel[(cdiv(M, cfg.block_m), split, cdiv(R, block_r))](
+            g_ptr=g, b_ptr=lora_B, s_ptr=xa, ds_ptr=ds, db_ptr=db,
+            M=M, N=N, R=R,
+            stride_gm=g.stride(0), stride_gn=g.stride(1),
+            stride_bn=lora_B.stride(0), stride_br=lora_B.stride(1),
+            stride_sm=xa.stride(0), stride_sr=xa.stride(1),
+            stride_dsm=ds.stride(0), stride_dsr=ds.stride(1),
+            stride_dbn=db.stride(0), stride_dbr=db.stride(1),
+            scaling=float(scaling), N_PER_SPLIT=n_per,
+            NEED_DB=need_db, DS_ATOMIC=split > 1,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r,
+            LORA_FP32=fp32, INPUT_PRECISION=input_precision(g.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return ds, (db.to(lora_B.dtype) if need_db else None)
+
+    with on_device(g):
+        key = ("lora_train.dsdb", g.device.index, g.dtype, lora_B.dtype, xa.dtype, input_precision(g.dtype), N, R,
+               need_db, m_bucket(M))
+        cfg = config or pick(key, run, lambda: _reduce_candidates(cdiv(M, 64), N, g.dtype), fixed=_INTERPRETER)
+        return run(cfg)
+
+
+def lora_grad_a(
+    ds: torch.Tensor, x: torch.Tensor, dtype: torch.dtype, p: float = 0.0, seed: Optional[torch.Tensor] = None,
+    config: Optional[KernelConfig] = None,
+) -> torch.Tensor:
+    """``dA = dS^T D(x)`` (``(r, K)`` in ``dtype``, the adapter's), ``D(x)`` regenerated
+    from ``seed`` as the forward drew it. ``ds``: ``(M, r)`` fp32; ``x``: ``(..., K)``."""
+    check_interpretable(x.dtype)
+    rows = rows_view(x)
+    (M, R), K = ds.shape, x.shape[-1]
+    da = torch.zeros((R, K), device=x.device, dtype=torch.float32)
+    if M == 0 or R == 0 or K == 0:
+        return da.to(dtype)
+    block_r = _block_r(R)
+
+    def run(cfg: KernelConfig) -> torch.Tensor:
+        split = min(cfg.split_k, cdiv(M, cfg.block_m))
+        m_per = cdiv(cdiv(M, split), cfg.block_m) * cfg.block_m
+        da.zero_()
+        _grad_a_kernel[(cdiv(K, cfg.block_k), cdiv(M, m_per), cdiv(R, block_r))](
+            ds_ptr=ds, x_ptr=rows.x, seed_ptr=_seed_or_dummy(seed, ds), da_ptr=da,
+            M=M, K=K, R=R, M_INNER=rows.m_inner,
+            stride_xm0=rows.stride_m0, stride_xm1=rows.stride_m1, stride_xk=rows.stride_k,
+            stride_dsm=ds.stride(0), stride_dsr=ds.stride(1),
+            stride_dar=da.stride(0), stride_dak=da.stride(1),
+            p=float(p), keep_scale=_keep_scale(p), M_PER_SPLIT=m_per,
+            DROPOUT=p > 0,
+            BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
+            LORA_FP32=lora_in_fp32(x.dtype, dtype), INPUT_PRECISION=input_precision(x.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return da
+
+    with on_device(x):
+        key = ("lora_train.da", x.device.index, x.dtype, dtype, input_precision(x.dtype), K, R, p > 0, m_bucket(M))
+        cfg = config or pick(key, run, lambda: _reduce_candidates(cdiv(K, 64), M, x.dtype), fixed=_INTERPRETER)
+        return run(cfg).to(dtype)
+
+
+def lora_grad_dx(
+    g: torch.Tensor, weight: torch.Tensor, ds: torch.Tensor, lora_A: torch.Tensor, p: float,
+    seed: torch.Tensor, config: Optional[KernelConfig] = None,
+) -> torch.Tensor:
+    """``dX = g W + keep * (dS A) / (1 - p)`` (``(M, K)`` in ``g``'s dtype) in one GEMM,
+    the keep mask regenerated from ``seed``. ``g``: ``(M, N)``; ``weight``: ``(N, K)``
+    (any strides, read as ``W^T``); ``ds``: ``(M, r)``; ``lora_A``: ``(r, K)``."""
+    check_interpretable(g.dtype)
+    (M, N), K, R = g.shape, weight.shape[1], lora_A.shape[0]
+    dx = torch.empty((M, K), device=g.device, dtype=g.dtype)
+    if M == 0 or K == 0:
+        return dx
+    fp32 = lora_in_fp32(g.dtype, lora_A.dtype)
+
+    def run(cfg: KernelConfig) -> torch.Tensor:
+        _grad_dx_kernel[(cdiv(M, cfg.block_m) * cdiv(K, cfg.block_n),)](
+            g_ptr=g, w_ptr=weight, ds_ptr=ds, a_ptr=lora_A, seed_ptr=seed, dx_ptr=dx,
+            M=M, K=K, N=N, R=R,
+            stride_gm=g.stride(0), stride_gn=g.stride(1),
+            stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+            stride_dsm=ds.stride(0), stride_dsr=ds.stride(1),
+            stride_ar=lora_A.stride(0), stride_ak=lora_A.stride(1),
+            stride_dxm=dx.stride(0), stride_dxk=dx.stride(1),
+            p=float(p), keep_scale=_keep_scale(p),
+            BLOCK_R=32, LORA_FP32=fp32, INPUT_PRECISION=input_precision(g.dtype),
+            **cfg.meta,
+        )
+        return dx
+
+    with on_device(g):
+        key = ("lora_train.dx", g.device.index, g.dtype, lora_A.dtype, input_precision(g.dtype), N, K, R,
+               m_bucket(M))
+        cfg = config or pick(key, run, lambda: gemm_candidates(M, g.dtype))
+        return run(cfg)
