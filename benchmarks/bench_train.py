@@ -35,7 +35,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import fastpeft as fp  # noqa: E402
-from fastpeft.kernels.lora_train import dropout_mask  # noqa: E402
+from fastpeft.kernels.dropout import dropout_mask  # noqa: E402
 from fastpeft.kernels.reference import lora_linear_dropout_ref  # noqa: E402
 from fastpeft.methods.lora.op import dropout_seed  # noqa: E402
 

@@ -14,10 +14,10 @@ to ``(M, K)``, ``g = dL/dy`` of shape ``(M, N)``, dropout probability ``p``)::
 
 The training step therefore keeps only ``x`` (which the base GEMM needs anyway), ``S``
 and a one-element seed, never ``D(x)`` nor its mask (PEFT keeps ``x``, ``D(x)``, the
-mask and ``x A^T``). ``U(seed; k, m)`` is the first word of ``philox(seed, k, m, 0, 0)``
-mapped to ``[0, 1)``: the same for every kernel that reads element ``(m, k)``, whatever
-its tiling. :func:`dropout_mask` materialises it (tests; the reference takes it as an
-explicit mask).
+mask and ``x A^T``). ``U(seed; k, m)`` is defined once, in ``dropout.py`` (Philox):
+the same for every kernel that reads element ``(m, k)``, whatever its tiling;
+``dropout.dropout_mask`` materialises it (tests; the reference takes it as an explicit
+mask).
 
 Every dot accumulates in fp32; operands are rounded as ``tiles.lora_dot`` says (to the
 input dtype, or kept in fp32 range for fp32 adapters on a 16-bit model). The reductions
@@ -43,37 +43,14 @@ from .runtime import (
     on_device,
     rows_view,
 )
+from .dropout import dropout_tile
 from .tiles import gemm_k_loop, lora_dot, lora_expand_from_memory, row_offsets, tile_offsets
 
-__all__ = ["dropout_mask", "lora_dropout_shrink", "lora_grad_a", "lora_grad_dx", "lora_grad_shrink"]
+__all__ = ["lora_dropout_shrink", "lora_grad_a", "lora_grad_dx", "lora_grad_shrink"]
 
 # Under the interpreter: small tiles, and two splits so that the atomics run in tests.
 _INTERPRETER = KernelConfig(16, 32, 32, 1, 1, 1, split_k=2)
 _MAX_BLOCK_R = 64
-
-
-@triton.jit
-def dropout_tile(v, seed_ptr, offs_m, offs_k, p, keep_scale):
-    """``keep * v * keep_scale`` (fp32) for the tile of rows ``offs_m`` and columns
-    ``offs_k``, ``keep[m, k] = U(seed; k, m) >= p`` (Philox counters ``(k, m, 0, 0)``)."""
-    seed = tl.load(seed_ptr)
-    c0 = offs_k.to(tl.int32)[None, :] + tl.zeros_like(offs_m).to(tl.int32)[:, None]
-    c1 = offs_m.to(tl.int32)[:, None] + tl.zeros_like(offs_k).to(tl.int32)[None, :]
-    zero = c0 * 0
-    r0, _r1, _r2, _r3 = tl.philox(seed, c0, c1, zero, zero)
-    u = tl.uint_to_uniform_float(r0)
-    return tl.where(u >= p, v.to(tl.float32) * keep_scale, 0.0)
-
-
-@triton.jit
-def _mask_kernel(seed_ptr, out_ptr, M, K, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``out[m, k] = keep[m, k]`` (int8): the mask every kernel here regenerates."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    ones = tl.full((BLOCK_M, BLOCK_K), 1.0, tl.float32)
-    keep = dropout_tile(ones, seed_ptr, offs_m, offs_k, p, 1.0)
-    mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
-    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], keep.to(tl.int8), mask=mask)
 
 
 @triton.jit
@@ -306,17 +283,6 @@ def _seed_or_dummy(seed: Optional[torch.Tensor], ref: torch.Tensor) -> torch.Ten
 
 def _keep_scale(p: float) -> float:
     return 1.0 / (1.0 - p) if p > 0 else 1.0
-
-
-def dropout_mask(seed: torch.Tensor, M: int, K: int, p: float) -> torch.Tensor:
-    """The keep mask (bool, ``(M, K)``) that the kernels regenerate from ``seed`` for an
-    input of M rows and K columns: for tests and for a reference given the same mask."""
-    out = torch.empty((M, K), device=seed.device, dtype=torch.int8)
-    if M and K:
-        with on_device(seed):
-            _mask_kernel[(cdiv(M, 16), cdiv(K, 32))](seed_ptr=seed, out_ptr=out, M=M, K=K, p=float(p),
-                                                     BLOCK_M=16, BLOCK_K=32)
-    return out.bool()
 
 
 def lora_dropout_shrink(

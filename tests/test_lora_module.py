@@ -42,7 +42,7 @@ def _dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     torch.manual_seed(seed)
     if not TRITON_RUNS:
         return F.dropout(x, p, training=True)
-    from fastpeft.kernels.lora_train import dropout_mask
+    from fastpeft.kernels.dropout import dropout_mask
 
     keep = dropout_mask(ops.dropout_seed(x.device), x.numel() // x.shape[-1], x.shape[-1], p)
     return x * keep.reshape(x.shape).to(x.dtype) / (1 - p)

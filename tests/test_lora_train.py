@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import DEVICE, INTERPRETED, KERNEL_DTYPES, ON_GPU
 from numerics import rel_err
 
 import fastpeft.methods.lora.op as ops
 from fastpeft.kernels import lora_train
+from fastpeft.kernels.dropout import dropout_mask
 from fastpeft.kernels.autotune import KernelConfig
 from fastpeft.kernels.reference import lora_linear_dropout_ref, lora_linear_ref
 
@@ -60,7 +60,7 @@ def _check_grads(x, w, b, a, bm, p, s=0.7, unfreeze_base=False):
     y = ops.lora_linear_unchecked(x, w, b, a, bm, s, None, "triton", p, seed)
     g = torch.randn_like(y)
     got = torch.autograd.grad(y, leaves, g)
-    keep = lora_train.dropout_mask(seed, x.numel() // x.shape[-1], x.shape[-1], p).reshape(x.shape) if p > 0 \
+    keep = dropout_mask(seed, x.numel() // x.shape[-1], x.shape[-1], p).reshape(x.shape) if p > 0 \
         else torch.ones_like(x, dtype=torch.bool)
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
     x64, a64, bm64 = leaves64[:3]
@@ -98,9 +98,9 @@ def test_unfrozen_base_and_strided_3d_input():
 
 def test_mask_from_seed_is_reproducible_and_has_rate_p():
     seed = ops.dropout_seed(torch.device(DEVICE))
-    m1 = lora_train.dropout_mask(seed, 64, 96, 0.3)
-    assert torch.equal(m1, lora_train.dropout_mask(seed, 64, 96, 0.3))
-    assert not torch.equal(m1, lora_train.dropout_mask(seed + 1, 64, 96, 0.3))
+    m1 = dropout_mask(seed, 64, 96, 0.3)
+    assert torch.equal(m1, dropout_mask(seed, 64, 96, 0.3))
+    assert not torch.equal(m1, dropout_mask(seed + 1, 64, 96, 0.3))
     assert abs(m1.float().mean().item() - 0.7) < 0.03  # 6144 draws: ~6 sigma
     torch.manual_seed(5)
     s1 = ops.dropout_seed(torch.device(DEVICE))
@@ -114,7 +114,7 @@ def test_inference_with_dropout_seed_matches_training_forward():
     seed = ops.dropout_seed(x.device)
     with torch.no_grad():
         lean = ops.lora_linear_unchecked(x, w, b, a, bm, 2.0, None, "triton", 0.5, seed)
-    keep = lora_train.dropout_mask(seed, 9, 30, 0.5)
+    keep = dropout_mask(seed, 9, 30, 0.5)
     assert rel_err(lean, lora_linear_dropout_ref(x.double(), w.double(), b.double(), a.double(), bm.double(),
                                                  2.0, keep, 0.5)) <= 1e-5
 
@@ -163,7 +163,7 @@ def test_reduction_kernels_with_and_without_splits(cfg):
     x, w, _, a, bm = _tensors(M, K, N, r, torch.float32)
     g = torch.randn(M, N, device=DEVICE)
     seed = ops.dropout_seed(x.device)
-    keep = lora_train.dropout_mask(seed, M, K, p).double()
+    keep = dropout_mask(seed, M, K, p).double()
     xd = x.double() * keep / (1 - p)
     xa = lora_train.lora_dropout_shrink(x, a, p, seed, config=cfg)
     assert rel_err(xa, xd @ a.double().t()) <= 1e-6
