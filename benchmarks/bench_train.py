@@ -124,23 +124,6 @@ def variants(pt: Point, dropout: bool, with_compile: bool) -> Dict[str, Callable
     return fns
 
 
-def saved_bytes(fn: Callable[[], Any], params) -> int:
-    """Activation bytes autograd keeps for the backward of ``fn()`` (each storage once,
-    parameters left out)."""
-    skip = {q.untyped_storage().data_ptr() for q in params}
-    seen: Dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in skip:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 def _errs(got: Grads, want: Grads) -> float:
     return max(common.max_rel_err(a, b) for a, b in zip(got, want))
 
@@ -171,9 +154,9 @@ def point_row(pt: Point, row: Dict[str, Any], tol: float, with_compile: bool, ti
         row["fastpeft_dropout_err"] = err = check_fastpeft_dropout(pt)
         if not err <= tol:
             row["fastpeft_error"] = f"dropout gradients off by {err:.3e}"
-    row["fastpeft_saved_bytes"] = saved_bytes(lambda: pt.layer(pt.x), pt.layer.parameters())
+    row["fastpeft_saved_bytes"] = common.saved_bytes(lambda: pt.layer(pt.x), pt.layer.parameters())
     if pt.peft is not None:
-        row["peft_saved_bytes"] = saved_bytes(lambda: pt.peft(pt.x), pt.peft.parameters())
+        row["peft_saved_bytes"] = common.saved_bytes(lambda: pt.peft(pt.x), pt.peft.parameters())
     if time_it:
         for name, fn in timed.items():
             if f"{name}_error" not in row:

@@ -17,7 +17,7 @@ import os
 import platform
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -210,6 +210,23 @@ def measure_variants(
         if name != "base":
             row[f"{name}_x"] = ratio(row.get(f"{name}_ms"), row.get("base_ms"))
             row[f"{name}_graph_x"] = ratio(row.get(f"{name}_graph_ms"), row.get("base_graph_ms"))
+
+
+def saved_bytes(fn: Callable[[], Any], params: Iterable[torch.Tensor]) -> int:
+    """Activation bytes autograd keeps for the backward of ``fn()`` (each storage once,
+    parameters left out)."""
+    skip = {q.untyped_storage().data_ptr() for q in params}
+    seen: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
 
 
 def env_summary(rows: List[Dict[str, Any]]) -> Dict[str, Any]:

@@ -3,7 +3,9 @@ layer, gradient checkpointing (the dropout mask redrawn from the restored RNG st
 ``torch.compile`` of a training step without graph breaks."""
 from __future__ import annotations
 
-from typing import Dict, Iterable
+import sys
+from pathlib import Path
+from typing import Iterable
 
 import pytest
 import torch
@@ -20,20 +22,14 @@ pytestmark = pytest.mark.skipif(not (INTERPRETED or ON_GPU), reason="needs the T
 
 
 def saved_activation_bytes(fn, params: Iterable[torch.Tensor]) -> int:
-    """Bytes that autograd keeps for the backward of ``fn()``: every saved tensor's
-    storage once (x saved by two ops counts once), the parameters left out."""
-    param_storages = {p.untyped_storage().data_ptr() for p in params}
-    seen: Dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in param_storages:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
+    """Bytes that autograd keeps for the backward of ``fn()`` (each storage once, the
+    parameters left out): the benchmarks' own count."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import common
+    finally:
+        sys.path.pop(0)
+    return common.saved_bytes(fn, params)
 
 
 def _pair(K: int, N: int, r: int, p: float, dtype: torch.dtype, adapter_dtype: torch.dtype):
@@ -96,7 +92,7 @@ def test_gradient_checkpointing_same_grads(monkeypatch):
     shrinks = []
     real = ops._train_kernels.lora_dropout_shrink
     monkeypatch.setattr(ops._train_kernels, "lora_dropout_shrink", lambda *a, **k: shrinks.append(1) or real(*a, **k))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.gradient_checkpointing_enable()  # transformers 5: non-reentrant by default
     loss_ckpt, grads_ckpt = _loss_and_grads(model, ids, seed=11)
     assert len(shrinks) == 2 * 4  # 4 LoRA layers, each forward run again in the backward
     assert torch.equal(loss, loss_ckpt)

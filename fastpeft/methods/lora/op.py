@@ -4,6 +4,12 @@
 (``fastpeft.core.dispatch``) and calls the custom op ``fastpeft::lora_linear``, which is
 registered with ``torch.library`` so that ``torch.compile`` traces through models that
 use it without graph breaks, and which carries its own autograd formula.
+
+Training on the Triton backend (``kernels/lora_train.py``): the forward keeps ``x``, the
+``(M, r)`` shrink and, with dropout, a one-element seed (the mask is regenerated in the
+backward kernels, never stored); the backward is the custom op
+``fastpeft::lora_linear_backward`` (dS/dB from one read of ``dY``, ``dX`` in one GEMM,
+``dA``), traceable as well.
 """
 from __future__ import annotations
 

@@ -176,3 +176,17 @@ def test_reduction_kernels_with_and_without_splits(cfg):
 def test_empty_rows():
     x, w, b, a, bm = _tensors(0, 12, 7, 3, torch.float32)
     _check_grads(x, w, b, a, bm, 0.5)
+
+
+def test_opcheck_forward_and_backward_ops(p=0.5):
+    """Schemas, fake tensors (torch.compile's view of the ops) and the autograd
+    registration of both custom ops agree with their real kernels."""
+    x, w, b, a, bm = _tensors(5, 12, 7, 3, torch.float32)
+    a.requires_grad_()
+    bm.requires_grad_()
+    seed = ops.dropout_seed(x.device) if p > 0 else None
+    torch.library.opcheck(ops._lora_linear_op, (x, w, b, a, bm, 0.5, None, p, seed, True, True))
+    xa = lora_train.lora_dropout_shrink(x, a.detach(), p, seed)
+    g = torch.randn(5, 7)
+    torch.library.opcheck(ops._lora_backward_op,
+                          (g, x, w, a.detach(), bm.detach(), xa, None, seed, 0.5, p, True, False, True, True))
