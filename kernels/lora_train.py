@@ -38,6 +38,7 @@ from .runtime import (
     cdiv,
     check_interpretable,
     input_precision,
+    k_splits,
     lora_in_fp32,
     next_power_of_2,
     on_device,
@@ -302,9 +303,7 @@ def lora_dropout_shrink(
     block_r = _block_r(R)
 
     def run(cfg: KernelConfig) -> torch.Tensor:
-        split = min(cfg.split_k, cdiv(K, cfg.block_k))
-        k_per = cdiv(cdiv(K, split), cfg.block_k) * cfg.block_k
-        split = cdiv(K, k_per)
+        k_per, split = k_splits(K, cfg.split_k, cfg.block_k)
         out = torch.zeros((M, R), device=x.device, dtype=torch.float32) if split > 1 else \
             torch.empty((M, R), device=x.device, dtype=s_dtype)
         _dropout_shrink_kernel[(cdiv(M, cfg.block_m), split, cdiv(R, block_r))](
@@ -344,9 +343,7 @@ def lora_grad_shrink(
     block_r = _block_r(R)
 
     def run(cfg: KernelConfig) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        split = min(cfg.split_k, cdiv(N, cfg.block_n))
-        n_per = cdiv(cdiv(N, split), cfg.block_n) * cfg.block_n
-        split = cdiv(N, n_per)
+        n_per, split = k_splits(N, cfg.split_k, cfg.block_n)
         ds = (torch.zeros if split > 1 else torch.empty)((M, R), device=g.device, dtype=torch.float32)
         db = torch.zeros((N, R), device=g.device, dtype=torch.float32) if need_db else ds
         _grad_shrink_kernel[(cdiv(M, cfg.block_m), split, cdiv(R, block_r))](
@@ -387,10 +384,9 @@ def lora_grad_a(
     block_r = _block_r(R)
 
     def run(cfg: KernelConfig) -> torch.Tensor:
-        split = min(cfg.split_k, cdiv(M, cfg.block_m))
-        m_per = cdiv(cdiv(M, split), cfg.block_m) * cfg.block_m
+        m_per, split = k_splits(M, cfg.split_k, cfg.block_m)
         da.zero_()
-        _grad_a_kernel[(cdiv(K, cfg.block_k), cdiv(M, m_per), cdiv(R, block_r))](
+        _grad_a_kernel[(cdiv(K, cfg.block_k), split, cdiv(R, block_r))](
             ds_ptr=ds, x_ptr=rows.x, seed_ptr=_seed_or_dummy(seed, ds), da_ptr=da,
             M=M, K=K, R=R, M_INNER=rows.m_inner,
             stride_xm0=rows.stride_m0, stride_xm1=rows.stride_m1, stride_xk=rows.stride_k,
