@@ -92,3 +92,15 @@ def test_wrong_vector_shape_raises(scale_input):
         ops.ia3_linear(x, w, b, torch.ones_like(l, dtype=torch.long), scale_input)
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.ia3_linear(x, w, b, l, scale_input, backend="cuda")
+
+
+def test_output_scaling_dx_runs_the_kernel(monkeypatch):
+    """dx = (g * l) W is the input-scaling kernel over W^T: a second launch, no PyTorch GEMM."""
+    calls = []
+    real = ops._ia3_kernels.ia3_linear_fwd
+    monkeypatch.setattr(ops._ia3_kernels, "ia3_linear_fwd", lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+    x, w, b, l = _leaves(6, 13, 10, torch.float32, False)
+    g = torch.randn(6, 10, device=DEVICE)
+    (dx,) = torch.autograd.grad(ops.ia3_linear(x, w, b, l, False, backend="triton"), [x], g)
+    assert calls == [False, True]
+    assert rel_err(dx, (g.double() * l.detach().double().reshape(-1)) @ w.double()) <= TOL[torch.float32]

@@ -60,8 +60,8 @@ class _Grads(NamedTuple):
 
 
 def _ia3_setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, ia3_l, scale_input, _ = inputs
-    ctx.scale_input = scale_input
+    x, weight, bias, ia3_l, scale_input, use_triton = inputs
+    ctx.scale_input, ctx.use_triton = scale_input, use_triton
     ctx.save_for_backward(x, weight, bias, ia3_l)
 
 
@@ -70,7 +70,8 @@ def _ia3_backward(ctx, grad_y: torch.Tensor) -> _Grads:
 
     Output scaling, ``y = h * l`` with ``h = x W^T + b`` and ``l`` of N entries:
 
-    * ``dL/dh = g * l`` (broadcast over rows), so ``dx = (g * l) W``;
+    * ``dL/dh = g * l`` (broadcast over rows), so ``dx = (g * l) W``: on Triton the
+      input-scaling forward kernel over ``W^T`` (a view), one launch and no fp32 copy of ``g``;
     * ``dl_n = sum_m g_mn h_mn``: ``h`` is recomputed (one GEMM) rather than saved, so
       the forward keeps no ``(M, N)`` activation;
     * ``dW = (g * l)^T x``, ``db = sum_m (g * l)`` when the base is unfrozen.
@@ -102,8 +103,11 @@ def _ia3_backward(ctx, grad_y: torch.Tensor) -> _Grads:
         if need.bias:
             d["bias"] = g.float().sum(0).to(bias.dtype)
     else:
-        g_h = (g.float() * l32).to(g.dtype)  # dL/dh
-        if need.x:
+        fused_dx = need.x and ctx.use_triton
+        if fused_dx:  # through the op itself, so that torch.compile traces it too
+            d["x"] = _ia3_linear_op(grad_y, weight.t(), None, ia3_l, True, True).reshape(x.shape)
+        g_h = (g.float() * l32).to(g.dtype) if (need.x and not fused_dx) or need.weight or need.bias else None
+        if need.x and not fused_dx:
             d["x"] = (g_h @ weight).reshape(x.shape)
         if need.ia3_l:
             h = F.linear(x2, weight, bias).float()
