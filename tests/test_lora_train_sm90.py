@@ -1,4 +1,4 @@
-"""The LoRA training kernels compile for Hopper (sm_90), fit in its shared memory and are
+"""The LoRA training kernels (and the (IA)^3 input-scaling backward) compile for Hopper (sm_90), fit in its shared memory and are
 pipelined, for tiles the GPU tuner can pick (bf16; fp16 with fp32 adapters). No GPU
 needed (see tests/sm90.py)."""
 from __future__ import annotations
@@ -64,15 +64,29 @@ def _dx_spec(cfg, dtype: str, adapter: str) -> Dict[str, Any]:
                  ["stride_gn", "stride_wk", "stride_dsr", "stride_ak", "stride_dxk"], ["p", "keep_scale"])
 
 
+def _ia3_grad_spec(cfg) -> Dict[str, Any]:
+    spec = _spec("_ia3_grad_in_kernel", (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps), "bf16", "bf16",
+                 {"g_ptr": "bf16", "w_ptr": "bf16", "x_ptr": "bf16", "l_ptr": "bf16", "dx_ptr": "bf16",
+                  "dl_ptr": "fp32"},
+                 dict(NEED_DX=True, NEED_DL=True, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                      GROUP_M=cfg.group_m),
+                 ["stride_gn", "stride_wk", "stride_xk", "stride_l", "stride_dxk"], [])
+    spec["module"] = "fastpeft.kernels.ia3_train"
+    del spec["constexprs"]["LORA_FP32"]
+    return spec
+
+
 def test_training_kernels_compile_fit_and_pipeline():
     prefill = autotune.gemm_candidates(4096)
     # bf16 for every kernel; fp16 with fp32 adapters (tf32 dots) for the dS/dB kernel.
     specs = _specs(REDUCE_TILES[0], "bf16", "bf16", 64) + [_specs(REDUCE_TILES[1], "fp16", "fp32", 16)[1]]
     specs.append(_dx_spec(prefill[0], "bf16", "bf16"))
+    specs.append(_ia3_grad_spec(prefill[0]))
     report = report_sm90(specs)
     for spec in specs:
         got = report[spec["id"]]
         assert "error" not in got, (spec["id"], got.get("error"))
         assert got["shared"] <= HOPPER_MAX_SHARED, (spec["id"], got["shared"])
         assert got["pipelined"], spec["id"]
-    assert report[specs[-1]["id"]]["wgmma"], "the dX GEMM should run on Hopper's warp-group MMA"
+    for spec in specs[-2:]:
+        assert report[spec["id"]]["wgmma"], f"{spec['id']}: the GEMM should run on Hopper's warp-group MMA"
