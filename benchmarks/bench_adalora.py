@@ -142,15 +142,15 @@ def _time_train_point(K: int, N: int, M: int, r: int = RANK, dev: str = "cuda", 
 
 def run_gpu(quick: bool, json_path: Optional[str], info: Dict[str, Any]) -> List[Dict[str, Any]]:
     rows = []
-    for K, N in QUICK_SHAPES if quick else SHAPES:
-        for M in QUICK_MS if quick else MS:
-            for point in (_time_point, _time_train_point):
-                row = point(K, N, M)
-                rows.append(row)
-                common.write_partial(json_path, info, quick, rows)
-                print(f"{row['pass']} K={K} N={N} M={M}: fastpeft {row.get('fastpeft_x') or float('nan'):.3f}x, "
-                      f"peft {row.get('peft_x') or float('nan'):.3f}x", flush=True)
-                torch.cuda.empty_cache()
+    points = [(K, N, M) for K, N in (QUICK_SHAPES if quick else SHAPES) for M in (QUICK_MS if quick else MS)]
+    for K, N, M in common.progress(points, "bench_adalora"):
+        for point in (_time_point, _time_train_point):
+            row = point(K, N, M)
+            rows.append(row)
+            common.write_partial(json_path, info, quick, rows)
+            common.say(f"{row['pass']} K={K} N={N} M={M}: fastpeft {row.get('fastpeft_x') or float('nan'):.3f}x, "
+                       f"peft {row.get('peft_x') or float('nan'):.3f}x")
+            torch.cuda.empty_cache()
     return rows
 
 

@@ -171,19 +171,18 @@ def _verdict(row: Dict[str, Any]) -> str:
 
 def run_gpu(quick: bool, json_path: Optional[str], info: Dict[str, Any]) -> List[Dict[str, Any]]:
     rows = []
-    for K, N in SHAPES:
-        for M in QUICK_MS if quick else MS:
-            row = _time_point(K, N, M)
-            rows.append(row)
-            common.write_partial(json_path, info, quick, rows)
-            print(
-                f"K={K} N={N} M={M}: base {row.get('base_ms', float('nan')):.4f} ms, "
-                f"ia3 out {row.get('ia3_out_fused_x') or float('nan'):.3f}x, "
-                f"in {row.get('ia3_in_fused_x') or float('nan'):.3f}x, "
-                f"bottleneck {row.get('bn_fused_x') or float('nan'):.3f}x",
-                flush=True,
-            )
-            torch.cuda.empty_cache()
+    points = [(K, N, M) for K, N in SHAPES for M in (QUICK_MS if quick else MS)]
+    for K, N, M in common.progress(points, "bench_adapters"):
+        row = _time_point(K, N, M)
+        rows.append(row)
+        common.write_partial(json_path, info, quick, rows)
+        common.say(
+            f"K={K} N={N} M={M}: base {row.get('base_ms', float('nan')):.4f} ms, "
+            f"ia3 out {row.get('ia3_out_fused_x') or float('nan'):.3f}x, "
+            f"in {row.get('ia3_in_fused_x') or float('nan'):.3f}x, "
+            f"bottleneck {row.get('bn_fused_x') or float('nan'):.3f}x"
+        )
+        torch.cuda.empty_cache()
     return rows
 
 

@@ -10,7 +10,11 @@ Variants (bf16, ``W: (N, K)``, ``y = x W^T + s * (x A^T) B^T``):
 * ``unfused``   ``F.linear(x, W) + s * F.linear(F.linear(x, A), B)`` (PEFT's math);
 * ``peft``      ``peft.tuners.lora.Linear`` in eval mode (when peft is installed);
 * ``compile``   ``torch.compile`` of ``unfused``;
-* ``fastpeft``  ``fastpeft.methods.lora.op.lora_linear`` (the fused Triton kernel, eager launch path).
+* ``fastpeft``  ``fastpeft.methods.lora.op.lora_linear`` (the tuner's pick, eager launch path;
+                ``fastpeft_pick`` names it: tiles, ``tma`` persistent tiles (M >= 128),
+                ``kN`` split-K, ``pre`` precomputed ``xa``, or ``library``);
+* ``floor``     the library-GEMM floor forced: cuBLAS ``x W^T``, then ``y += s (x A^T) B^T``
+                in place (the tuner's slowest acceptable choice).
 
 Rows with ``pass = fwd+bwd`` time a training step's forward and backward (gradients of
 ``x`` and the adapter; the base frozen) against the base's forward and ``dx``.
@@ -34,14 +38,16 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from fastpeft.kernels import autotune  # noqa: E402
+from fastpeft.kernels import lora as lora_kernels  # noqa: E402
 from fastpeft.kernels.reference import lora_linear_ref  # noqa: E402
 from fastpeft.methods.lora.op import lora_linear  # noqa: E402
 
 # (in_features K, out_features N): Llama-3-8B q/o, k/v, gate/up, down projections.
 SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
 QUICK_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
-MS = [1, 16, 64, 256, 1024, 4096, 16384]
-QUICK_MS = [1, 16, 256, 1024, 4096]
+MS = [1, 16, 64, 128, 256, 1024, 4096, 16384]
+QUICK_MS = [1, 16, 128, 256, 1024, 4096]
 RANKS = [16, 64]
 GRAPH_MAX_M = 256
 ALPHA = 32.0
@@ -50,7 +56,7 @@ ALPHA = 32.0
 TARGET_SHAPES = {(4096, 4096), (4096, 14336), (14336, 4096)}
 TARGET_PREFILL, TARGET_DECODE = 1.05, 1.10
 BF16_TOL = 3e-2
-VARIANTS = ("base", "unfused", "peft", "compile", "fastpeft")
+VARIANTS = ("base", "unfused", "peft", "compile", "fastpeft", "floor")
 
 
 def _peft_layer(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, r: int) -> Optional[nn.Module]:
@@ -83,6 +89,7 @@ def _variants(x, W, A, B, s: float, r: int, with_compile: bool = True) -> Dict[s
         "base": lambda: F.linear(x, W),
         "unfused": unfused,
         "fastpeft": lambda: lora_linear(x, W, None, A, B, s, backend="triton"),
+        "floor": lambda: lora_kernels.lora_linear_fwd(x, W, None, A, B, s, config=autotune.LIBRARY_GEMM),
     }
     peft_layer = _peft_layer(W, A, B, r)
     if peft_layer is not None:
@@ -91,6 +98,27 @@ def _variants(x, W, A, B, s: float, r: int, with_compile: bool = True) -> Dict[s
         compiled = torch.compile(lambda x_, W_, A_, B_: F.linear(x_, W_) + s * F.linear(F.linear(x_, A_), B_))
         fns["compile"] = lambda: compiled(x, W, A, B)
     return fns
+
+
+def describe(variant: Any) -> str:
+    """A variant in a table cell: ``library``, or ``[tma ]BMxBNxBK[ kS][ pre]``."""
+    if isinstance(variant, autotune.LibraryGemm):
+        return "library"
+    c = variant
+    return (f"{'tma ' if c.tma else ''}{c.block_m}x{c.block_n}x{c.block_k}"
+            f"{f' k{c.split_k}' if c.split_k > 1 else ''}{' pre' if c.precompute_xa else ''}")
+
+
+def picked(fn: Callable[[], Any]) -> Optional[str]:
+    """The variant the LoRA launcher's tuner gives ``fn``'s (last) call, described."""
+    seen: List[Any] = []
+    real = lora_kernels.pick
+    lora_kernels.pick = lambda *a, **k: seen.append(real(*a, **k)) or seen[-1]
+    try:
+        fn()
+    finally:
+        lora_kernels.pick = real
+    return describe(seen[-1]) if seen else None
 
 
 def _train_variants(x, W, A, B, s: float, r: int, g) -> Dict[str, Callable[[], torch.Tensor]]:
@@ -141,9 +169,9 @@ def _time_point(
     ref = lora_linear_ref(x.float(), W.float(), None, A.float(), B.float(), s)
     row: Dict[str, Any] = {"pass": "fwd", "K": K, "N": N, "M": M, "r": r}
     with torch.no_grad():
-        common.measure_variants(
-            row, _variants(x, W, A, B, s, r, with_compile), lambda name: ref, BF16_TOL, M <= GRAPH_MAX_M
-        )
+        fns = _variants(x, W, A, B, s, r, with_compile)
+        common.measure_variants(row, fns, lambda name: ref, BF16_TOL, M <= GRAPH_MAX_M)
+        row["fastpeft_pick"] = picked(fns["fastpeft"])
     return row
 
 
@@ -168,30 +196,26 @@ def run_gpu(
     shapes, ms, default_ranks = (QUICK_SHAPES, QUICK_MS, [16]) if quick else (SHAPES, MS, RANKS)
     ranks = ranks or default_ranks
     rows = []
-    for K, N in shapes:
+    points = [(K, N, r, M) for K, N in shapes for r in ranks for M in ms]
+    for K, N, r, M in common.progress(points, "bench_lora fwd"):
         # torch.compile recompiles per shape (tens of seconds): --quick measures it on the
         # first shape only.
         with_compile = not quick or (K, N) == shapes[0]
-        for r in ranks:
-            for M in ms:
-                row = _time_point(K, N, M, r, with_compile=with_compile)
-                row["target"] = _verdict(row)
-                rows.append(row)
-                common.write_partial(json_path, info, quick, rows)
-                print(
-                    f"K={K} N={N} M={M} r={r}: base {row.get('base_ms', float('nan')):.4f} ms, "
-                    f"fastpeft {row.get('fastpeft_x') or float('nan'):.3f}x",
-                    flush=True,
-                )
-                torch.cuda.empty_cache()
+        row = _time_point(K, N, M, r, with_compile=with_compile)
+        row["target"] = _verdict(row)
+        rows.append(row)
+        common.write_partial(json_path, info, quick, rows)
+        common.say(f"K={K} N={N} M={M} r={r}: base {row.get('base_ms', float('nan')):.4f} ms, "
+                   f"fastpeft {row.get('fastpeft_x') or float('nan'):.3f}x")
+        torch.cuda.empty_cache()
     # Training steps: forward + backward at prefill sizes (--quick: one shape, one M).
-    for K, N in shapes[:1] if quick else shapes:
-        for M in [4096] if quick else [1024, 4096]:
-            row = _time_train_point(K, N, M, 16)
-            rows.append(row)
-            common.write_partial(json_path, info, quick, rows)
-            print(f"fwd+bwd K={K} N={N} M={M}: fastpeft {row.get('fastpeft_x') or float('nan'):.3f}x", flush=True)
-            torch.cuda.empty_cache()
+    train_points = [(K, N, M) for K, N in (shapes[:1] if quick else shapes) for M in ([4096] if quick else [1024, 4096])]
+    for K, N, M in common.progress(train_points, "bench_lora fwd+bwd"):
+        row = _time_train_point(K, N, M, 16)
+        rows.append(row)
+        common.write_partial(json_path, info, quick, rows)
+        common.say(f"fwd+bwd K={K} N={N} M={M}: fastpeft {row.get('fastpeft_x') or float('nan'):.3f}x")
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -211,10 +235,13 @@ def run_cpu() -> List[Dict[str, Any]]:
         s = ALPHA / r
         with torch.no_grad():
             out = lora_linear(x, W, None, A, B, s, backend="triton")
+            floor = lora_kernels.lora_linear_fwd(x, W, None, A, B, s, config=autotune.LIBRARY_GEMM)
         ref = lora_linear_ref(x.double(), W.double(), None, A.double(), B.double(), s)
         tol = 1e-5 if dt == torch.float32 else 5e-3
         err = common.check_close(f"fastpeft K={K} N={N} M={M} r={r} {dt}", out, ref, tol)
-        rows.append({"K": K, "N": N, "M": M, "r": r, "dtype": str(dt).replace("torch.", ""), "rel_err": err, "tol": tol})
+        floor_err = common.check_close(f"floor K={K} N={N} M={M} r={r} {dt}", floor, ref, tol)
+        rows.append({"K": K, "N": N, "M": M, "r": r, "dtype": str(dt).replace("torch.", ""), "rel_err": err,
+                     "floor_err": floor_err, "tol": tol})
     return rows
 
 
@@ -229,10 +256,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         args,
         what="the Triton kernel",
         run_cpu=run_cpu,
-        cpu_columns=["K", "N", "M", "r", "dtype", "rel_err", "tol"],
+        cpu_columns=["K", "N", "M", "r", "dtype", "rel_err", "floor_err", "tol"],
         run_gpu=lambda info: run_gpu(args.quick, args.json, info, args.ranks),
         gpu_columns=["pass", "K", "N", "M", "r", "base_ms", "unfused_x", "peft_x", "compile_x", "fastpeft_x",
-                     "base_graph_ms", "unfused_graph_x", "peft_graph_x", "compile_graph_x", "fastpeft_graph_x", "target"],
+                     "floor_x", "fastpeft_pick", "base_graph_ms", "unfused_graph_x", "peft_graph_x", "compile_graph_x",
+                     "fastpeft_graph_x", "floor_graph_x", "target"],
         key_columns=["pass", "K", "N", "M", "r"],
         title="ratios to cuBLAS base F.linear(x, W), same run (bf16); *_graph: CUDA-graph replay; "
               "fwd+bwd rows: to the base's own forward + dx backward",

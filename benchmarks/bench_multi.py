@@ -162,18 +162,16 @@ def run_gpu(quick: bool, json_path: Optional[str], info: Dict[str, Any]) -> List
         points = [(n, "r16", dist) for n in N_ADAPTERS for dist in ("uniform", "zipf")]
         points += [(64, "mixed", "uniform"), (256, "mixed", "zipf"), (8, "mixed", "uniform")]
     rows = []
-    for n, ranks_kind, dist in points:
-        for M in ms:
-            row = _time_point(M, n, ranks_kind, dist)
-            rows.append(row)
-            common.write_partial(json_path, info, quick, rows)
-            print(
-                f"adapters={n} {dist} {ranks_kind} M={M}: base {row.get('base_ms', float('nan')):.4f} ms, "
-                f"fastpeft {row.get('fastpeft_x') or float('nan'):.3f}x "
-                f"(graph {row.get('fastpeft_graph_x') or float('nan'):.3f}x)",
-                flush=True,
-            )
-            torch.cuda.empty_cache()
+    for n, ranks_kind, dist, M in common.progress([(*p, M) for p in points for M in ms], "bench_multi"):
+        row = _time_point(M, n, ranks_kind, dist)
+        rows.append(row)
+        common.write_partial(json_path, info, quick, rows)
+        common.say(
+            f"adapters={n} {dist} {ranks_kind} M={M}: base {row.get('base_ms', float('nan')):.4f} ms, "
+            f"fastpeft {row.get('fastpeft_x') or float('nan'):.3f}x "
+            f"(graph {row.get('fastpeft_graph_x') or float('nan'):.3f}x)"
+        )
+        torch.cuda.empty_cache()
     return rows
 
 

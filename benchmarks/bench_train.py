@@ -1,7 +1,7 @@
 """One LoRA layer's training step (forward + backward) vs the frozen base layer's.
 
     python benchmarks/bench_train.py            # 4 shapes x M {256..16384} x r {16, 64} x p {0, 0.1}
-    python benchmarks/bench_train.py --quick    # a few minutes: 2 shapes x M {1024, 4096} x r 16, p 0.1
+    python benchmarks/bench_train.py --quick    # about a minute: 4096x4096, M {1024, 4096}, r 16, p 0.1
 
 Every variant computes ``y`` and then ``dx``, ``dA``, ``dB`` (the base frozen), bf16
 inputs, adapters in ``--adapter-dtype`` (bf16, or fp32 as PEFT keeps them by default):
@@ -40,7 +40,7 @@ from fastpeft.kernels.reference import lora_linear_dropout_ref  # noqa: E402
 from fastpeft.methods.lora.op import dropout_seed  # noqa: E402
 
 SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
-QUICK_SHAPES = [(4096, 4096), (4096, 14336)]
+QUICK_SHAPES = [(4096, 4096)]
 MS = [256, 1024, 4096, 16384]
 QUICK_MS = [1024, 4096]
 RANKS = [16, 64]

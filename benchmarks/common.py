@@ -115,6 +115,22 @@ def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> No
     print(format_table(rows, columns), flush=True)
 
 
+def progress(points: Sequence[Any], desc: str) -> Iterable[Any]:
+    """``points`` with a progress bar on the terminal (none when stderr is not one, as
+    in gpu_check.sh's logs); print per-point lines with :func:`say` so they do not break it."""
+    from tqdm.auto import tqdm
+
+    return tqdm(list(points), desc=desc, unit="point", disable=None, dynamic_ncols=True)
+
+
+def say(line: str) -> None:
+    """Print one line above the progress bar."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
+
+
 def write_json(path: Optional[str], payload: Mapping[str, Any], quiet: bool = False) -> Optional[Path]:
     """Write ``payload`` (plus nothing else) as indented JSON; ``None`` path: skip."""
     if not path:

@@ -40,8 +40,10 @@ from fastpeft.methods.lora.op import lora_linear
 from fastpeft.methods.prompt.config import (
     PrefixTuningConfig, PromptEncoderConfig, PromptEncoderReparameterizationType, PromptTuningConfig, PromptTuningInit,
 )
+from fastpeft.peft_model import FastPeftModel, get_peft_model
 from fastpeft.serving.engine import GenerationOutput, ServingEngine
 from fastpeft.serving.pool import AdapterError, AdapterPool, PoolFullError
+from fastpeft.tuning import pretune
 
 for _method in BUILTIN:
     register_method(_method)
@@ -49,7 +51,7 @@ del _method
 
 __version__ = "0.1.0"
 
-__all__ = ["FastLoRALinear", "lora_linear", "resolve_backend", "__version__"]
+__all__ = ["FastLoRALinear", "lora_linear", "resolve_backend", "pretune", "__version__"]
 __all__ += [
     "AdapterConfig", "LoraConfig", "MethodSpec", "register_method", "inject", "load_adapter", "save_adapter",
     "set_adapter", "active_adapter", "adapter_names", "merge", "unmerge", "unload", "delete_adapter",
@@ -65,4 +67,5 @@ __all__ += [
     "PrefixTuningConfig",
 ]
 __all__ += ["multi_lora_linear", "AdapterPool", "ServingEngine", "GenerationOutput", "AdapterError", "PoolFullError"]
+__all__ += ["FastPeftModel", "get_peft_model"]
 __all__ += ["AdaLoraConfig", "AdaLoraLinear", "update_and_allocate", "orthogonal_regularization"]

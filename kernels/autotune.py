@@ -8,9 +8,13 @@ batches, a launch plan of its own. Which one is picked by :func:`pick`:
   small, so that the interpreter stays fast and the tests exercise masking);
 * on a GPU: every candidate is timed once per key (shapes, dtypes, ``tl.dot`` precision,
   M bucket; never data pointers) and the fastest is kept, so that the steady-state launch
-  path is one dict lookup;
-* inside a CUDA-graph capture, where timing is forbidden: the first (modest) candidate,
-  not cached, so that an eager call tunes later.
+  path is one dict lookup; the pick is also written to disk (:mod:`.tuning_cache`) and a
+  later process on the same card and Triton version reads it instead of timing again;
+* inside a CUDA-graph capture, where timing is forbidden: the pick on disk if there is
+  one, else the first (modest) candidate, not cached, so that an eager call tunes later.
+
+A tuner key is ``(kernel name, device index, *parts)``: the file replaces the index by the
+device's name.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import triton.testing
 from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
+from . import tuning_cache
 from .runtime import capturing, interpreter_active
 
 __all__ = [
@@ -38,10 +43,12 @@ __all__ = [
     "gemm_candidates",
     "gemm_tiles",
     "lora_candidates",
+    "lora_variants",
     "m_bucket",
     "pick",
     "sized_for",
     "tiles_and_library",
+    "time_variant",
     "will_time",
 ]
 
@@ -87,8 +94,11 @@ Variant = Union[KernelConfig, LibraryGemm]
 # Fixed config for the CPU interpreter: small tiles keep it fast and exercise masking.
 INTERPRETER_CONFIG = KernelConfig(block_m=16, block_n=32, block_k=32, num_warps=1, num_stages=1)
 
-# Smallest M (exclusive) for which the persistent TMA tiles are candidates.
-TMA_MIN_M = 256
+# Smallest M for which the persistent 128-row TMA tiles are candidates: one row tile.
+TMA_MIN_M = 128
+# Split-K factors the tuner tries; a split needs at least this many K columns per program.
+_SPLITS = (2, 4, 8)
+_MIN_K_PER_SPLIT = 512
 
 
 # --------------------------------------------------------------------------- candidates
@@ -140,24 +150,37 @@ def tiles_and_library(m: int, dtype: Optional[torch.dtype] = None) -> List[Varia
 
 
 def lora_candidates(
-    m: int, k: int, lora_in_loop: bool, tma_ok: bool = False, dtype: Optional[torch.dtype] = None
+    m: int,
+    k: int,
+    lora_in_loop: bool,
+    tma_ok: bool = False,
+    dtype: Optional[torch.dtype] = None,
+    n: int = 0,
+    programs: int = 0,
 ) -> List[KernelConfig]:
-    """The LoRA search space: the GEMM tiles, plus split-K tiles at decode, the same tiles
-    with a precomputed ``xa`` at larger M (where the shrink could run in the loop), and
-    persistent TMA tiles at large M on Hopper when the call is ``tma_ok``; all sized for
-    ``dtype``'s inputs."""
+    """The LoRA tile search space: the GEMM tiles, plus split-K tiles at decode, the same
+    tiles with a precomputed ``xa`` at larger M (where the shrink could run in the loop),
+    and persistent 128-row TMA tiles from ``M >= TMA_MIN_M`` on Hopper when the call is
+    ``tma_ok``; all sized for ``dtype``'s inputs.
+
+    Given the output width ``n`` and the GPU's ``programs`` (SMs), every tile (TMA ones
+    included) that leaves SMs idle (fewer ``(M, N)`` tiles than SMs) also gets split-K
+    variants: K cut in 2, 4 or 8 so that ``tiles * split`` reaches the SMs without
+    exceeding twice their number."""
     base = gemm_tiles(m)
     cands = list(base)
     if m <= 64:
-        for split in (2, 4, 8):
-            if k >= split * 512:
+        for split in _SPLITS:
+            if k >= split * _MIN_K_PER_SPLIT:
                 cands += [
                     KernelConfig(16, 64, 128, 8, 4, 4, split_k=split),
                     KernelConfig(16, 32, 128, 8, 4, 4, split_k=split),
                 ]
+    elif n and programs:
+        cands += _split_k(base, m, n, k, programs)
     if lora_in_loop and m > 64:
         cands += [dataclasses.replace(c, precompute_xa=True) for c in base]
-    if tma_ok and m > TMA_MIN_M:
+    if tma_ok and m >= TMA_MIN_M:
         tma = [
             KernelConfig(128, 256, 64, 8, 8, 3, tma=True),
             KernelConfig(128, 128, 64, 8, 4, 4, tma=True),
@@ -166,7 +189,30 @@ def lora_candidates(
         cands += tma
         if lora_in_loop:
             cands += [dataclasses.replace(c, precompute_xa=True) for c in tma]
+        if n and programs:  # fp32 partial boxes of a 256-wide tile overflow shared memory
+            cands += _split_k([c for c in tma if c.block_n <= 128], m, n, k, programs)
     return sized_for(cands, dtype)
+
+
+def _split_k(tiles: List[KernelConfig], m: int, n: int, k: int, programs: int) -> List[KernelConfig]:
+    """Split-K copies of the ``tiles`` whose ``(m, n)`` grid leaves some of the GPU's
+    ``programs`` idle (see :func:`lora_candidates`)."""
+    out = []
+    for c in tiles:
+        count = -(-m // c.block_m) * -(-n // c.block_n)
+        for split in _SPLITS:
+            if count < programs and count * split <= 2 * programs and k >= split * _MIN_K_PER_SPLIT:
+                out.append(dataclasses.replace(c, split_k=split))
+    return out
+
+
+def lora_variants(
+    m: int, k: int, lora_in_loop: bool, tma_ok: bool, dtype: Optional[torch.dtype], n: int, programs: int
+) -> List[Variant]:
+    """What the LoRA tuner times: :func:`lora_candidates` and the library-GEMM floor
+    (cuBLAS ``x W^T + b``, then ``y += s (x A^T) B^T`` in place), so that it never keeps a
+    tile slower than the library."""
+    return lora_candidates(m, k, lora_in_loop, tma_ok, dtype, n, programs) + [LIBRARY_GEMM]
 
 
 # --------------------------------------------------------------------------- the tuner
@@ -190,9 +236,11 @@ def pick(
     *,
     fixed: Any = INTERPRETER_CONFIG,
 ) -> V:
-    """The variant for ``key``: ``fixed`` under the interpreter; on a GPU, the fastest of
-    ``candidates()`` (built on a cache miss only, off the hot path), timed by ``run`` once
-    and cached; inside a CUDA-graph capture the first candidate, uncached.
+    """The variant for ``key`` (``(kernel name, device index, *parts)``): ``fixed`` under
+    the interpreter; on a GPU, the fastest of ``candidates()`` (built on a cache miss only,
+    off the hot path): the one on disk for this card, else timed by ``run`` once and
+    written to disk; cached in :data:`TUNED` either way. Inside a CUDA-graph capture,
+    without a pick on disk: the first candidate, uncached.
 
     Candidates that do not fit (``OutOfResources``) or compile on this card are skipped.
     ``run`` must leave its outputs as one call would (timing repeats it).
@@ -202,9 +250,13 @@ def pick(
     found = TUNED.get(key)
     if found is None:
         cands = candidates()
-        if capturing():
-            return cands[0]
-        found = TUNED[key] = _fastest(key, run, cands)
+        found = tuning_cache.lookup(key, cands)
+        if found is None:
+            if capturing():
+                return cands[0]
+            found = _fastest(key, run, cands)
+            tuning_cache.store(key, found)
+        TUNED[key] = found
     return found
 
 
@@ -214,11 +266,16 @@ def will_time(key: Hashable) -> bool:
     return not interpreter_active() and key not in TUNED and not capturing()
 
 
+def time_variant(run: Callable[[V], None], cand: V) -> float:
+    """Milliseconds of one ``run(cand)`` (median, ``triton.testing.do_bench``)."""
+    return triton.testing.do_bench(lambda: run(cand), warmup=5, rep=20)
+
+
 def _fastest(key: Hashable, run: Callable[[V], None], cands: Sequence[V]) -> V:
     best = None
     for cand in cands:
         try:
-            ms = triton.testing.do_bench(lambda: run(cand), warmup=5, rep=20)
+            ms = time_variant(run, cand)
         except (OutOfResources, CompilationError):  # does not fit / compile on this card
             continue
         if best is None or ms < best[0]:

@@ -17,6 +17,11 @@ both, with split-K variants at decode, and keeps the fastest per shape and M buc
   repeated in every N tile) and required when the LoRA input differs from ``x``
   (dropout) or the rank is too large for a register-resident ``xa``.
 
+The tuner also times the persistent TMA kernel (:mod:`.lora_tma`, Hopper, ``M >= 128``),
+split-K wherever the output tiles leave SMs idle, and the library-GEMM floor
+(:data:`autotune.LIBRARY_GEMM`: cuBLAS ``x W^T + b``, then ``y += s (x A^T) B^T`` in
+place), so it never keeps a variant slower than the library.
+
 Rows of ``x`` are addressed through two strides (:class:`runtime.Rows`) so that a 3-D
 input whose leading dims cannot be flattened without a copy (e.g. a transposed
 ``(T, B, K)`` view) is read in place.
@@ -30,7 +35,8 @@ import triton
 import triton.language as tl
 
 from . import lora_tma
-from .autotune import INTERPRETER_CONFIG, TMA_MIN_M, KernelConfig, lora_candidates, m_bucket, pick
+from .lora_library import library_lora
+from .autotune import INTERPRETER_CONFIG, TMA_MIN_M, KernelConfig, LibraryGemm, Variant, lora_variants, m_bucket, pick
 from .runtime import (
     Rows,
     as_2d,
@@ -44,6 +50,7 @@ from .runtime import (
     on_device,
     output_for,
     rows_view,
+    sm_count,
 )
 from .tiles import (
     add_bias,
@@ -194,7 +201,7 @@ def lora_linear_fwd(
     lora_B: Optional[torch.Tensor],
     scaling: float,
     xa: Optional[torch.Tensor] = None,
-    config: Optional[KernelConfig] = None,
+    config: Optional[Variant] = None,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Launch the fused kernel: ``y = x W^T + b + s * (x A^T) B^T`` (or ``s * xa B^T``).
@@ -207,7 +214,8 @@ def lora_linear_fwd(
         xa: optional precomputed ``x_l A^T`` of shape ``(M, r)`` (M = rows of ``x``), as
             :func:`lora_shrink` computes it: selects the epilogue-only variant (needed
             for dropout, any rank).
-        config: force a launch config (benchmarks); default: tuned per shape.
+        config: force a variant (a tile config, or ``LIBRARY_GEMM``; benchmarks);
+            default: tuned per shape.
         out: optional preallocated contiguous output of shape ``(..., N)``.
 
     Returns:
@@ -236,8 +244,11 @@ def lora_linear_fwd(
         if lora_A is not None and xa is None and lora_A.shape[0] > MAX_IN_LOOP_RANK:
             xa = _shrink(rows, lora_A)
 
-        def run(cfg: KernelConfig) -> None:
-            _launch(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y2)
+        def run(variant: Variant) -> None:
+            if isinstance(variant, LibraryGemm):
+                _library_gemm(rows, weight, bias, lora_A, lora_B, xa, scaling, y2)
+            else:
+                _launch(variant, rows, weight, bias, lora_A, lora_B, xa, scaling, y2)
 
         if config is None:
             config = _tuned_config(x, rows, weight, bias, lora_A, lora_B, xa, y2, run)
@@ -245,17 +256,44 @@ def lora_linear_fwd(
     return y
 
 
-def _tuned_config(x, rows: Rows, weight, bias, lora_A, lora_B, xa, y2, run) -> KernelConfig:
+def _tuned_config(x, rows: Rows, weight, bias, lora_A, lora_B, xa, y2, run) -> Variant:
     """The tuner's pick for this call (keyed by shapes, dtypes, precision, M bucket)."""
     M, (N, K) = rows.M, weight.shape
     r = 0 if lora_A is None else lora_A.shape[0]
     in_loop = lora_A is not None and xa is None
-    tma_ok = M > TMA_MIN_M and lora_tma.tma_fits(rows, weight, lora_A, y2)
+    tma_ok = M >= TMA_MIN_M and lora_tma.tma_fits(rows, weight, lora_A, y2)
     # The adapters' dtype changes the kernel's shared memory: part of the key.
     a_dtype = None if lora_A is None else (lora_A.dtype, lora_B.dtype)
     key = ("lora", x.device.index, x.dtype, input_precision(x.dtype), a_dtype, N, K, r, xa is None, bias is None,
            tma_ok, m_bucket(M))
-    return pick(key, run, lambda: lora_candidates(M, K, in_loop, tma_ok, x.dtype))
+    return pick(key, run, lambda: lora_variants(M, K, in_loop, tma_ok, x.dtype, N, _programs(x)))
+
+
+def _programs(x: torch.Tensor) -> int:
+    """SMs that split-K tries to fill (0 off a GPU: no split-K beyond decode)."""
+    return sm_count(x.device) if x.is_cuda else 0
+
+
+def _library_gemm(
+    rows: Rows,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: Optional[torch.Tensor],
+    lora_B: Optional[torch.Tensor],
+    xa: Optional[torch.Tensor],
+    scaling: float,
+    y2: torch.Tensor,
+) -> None:
+    """The library-GEMM variant into ``y2`` (:func:`lora_library.library_lora`), with
+    ``xa = x A^T`` from :func:`lora_shrink` unless given."""
+    M, K = rows.M, weight.shape[1]
+    x2 = as_2d(rows, K)
+    if x2 is None:  # rows with two strides: the library needs one
+        x2 = rows.x.reshape(M, K)
+    has_lora = lora_A is not None and lora_A.shape[0] > 0
+    if has_lora and xa is None:
+        xa = lora_shrink(x2, lora_A)
+    library_lora(x2=x2, weight=weight, bias=bias, lora_B=lora_B if has_lora else None, xa=xa, scaling=scaling, y=y2)
 
 
 def _launch(
@@ -285,17 +323,24 @@ def _launch(
 
 
 def _launch_tma(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r, lora_fp32) -> None:
-    """:func:`_launch` on the persistent TMA kernel (its inputs must be descriptor-ready)."""
-    x2 = as_2d(rows, weight.shape[1])
+    """:func:`_launch` on the persistent TMA kernel (its inputs must be descriptor-ready);
+    split-K partial sums reduced into ``y`` after."""
+    M, (N, K) = rows.M, weight.shape
+    x2 = as_2d(rows, K)
     if not lora_tma.tma_eligible(x2, weight, lora_A, weight.shape[0], lora_A is not None and xa is None):
         raise ValueError(
             "the TMA kernel needs x and the weights with unit last stride and 16-byte aligned "
             "rows (K and N multiples of 16 bytes); use a config with tma=False for this call"
         )
+    k_per_split, split = k_splits(K, cfg.split_k, cfg.block_k)
+    out = y if split == 1 else torch.empty((split, M, N), device=y.device, dtype=torch.float32)
     lora_tma.lora_linear_tma_launch(
-        x2=x2, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, xa=xa, scaling=scaling, y=y,
+        x2=x2, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B, xa=xa, scaling=scaling, y=out,
         cfg=cfg, block_r=block_r, lora_fp32=lora_fp32, input_precision=input_precision(rows.x.dtype),
+        k_per_split=k_per_split,
     )
+    if split > 1:
+        _reduce_splits(out, bias, y)
 
 
 def _launch_tiles(cfg, rows, weight, bias, lora_A, lora_B, xa, scaling, y, block_r, lora_fp32) -> None:

@@ -11,6 +11,10 @@ that the compiler pipelines into shared memory; out-of-range boxes read as zeros
 are clipped on store, so no masks are needed on those tensors). ``B``, ``xa`` and the
 bias are read with plain masked loads once per tile, in the epilogue.
 
+From one row tile up (``M >= 128``) an ``(M, N)`` grid can hold fewer tiles than the GPU
+has SMs; split-K then gives each program a ``(tile, K chunk)`` work unit and the
+partial sums go to an fp32 buffer that the caller reduces (``lora._reduce_splits``).
+
 A descriptor needs a unit last stride and 16-byte aligned base and row strides:
 :func:`tma_eligible` says whether a call qualifies; the tuner offers this kernel only
 then, and the plain kernel handles every other input (odd K, strided rows, ...).
@@ -25,14 +29,12 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .autotune import KernelConfig
-from .runtime import Rows, as_2d, cdiv, interpreter_active
+from .runtime import Rows, as_2d, cdiv, interpreter_active, sm_count
 from .tiles import add_bias, grouped_tile, lora_dot, lora_expand_from_memory, lora_expand_resident
 
 __all__ = ["tma_eligible", "tma_fits", "lora_linear_tma_launch"]
 
-# Device properties by device index (never keyed by data pointers): persistent programs
-# (one per SM), and whether the device has TMA (Hopper or newer).
-_SM_COUNT: Dict[int, int] = {}
+# Whether a device (by index, never by data pointers) has TMA (Hopper or newer).
 _HAS_TMA: Dict[int, bool] = {}
 # Programs of the persistent grid under the interpreter: a few, to exercise the tile loop.
 _INTERPRETER_PROGRAMS = 3
@@ -49,11 +51,12 @@ def _lora_linear_tma_kernel(
     stride_bn, stride_br,
     stride_xam, stride_xar,
     # scalars
-    scaling,
+    scaling, K_PER_SPLIT,
     # meta
     HAS_BIAS: tl.constexpr,
     HAS_LORA: tl.constexpr,
     SHRINK_IN_LOOP: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -70,20 +73,30 @@ def _lora_linear_tma_kernel(
     the ones past ``R`` read as zeros), else ``xa`` is read in ``BLOCK_R`` chunks.
     Epilogue: ``acc += xa (s B)^T`` (operands rounded as ``tiles.lora_dot`` says: to the
     input dtype, or fp32 range with ``LORA_FP32``), ``acc += b``, TMA store in ``y``'s dtype.
+
+    Split-K (``SPLIT_K > 1``): work unit ``u`` is tile ``u % tiles`` over K columns
+    ``[k * K_PER_SPLIT, (k + 1) * K_PER_SPLIT)``, ``k = u // tiles``; ``y_desc`` then
+    addresses an fp32 ``(SPLIT_K, M, N)`` buffer whose slice ``k`` gets the unit's partial
+    sum without bias. ``x W^T`` and the in-loop ``xa`` are linear in the K columns, so
+    each unit adds its share; a precomputed ``xa`` is added by the ``k = 0`` units only.
     """
     start = tl.program_id(axis=0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
-    dtype = y_desc.dtype
-    for tile in tl.range(start, num_tiles, num_programs, flatten=True):
+    dtype = x_desc.dtype
+    for unit in tl.range(start, num_tiles * SPLIT_K, num_programs, flatten=True):
+        tile = unit % num_tiles
+        pid_k = unit // num_tiles
         pid_m, pid_n = grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
+        k_start = pid_k * K_PER_SPLIT
+        k_end = tl.minimum(K, k_start + K_PER_SPLIT)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if SHRINK_IN_LOOP:
             xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_start, k_end, BLOCK_K):
             x_tile = x_desc.load([off_m, k0])
             w_tile = w_desc.load([off_n, k0])
             acc = tl.dot(x_tile, w_tile.T, acc, input_precision=INPUT_PRECISION)
@@ -101,15 +114,18 @@ def _lora_linear_tma_kernel(
                     acc, xa, b_ptr, offs_n, mask_n, R, stride_bn, stride_br, scaling, dtype, BLOCK_R, LORA_FP32,
                     INPUT_PRECISION,
                 )
-            else:
+            elif pid_k == 0:
                 acc = lora_expand_from_memory(
                     acc, xa_ptr, b_ptr, offs_m.to(tl.int64), offs_n, mask_m, mask_n, R,
                     stride_xam, stride_xar, stride_bn, stride_br, scaling, dtype, BLOCK_R, LORA_FP32,
                     INPUT_PRECISION,
                 )
-        if HAS_BIAS:
-            acc = add_bias(acc, bias_ptr, offs_n, mask_n)
-        y_desc.store([off_m, off_n], acc.to(dtype))
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                acc = add_bias(acc, bias_ptr, offs_n, mask_n)
+            y_desc.store([off_m, off_n], acc.to(dtype))
+        else:
+            y_desc.store([pid_k, off_m, off_n], acc.reshape(1, BLOCK_M, BLOCK_N))
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -162,14 +178,7 @@ def tma_fits(rows: Rows, weight: torch.Tensor, lora_A: Optional[torch.Tensor], y
 
 
 def _num_programs(device: torch.device, interpreted: bool) -> int:
-    if interpreted:
-        return _INTERPRETER_PROGRAMS
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    count = _SM_COUNT.get(index)
-    if count is None:
-        count = torch.cuda.get_device_properties(index).multi_processor_count
-        _SM_COUNT[index] = count
-    return count
+    return _INTERPRETER_PROGRAMS if interpreted else sm_count(device)
 
 
 def lora_linear_tma_launch(
@@ -186,34 +195,40 @@ def lora_linear_tma_launch(
     block_r: int,
     lora_fp32: bool,
     input_precision: str,
+    k_per_split: int = 0,
 ) -> None:
     """Launch the persistent TMA kernel on a ``tma_eligible`` call (``y``: ``(M, N)``,
     contiguous) with ``cfg``'s tiles. ``xa`` given: epilogue-only LoRA; ``lora_A`` None:
-    base GEMM only; ``lora_fp32``: the branch keeps fp32 range (``runtime.lora_in_fp32``)."""
+    base GEMM only; ``lora_fp32``: the branch keeps fp32 range (``runtime.lora_in_fp32``).
+    Split-K: ``y`` is a contiguous fp32 ``(splits, M, N)`` buffer of partial sums (no
+    bias), slice ``k`` over K columns ``[k * k_per_split, (k + 1) * k_per_split)``."""
     M, K = x2.shape
     N = weight.shape[0]
+    split = y.shape[0] if y.dim() == 3 else 1
     has_lora = lora_A is not None and lora_A.shape[0] > 0
     in_loop = has_lora and xa is None
     x_desc = TensorDescriptor.from_tensor(x2, [cfg.block_m, cfg.block_k])
     w_desc = TensorDescriptor.from_tensor(weight, [cfg.block_n, cfg.block_k])
-    y_desc = TensorDescriptor.from_tensor(y, [cfg.block_m, cfg.block_n])
+    y_box = [cfg.block_m, cfg.block_n] if split == 1 else [1, cfg.block_m, cfg.block_n]
+    y_desc = TensorDescriptor.from_tensor(y, y_box)
     # Without an in-loop shrink the A descriptor is never read: alias W's.
     a_desc = TensorDescriptor.from_tensor(lora_A, [block_r, cfg.block_k]) if in_loop else w_desc
     # Unused pointers still need a tensor; ``weight`` is a safe placeholder.
     b = lora_B if has_lora else weight
     xa_t = xa if xa is not None else weight
     tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
-    programs = min(tiles, _num_programs(x2.device, interpreter_active()))
+    programs = min(tiles * split, _num_programs(x2.device, interpreter_active()))
     _lora_linear_tma_kernel[(programs,)](
         x_desc=x_desc, w_desc=w_desc, a_desc=a_desc, y_desc=y_desc,
         bias_ptr=bias if bias is not None else weight, b_ptr=b, xa_ptr=xa_t,
         M=M, N=N, K=K, R=lora_A.shape[0] if has_lora else 0, num_programs=programs,
         stride_bn=b.stride(0), stride_br=b.stride(1),
         stride_xam=xa_t.stride(0), stride_xar=xa_t.stride(1),
-        scaling=float(scaling),
+        scaling=float(scaling), K_PER_SPLIT=k_per_split if split > 1 else K,
         HAS_BIAS=bias is not None,
         HAS_LORA=has_lora,
         SHRINK_IN_LOOP=in_loop,
+        SPLIT_K=split,
         BLOCK_R=block_r,
         LORA_FP32=lora_fp32,
         INPUT_PRECISION=input_precision,

@@ -7,6 +7,11 @@ test the compiled kernels on CUDA (benchmarks/gpu_check.sh does).
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The tuner's picks persist on disk (kernels/tuning_cache.py): tests that stub its timer
+# must never write into the user's cache, so the session gets a fresh one.
+import tempfile  # noqa: E402
+
+os.environ["FASTPEFT_CACHE"] = tempfile.mkdtemp(prefix="fastpeft-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -34,14 +39,15 @@ def _seed():
 
 @pytest.fixture
 def triton_tiles_only(monkeypatch):
-    """On a GPU the tuner may prefer the library-GEMM variant of (IA)^3 and bottleneck
-    for tiny shapes; tests about the Triton kernel tune over its tiles only, from an
+    """On a GPU the tuner may prefer the library-GEMM variant of LoRA, (IA)^3 and
+    bottleneck for tiny shapes; tests about the Triton kernel tune over its tiles only, from an
     empty tuner cache (the library variant has its own tests). Under the interpreter the
     Triton kernel always runs anyway."""
-    from fastpeft.kernels import autotune, bottleneck, ia3
+    from fastpeft.kernels import autotune, bottleneck, ia3, lora
 
     monkeypatch.setattr(ia3, "tiles_and_library", autotune.gemm_candidates)
     monkeypatch.setattr(bottleneck, "tiles_and_library", autotune.gemm_candidates)
+    monkeypatch.setattr(lora, "lora_variants", autotune.lora_candidates)
     monkeypatch.setattr(autotune, "TUNED", {})
 
 

@@ -55,14 +55,19 @@ def test_bench_lora_cpu_pass_writes_json(tmp_path):
     data = json.loads(out.read_text())
     assert data["mode"] == "cpu-correctness"
     assert data["results"] and all(r["rel_err"] <= r["tol"] for r in data["results"])
+    assert all(r["floor_err"] <= r["tol"] for r in data["results"])  # the library-GEMM floor
 
 
 def test_bench_lora_point_checks_every_variant(bench_lora):
     row = bench_lora._time_point(40, 24, 5, 4, dev="cpu", dt=torch.float32, with_compile=False)
-    for name in ("unfused", "peft", "fastpeft"):
+    for name in ("unfused", "peft", "fastpeft", "floor"):
         assert row[f"{name}_err"] < 1e-5, row
         assert row[f"{name}_x"] == 1.0
     assert "fastpeft_graph_error" in row  # recorded, not raised
+    # the tuner's pick is named (under the interpreter: its fixed config)
+    from fastpeft.kernels.autotune import INTERPRETER_CONFIG, LIBRARY_GEMM
+
+    assert row["fastpeft_pick"] == bench_lora.describe(INTERPRETER_CONFIG) != bench_lora.describe(LIBRARY_GEMM)
 
 
 def test_bench_lora_refuses_to_time_a_wrong_result(bench_lora, monkeypatch):
@@ -124,3 +129,10 @@ def test_bench_train_point_checks_and_times_every_variant(stub_timers):
     assert not [k for k in row if k.endswith("_error")], row
     for name in ("unfused", "peft", "fastpeft"):
         assert row[f"{name}_err"] < 1e-5 and row[f"{name}_x"] == 1.0, row
+
+
+def test_bench_decode_cpu_pass_static_equals_eager(stub_timers):
+    """The decode benchmark's CPU pass runs the static-buffer decode and checks it against eager."""
+    bench_decode = importlib.import_module("bench_decode")
+    rows = bench_decode.run_cpu()
+    assert [r["batch"] for r in rows] == [1, 3] and all(r["same_tokens"] == 1.0 for r in rows)

@@ -1,6 +1,6 @@
-"""The LoRA training kernels (and the (IA)^3 input-scaling backward) compile for Hopper (sm_90), fit in its shared memory and are
-pipelined, for tiles the GPU tuner can pick (bf16; fp16 with fp32 adapters). No GPU
-needed (see tests/sm90.py)."""
+"""The LoRA training kernels and the (IA)^3 input-scaling backward compile for Hopper
+(sm_90), fit in its shared memory and are pipelined, for tiles the GPU tuner can pick
+(bf16; fp16 with fp32 adapters). No GPU needed (see tests/sm90.py)."""
 from __future__ import annotations
 
 from typing import Any, Dict, List

@@ -103,6 +103,9 @@ def _tma_spec(
     at = adapter_dtype or dtype
     lora_fp32 = at != dtype and dtype != "fp32"
     tag = f"-{adapter_dtype}" if adapter_dtype else ""
+    tag += f"-k{cfg.split_k}" if cfg.split_k > 1 else ""
+    # Split-K units store fp32 partial sums into a (splits, M, N) buffer.
+    y_desc = f"tensordesc<fp32[1, {bm}, {bn}]>" if cfg.split_k > 1 else f"tensordesc<{dt}[{bm}, {bn}]>"
     return {
         "id": f"tma-{dtype}{tag}-{_cfg_id(cfg)}-r{block_r}-{'pre' if pre else 'loop'}{precision}",
         "module": "fastpeft.kernels.lora_tma",
@@ -111,13 +114,14 @@ def _tma_spec(
             "x_desc": f"tensordesc<{dt}[{bm}, {bk}]>",
             "w_desc": f"tensordesc<{dt}[{bn}, {bk}]>",
             "a_desc": f"tensordesc<{at}[{max(block_r, 16)}, {bk}]>" if not pre else f"tensordesc<{dt}[{bn}, {bk}]>",
-            "y_desc": f"tensordesc<{dt}[{bm}, {bn}]>",
+            "y_desc": y_desc,
         },
         "ptr_dtypes": {"bias_ptr": dt, "b_ptr": at, "xa_ptr": "fp32" if lora_fp32 else dt},
         "constexprs": dict(
             HAS_BIAS=True,
             HAS_LORA=block_r > 0,
             SHRINK_IN_LOOP=block_r > 0 and not pre,
+            SPLIT_K=cfg.split_k,
             BLOCK_M=bm,
             BLOCK_N=bn,
             BLOCK_K=bk,
@@ -131,6 +135,13 @@ def _tma_spec(
         "num_warps": cfg.num_warps,
         "num_stages": cfg.num_stages,
     }
+
+
+# Split-K where an M >= 128 grid leaves SMs idle (Llama-3-8B's 4096x4096 at M = 128 on
+# 132 SMs): one split factor per tile, the persistent TMA tiles and the plain ones.
+_SPLIT_AT_128 = autotune.lora_candidates(128, 4096, True, tma_ok=True, n=4096, programs=132)
+TMA_SPLIT_K = sorted({c for c in _SPLIT_AT_128 if c.tma and c.split_k == 2}, key=_cfg_id)
+TILE_SPLIT_K = sorted({c for c in _SPLIT_AT_128 if not c.tma and c.split_k == 2 and c.block_m >= 64}, key=_cfg_id)
 
 
 # The input gradient runs the forward kernel on transposed views (W^T, B^T, A^T): other
@@ -159,6 +170,8 @@ def _all_specs() -> List[Dict[str, Any]]:
     specs += [_tma_spec(c, r, pre, "fp16", adapter_dtype="fp32") for c in TMA for r, pre in TMA_VARIANTS]
     specs += [_backward_spec(c) for c in CANDIDATES]
     specs += [_backward_spec(c, "fp16", adapter_dtype="fp32") for c in CANDIDATES]
+    specs += [_tma_spec(c, r, pre) for c in TMA_SPLIT_K for r, pre in ((16, False), (32, True))]
+    specs += [_spec(c, "bf16", 16, True) for c in TILE_SPLIT_K]
     specs.append(
         {
             "id": "splitk-reduce",
@@ -289,3 +302,22 @@ def test_input_gradient_layout_compiles_for_hopper(reports, cfg, adapter_dtype):
     rep = reports[_backward_spec(cfg, dtype, adapter_dtype=adapter_dtype)["id"]]
     assert "error" not in rep, rep.get("error")
     assert rep["shared"] <= HOPPER_MAX_SHARED and rep["pipelined"], rep
+
+
+@pytest.mark.parametrize("cfg", TMA_SPLIT_K, ids=_cfg_id)
+@pytest.mark.parametrize("block_r,pre", [(16, False), (32, True)], ids=lambda v: str(v))
+def test_tma_split_k_compiles_for_hopper(reports, cfg, block_r, pre):
+    """The persistent TMA kernel's split-K units (fp32 partial boxes) fit, pipeline and
+    use wgmma, as the unsplit tiles do."""
+    rep = reports[_tma_spec(cfg, block_r, pre)["id"]]
+    assert "error" not in rep, rep.get("error")
+    assert rep["shared"] <= HOPPER_MAX_SHARED, f"{cfg} needs {rep['shared']} B of shared memory"
+    assert rep["pipelined"] and rep["wgmma"], rep
+
+
+@pytest.mark.parametrize("cfg", TILE_SPLIT_K, ids=_cfg_id)
+def test_wide_split_k_tiles_compile_for_hopper(reports, cfg):
+    """Split-K beyond decode (64-row tiles at M = 128): fits, pipelines, uses wgmma."""
+    rep = reports[_spec(cfg, "bf16", 16, True)["id"]]
+    assert "error" not in rep, rep.get("error")
+    assert rep["shared"] <= HOPPER_MAX_SHARED and rep["pipelined"] and rep["wgmma"], rep
