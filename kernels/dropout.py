@@ -15,9 +15,14 @@ import triton.language as tl
 
 from .runtime import cdiv, on_device
 
-__all__ = ["dropout_mask", "dropout_tile"]
+__all__ = ["dropout_mask", "dropout_tile", "keep_scale"]
 
 _BLOCK_M, _BLOCK_K = 16, 32
+
+
+def keep_scale(p: float) -> float:
+    """``1 / (1 - p)``: what a kept element is multiplied by (1 without dropout)."""
+    return 1.0 / (1.0 - p) if p > 0 else 1.0
 
 
 @triton.jit

@@ -29,14 +29,15 @@ GRAD_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 def train_launches(monkeypatch):
     """Names of the training kernels' launchers as the op calls them."""
     calls = []
-    for name in ("lora_dropout_shrink", "lora_grad_shrink", "lora_grad_dx", "lora_grad_a"):
-        real = getattr(ops._train_kernels, name)
+    for module, name in ((ops._train_kernels, "lora_dropout_shrink"), (ops._train_kernels, "lora_grad_shrink"),
+                         (ops._dx_kernels, "lora_grad_dx"), (ops._train_kernels, "lora_grad_a")):
+        real = getattr(module, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
             calls.append(_name)
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(ops._train_kernels, name, spy)
+        monkeypatch.setattr(module, name, spy)
     return calls
 
 

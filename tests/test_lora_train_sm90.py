@@ -56,12 +56,14 @@ def _specs(tile, dtype: str, adapter: str, block_r: int) -> List[Dict[str, Any]]
 
 def _dx_spec(cfg, dtype: str, adapter: str) -> Dict[str, Any]:
     tile = (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps)
-    return _spec("_grad_dx_kernel", tile, dtype, adapter,
+    spec = _spec("_grad_dx_kernel", tile, dtype, adapter,
                  {"g_ptr": dtype, "w_ptr": dtype, "ds_ptr": "fp32", "a_ptr": adapter, "seed_ptr": "i64",
                   "dx_ptr": dtype},
                  dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=32,
                       GROUP_M=cfg.group_m),
                  ["stride_gn", "stride_wk", "stride_dsr", "stride_ak", "stride_dxk"], ["p", "keep_scale"])
+    spec["module"] = "fastpeft.kernels.lora_grad_dx"
+    return spec
 
 
 def _ia3_grad_spec(cfg) -> Dict[str, Any]:

@@ -29,6 +29,7 @@ from fastpeft.core.dispatch import (
     rows,
 )
 from fastpeft.kernels import lora as _kernels
+from fastpeft.kernels import lora_grad_dx as _dx_kernels
 from fastpeft.kernels import lora_train as _train_kernels
 from fastpeft.kernels.reference import lora_linear_parts_ref
 from fastpeft.kernels.runtime import lora_in_fp32
@@ -199,7 +200,7 @@ def _lora_backward_op(
     ds, db = _train_kernels.lora_grad_shrink(g, lora_B, xa, scaling, need_db=need_B)
     dx, dxl, da = g.new_empty(0), g.new_empty(0), g.new_empty(0)  # distinct: outputs may not alias
     if need_x and x_lora is None and dropout_p > 0.0:
-        dx = _train_kernels.lora_grad_dx(g, weight, ds, lora_A, dropout_p, seed).reshape(x.shape)
+        dx = _dx_kernels.lora_grad_dx(g, weight, ds, lora_A, dropout_p, seed).reshape(x.shape)
     elif need_x and x_lora is None:
         # dx = g W + (g s B) A: the forward's own form over transposed views (input g,
         # base W^T, xa = dS, up-projection A^T), one launch.
