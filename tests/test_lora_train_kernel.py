@@ -188,6 +188,6 @@ def test_opcheck_forward_and_backward_ops(p=0.5):
     seed = ops.dropout_seed(x.device) if p > 0 else None
     torch.library.opcheck(ops._lora_linear_op, (x, w, b, a, bm, 0.5, None, p, seed, True, True))
     xa = lora_train.lora_dropout_shrink(x, a.detach(), p, seed)
-    g = torch.randn(5, 7)
+    g = torch.randn(5, 7, device=DEVICE)
     torch.library.opcheck(ops._lora_backward_op,
                           (g, x, w, a.detach(), bm.detach(), xa, None, seed, 0.5, p, True, False, True, True))

@@ -87,7 +87,7 @@ def test_gradient_checkpointing_same_grads(monkeypatch):
     for name, prm in model.named_parameters():
         prm.requires_grad_("lora_" in name)
     model.train()
-    ids = input_ids(batch=2, seq=5)
+    ids = input_ids(batch=2, seq=5).to(DEVICE)
     loss, grads = _loss_and_grads(model, ids, seed=11)
     shrinks = []
     real = ops._train_kernels.lora_dropout_shrink
@@ -95,7 +95,7 @@ def test_gradient_checkpointing_same_grads(monkeypatch):
     model.gradient_checkpointing_enable()  # transformers 5: non-reentrant by default
     loss_ckpt, grads_ckpt = _loss_and_grads(model, ids, seed=11)
     assert len(shrinks) == 2 * 4  # 4 LoRA layers, each forward run again in the backward
-    assert torch.equal(loss, loss_ckpt)
+    assert rel_err(loss_ckpt, loss) <= 1e-6  # (fp32 atomics on a GPU: not bitwise)
     for g, gc in zip(grads, grads_ckpt):
         assert rel_err(gc, g) <= 1e-6
     _, grads_other_seed = _loss_and_grads(model, ids, seed=12)
