@@ -228,6 +228,23 @@ def measure_variants(
             row[f"{name}_graph_x"] = ratio(row.get(f"{name}_graph_ms"), row.get("base_graph_ms"))
 
 
+def saved_bytes(fn: Callable[[], Any], params: Iterable[torch.Tensor]) -> int:
+    """Activation bytes autograd keeps for the backward of ``fn()`` (each storage once,
+    parameters left out)."""
+    skip = {q.untyped_storage().data_ptr() for q in params}
+    seen: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
 def env_summary(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Payload head shared by all benchmarks."""
     return {"device_info": device_info(), "results": rows}

@@ -68,6 +68,7 @@ else
 fi
 step selfcheck 30 python -m fastpeft.selfcheck --no-bench
 step bench_lora 120 python benchmarks/bench_lora.py --quick --json "$out/bench_lora.json"
+step bench_train 90 python benchmarks/bench_train.py --quick --json "$out/bench_train.json"
 step bench_adapters 60 python benchmarks/bench_adapters.py --quick --json "$out/bench_adapters.json"
 step bench_multi 60 python benchmarks/bench_multi.py --quick --json "$out/bench_multi.json"
 step bench_decode 60 python benchmarks/bench_decode.py --quick --json "$out/bench_decode.json"

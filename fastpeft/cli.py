@@ -51,7 +51,7 @@ BENCHMARKS: Sequence[Benchmark] = (
     Benchmark("multi", "bench_multi.py", "mixed-adapter batches vs a PEFT-style loop and gather + bmm"),
     Benchmark("adalora", "bench_adalora.py", "AdaLoRA layers (forward, forward + backward) vs unfused and PEFT"),
     Benchmark("dora", "bench_dora.py", "fused DoRA (eval, mixed batch, training step) vs PEFT's DoRA layer"),
-    Benchmark("train", "bench_train.py", "a LoRA training step: fused backward vs unfused"),
+    Benchmark("train", "bench_train.py", "a LoRA layer's training step vs the frozen base, unfused, compile, PEFT"),
     Benchmark("decode", "bench_decode.py", "ServingEngine decode: eager steps vs CUDA-graph replay"),
     Benchmark("host", "host_overhead.py", "Python time per layer call (launch path), no GPU needed"),
 )

@@ -7,7 +7,7 @@ inputs to get the "true" answer.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,8 @@ from .tiles import ACTIVATIONS
 
 __all__ = [
     "lora_linear_ref",
+    "lora_linear_parts_ref",
+    "lora_linear_dropout_ref",
     "ia3_linear_ref",
     "bottleneck_activation_ref",
     "bottleneck_linear_ref",
@@ -53,11 +55,43 @@ def lora_linear_ref(
         back to ``x``'s dtype, as PEFT's ``Linear.forward`` does (an fp32 update on an
         fp16 base is not rounded to fp16 on its own, where it could overflow).
     """
+    return lora_linear_parts_ref(x, weight, bias, lora_A, lora_B, scaling, x_lora)[0]
+
+
+def lora_linear_parts_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    x_lora: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`lora_linear_ref`'s ``y`` and the shrink ``xa = x_lora A^T`` it went through
+    (``(..., r)``, in the adapters' dtype): the training path keeps ``xa`` for ``dB``."""
     base = F.linear(x, weight, bias)
     xl = x if x_lora is None else x_lora
-    xl = xl.to(lora_A.dtype)
-    update = F.linear(F.linear(xl, lora_A), lora_B) * scaling
-    return (base + update).to(base.dtype)
+    xa = F.linear(xl.to(lora_A.dtype), lora_A)
+    update = F.linear(xa, lora_B) * scaling
+    return (base + update).to(base.dtype), xa
+
+
+def lora_linear_dropout_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    keep: torch.Tensor,
+    p: float,
+) -> torch.Tensor:
+    """LoRA linear with dropout on the branch's input, given its keep mask:
+    ``y = x W^T + b + s * ((keep * x / (1 - p)) A^T) B^T`` (``keep``: bool, shape of
+    ``x``; the Triton kernels regenerate theirs from a seed, and
+    ``lora_train.dropout_mask`` materialises it for comparison)."""
+    x_lora = x * keep.to(x.dtype) / (1.0 - p)
+    return lora_linear_ref(x, weight, bias, lora_A, lora_B, scaling, x_lora)
 
 
 def ia3_linear_ref(

@@ -112,6 +112,25 @@ def test_bench_lora_training_point_checks_every_variant(bench_lora):
         assert row[f"{name}_x"] == 1.0
 
 
+def test_bench_train_cpu_pass_writes_json(tmp_path):
+    out = tmp_path / "train.json"
+    proc = _run([str(BENCH / "bench_train.py"), "--json", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert data["mode"] == "cpu-correctness" and data["results"]
+    for row in data["results"]:
+        assert row["fastpeft_dropout_err"] <= 1e-2 and row["fastpeft_saved_bytes"] < row["peft_saved_bytes"], row
+
+
+def test_bench_train_point_checks_and_times_every_variant(stub_timers):
+    bench_train = importlib.import_module("bench_train")
+    pt = bench_train.Point(24, 16, 5, 2, 0.2, torch.float32, torch.float32, "cpu")
+    row = bench_train.point_row(pt, {}, 1e-5, with_compile=False, time_it=True)
+    assert not [k for k in row if k.endswith("_error")], row
+    for name in ("unfused", "peft", "fastpeft"):
+        assert row[f"{name}_err"] < 1e-5 and row[f"{name}_x"] == 1.0, row
+
+
 def test_bench_decode_cpu_pass_static_equals_eager(stub_timers):
     """The decode benchmark's CPU pass runs the static-buffer decode and checks it against eager."""
     bench_decode = importlib.import_module("bench_decode")

@@ -92,3 +92,40 @@ def test_wrong_vector_shape_raises(scale_input):
         ops.ia3_linear(x, w, b, torch.ones_like(l, dtype=torch.long), scale_input)
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.ia3_linear(x, w, b, l, scale_input, backend="cuda")
+
+
+def test_output_scaling_dx_runs_the_kernel(monkeypatch):
+    """dx = (g * l) W is the input-scaling kernel over W^T: a second launch, no PyTorch GEMM."""
+    calls = []
+    real = ops._ia3_kernels.ia3_linear_fwd
+    monkeypatch.setattr(ops._ia3_kernels, "ia3_linear_fwd", lambda *a, **k: calls.append(a[4]) or real(*a, **k))
+    x, w, b, l = _leaves(6, 13, 10, torch.float32, False)
+    g = torch.randn(6, 10, device=DEVICE)
+    (dx,) = torch.autograd.grad(ops.ia3_linear(x, w, b, l, False, backend="triton"), [x], g)
+    assert calls == [False, True]
+    assert rel_err(dx, (g.double() * l.detach().double().reshape(-1)) @ w.double()) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("need_x", [True, False])
+def test_input_scaling_backward_is_one_fused_kernel(monkeypatch, need_x):
+    """dx = (g W) * l and dl = sum_m (g W) * x from the one kernel of kernels/ia3_train.py."""
+    calls = []
+    real = ops._ia3_train_kernels.ia3_grad_input_scaling
+    monkeypatch.setattr(ops._ia3_train_kernels, "ia3_grad_input_scaling",
+                        lambda *a, **k: calls.append(a[4:6]) or real(*a, **k))
+    x, w, b, l = _leaves(9, 21, 13, torch.float16, True, batch=(2,))
+    x = x.detach().transpose(0, 1).requires_grad_(need_x)  # rows through two strides
+    g = torch.randn(9, 2, 13, device=DEVICE, dtype=torch.float16)
+    leaves = [x, l] if need_x else [l]
+    got = torch.autograd.grad(ops.ia3_linear(x, w, b, l, True, backend="triton"), leaves, g)
+    assert calls == [(need_x, True)]
+    l64 = [t.detach().double().requires_grad_() for t in leaves]
+    ref = ia3_linear_ref(l64[0] if need_x else x.double(), w.double(), b.double(), l64[-1], True)
+    for gg, ww in zip(got, torch.autograd.grad(ref, l64, g.double())):
+        assert gg.dtype == torch.float16 and rel_err(gg, ww) <= TOL[torch.float16]
+
+
+def test_opcheck_input_scaling_backward_op():
+    x, w, b, l = _leaves(5, 12, 7, torch.float32, True)
+    g = torch.randn(5, 7, device=DEVICE)
+    torch.library.opcheck(ops._ia3_grad_in_op, (g, w.detach(), x.detach(), l.detach(), True, True))

@@ -253,7 +253,8 @@ def test_forced_triton_without_gpu_or_interpreter(monkeypatch):
 
 def test_lean_inference_path_skips_the_dispatcher(kernel_calls, monkeypatch):
     """Without autograd or tracing, the op launches the kernel directly (decode speed);
-    with autograd it goes through the custom op; both give the same bits."""
+    with autograd it goes through the custom op (and keeps the shrink for the backward);
+    both give the same numbers."""
     x, w, b, a, bm = _make(5, 40, 24, 8, torch.float32)
     a.requires_grad_(True)
     op_calls = []
@@ -264,7 +265,7 @@ def test_lean_inference_path_skips_the_dispatcher(kernel_calls, monkeypatch):
     assert not op_calls and len(kernel_calls) == 1
     tracked = ops.lora_linear(x, w, b, a, bm, 0.5, backend="triton")
     assert op_calls and len(kernel_calls) == 2 and tracked.requires_grad
-    assert torch.equal(lean, tracked.detach())
+    torch.testing.assert_close(lean, tracked.detach(), rtol=1e-5, atol=1e-5)
 
 
 # Launch variants the GPU tuner can pick, forced here with interpreter-sized tiles.

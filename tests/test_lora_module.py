@@ -35,6 +35,19 @@ def _ref64(layer: fp.FastLoRALinear, x: torch.Tensor, x_lora=None) -> torch.Tens
 TRITON_RUNS = INTERPRETED or ON_GPU
 
 
+def _dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """The LoRA branch's input as a training forward run right after
+    ``torch.manual_seed(seed)`` drops it: the kernels' mask drawn from the seed the layer
+    takes from torch's RNG, or PyTorch's dropout on the reference backend."""
+    torch.manual_seed(seed)
+    if not TRITON_RUNS:
+        return F.dropout(x, p, training=True)
+    from fastpeft.kernels.dropout import dropout_mask
+
+    keep = dropout_mask(ops.dropout_seed(x.device), x.numel() // x.shape[-1], x.shape[-1], p)
+    return x * keep.reshape(x.shape).to(x.dtype) / (1 - p)
+
+
 @pytest.fixture
 def launches(monkeypatch):
     """Counts launches of the fused forward kernel (the input gradient runs it too)."""
@@ -134,8 +147,7 @@ def test_dropout_only_in_training(launches):
     layer.train()
     torch.manual_seed(123)
     y_train = layer(x)
-    torch.manual_seed(123)
-    x_lora = F.dropout(x, 0.5, training=True)
+    x_lora = _dropped(x, 0.5, 123)
     assert rel_err(y_train, _ref64(layer, x, x_lora)) < 1e-5
     assert rel_err(y_train, _ref64(layer, x)) > 1e-3  # the branch input really was dropped
     layer.eval()
@@ -152,8 +164,7 @@ def test_dropout_gradients_flow_through_mask(launches):
     x64 = x.detach().double().requires_grad_()
     a64 = layer.lora_A.detach().double().requires_grad_()
     b64 = layer.lora_B.detach().double().requires_grad_()
-    torch.manual_seed(7)
-    xl64 = F.dropout(x64, 0.25, training=True)
+    xl64 = _dropped(x64, 0.25, 7)
     ref = lora_linear_ref(x64, layer.weight.double(), layer.bias.double(), a64, b64, layer.scaling, xl64)
     wx, wa, wb = torch.autograd.grad(ref, [x64, a64, b64], g.double())
     for got, want in ((gx, wx), (ga, wa), (gb, wb)):

@@ -8,7 +8,7 @@ the user unfroze it.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ from fastpeft.core.dispatch import (
     rows,
 )
 from fastpeft.kernels import ia3 as _ia3_kernels
+from fastpeft.kernels import ia3_train as _ia3_train_kernels
 from fastpeft.kernels.reference import ia3_linear_ref
 
 __all__ = ["ia3_linear", "ia3_linear_unchecked"]
@@ -61,8 +62,8 @@ class _Grads(NamedTuple):
 
 
 def _ia3_setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, ia3_l, scale_input, _ = inputs
-    ctx.scale_input = scale_input
+    x, weight, bias, ia3_l, scale_input, use_triton = inputs
+    ctx.scale_input, ctx.use_triton = scale_input, use_triton
     ctx.save_for_backward(x, weight, bias, ia3_l)
 
 
@@ -71,7 +72,8 @@ def _ia3_backward(ctx, grad_y: torch.Tensor) -> _Grads:
 
     Output scaling, ``y = h * l`` with ``h = x W^T + b`` and ``l`` of N entries:
 
-    * ``dL/dh = g * l`` (broadcast over rows), so ``dx = (g * l) W``;
+    * ``dL/dh = g * l`` (broadcast over rows), so ``dx = (g * l) W``: on Triton the
+      input-scaling forward kernel over ``W^T`` (a view), one launch and no fp32 copy of ``g``;
     * ``dl_n = sum_m g_mn h_mn``: ``h`` is recomputed (one GEMM) rather than saved, so
       the forward keeps no ``(M, N)`` activation;
     * ``dW = (g * l)^T x``, ``db = sum_m (g * l)`` when the base is unfrozen.
@@ -79,7 +81,8 @@ def _ia3_backward(ctx, grad_y: torch.Tensor) -> _Grads:
     Input scaling, ``y = (x * l) W^T + b`` with ``l`` of K entries, ``u = x * l``:
 
     * ``dL/du = g W`` (one GEMM, shared by both gradients below);
-    * ``dx = (g W) * l`` and ``dl_k = sum_m (g W)_mk x_mk``;
+    * ``dx = (g W) * l`` and ``dl_k = sum_m (g W)_mk x_mk``: on Triton one GEMM whose
+      epilogue makes both (``kernels/ia3_train.py``), ``g W`` never written;
     * ``dW = g^T u``, ``db = sum_m g`` when the base is unfrozen.
 
     Products with ``l`` and the reduction for ``dl`` run in fp32.
@@ -91,7 +94,13 @@ def _ia3_backward(ctx, grad_y: torch.Tensor) -> _Grads:
     l32 = ia3_l.float()
     d = {}
     if ctx.scale_input:
-        if need.x or need.ia3_l:
+        if (need.x or need.ia3_l) and ctx.use_triton:
+            dx, dl = _ia3_grad_in_op(g, weight, x, ia3_l, need.x, need.ia3_l)
+            if need.x:
+                d["x"] = dx.reshape(x.shape)
+            if need.ia3_l:
+                d["ia3_l"] = dl.to(ia3_l.dtype)
+        elif need.x or need.ia3_l:
             g_u = (g @ weight).float()  # (M, K)
             if need.x:
                 d["x"] = (g_u * l32).to(x.dtype).reshape(x.shape)
@@ -103,8 +112,11 @@ def _ia3_backward(ctx, grad_y: torch.Tensor) -> _Grads:
         if need.bias:
             d["bias"] = g.float().sum(0).to(bias.dtype)
     else:
-        g_h = (g.float() * l32).to(g.dtype)  # dL/dh
-        if need.x:
+        fused_dx = need.x and ctx.use_triton
+        if fused_dx:  # through the op itself, so that torch.compile traces it too
+            d["x"] = _ia3_linear_op(grad_y, weight.t(), None, ia3_l, True, True).reshape(x.shape)
+        g_h = (g.float() * l32).to(g.dtype) if (need.x and not fused_dx) or need.weight or need.bias else None
+        if need.x and not fused_dx:
             d["x"] = (g_h @ weight).reshape(x.shape)
         if need.ia3_l:
             h = F.linear(x2, weight, bias).float()
@@ -117,6 +129,23 @@ def _ia3_backward(ctx, grad_y: torch.Tensor) -> _Grads:
 
 
 _ia3_linear_op.register_autograd(_ia3_backward, setup_context=_ia3_setup_context)
+
+
+@torch.library.custom_op("fastpeft::ia3_grad_input_scaling", mutates_args=())
+def _ia3_grad_in_op(
+    g: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, ia3_l: torch.Tensor, need_dx: bool, need_dl: bool
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(dx (M, K), dl (K,) fp32)`` of the input-scaling form (empty when not needed): a
+    custom op so that ``torch.compile`` traces the backward that calls it."""
+    dx, dl = _ia3_train_kernels.ia3_grad_input_scaling(g, weight, x, ia3_l, need_dx, need_dl)
+    return (dx if dx is not None else g.new_empty(0)), (dl if dl is not None else g.new_empty(0))
+
+
+@_ia3_grad_in_op.register_fake
+def _(g, weight, x, ia3_l, need_dx, need_dl):
+    K = weight.shape[1]
+    return (g.new_empty((g.shape[0], K), dtype=x.dtype) if need_dx else g.new_empty(0),
+            g.new_empty((K,), dtype=torch.float32) if need_dl else g.new_empty(0))
 
 
 def ia3_linear(

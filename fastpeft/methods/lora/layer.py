@@ -24,14 +24,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastpeft.core.dispatch import autocast_cast, autocast_dtype, check_linear_input
+from fastpeft.core.dispatch import autocast_cast, autocast_dtype, check_linear_input, resolve_backend
 from fastpeft.core.batch import BatchPlan, check_rows
 from fastpeft.core.linear import AdapterLinear
 from fastpeft.kernels.runtime import lowp_copy
 from fastpeft.methods.lora.config import lora_scaling
 from fastpeft.methods.lora.dora_layer import DORA_CACHES, DoraLayerMixin
 from fastpeft.methods.lora.multi_op import multi_lora_linear, multi_lora_linear_unchecked, row_slots_for_tokens
-from fastpeft.methods.lora.op import lora_linear_unchecked
+from fastpeft.methods.lora.op import dropout_seed, lora_linear_unchecked
 from fastpeft.methods.lora.stacks import SlotRows, SlotStacks, batch_meta, stack_adapters
 
 __all__ = ["FastLoRALinear", "LoraAdapter", "LoraRowPlan"]
@@ -313,11 +313,17 @@ class FastLoRALinear(DoraLayerMixin, AdapterLinear):
         adapter = self._modules["adapters"]._modules[name]
         ap = adapter._parameters
         lora_A, lora_B = ap["lora_A"], ap["lora_B"]
-        x_lora = None
+        x_lora, dropout_p, seed = None, 0.0, None
         if self.training:
             dropout = adapter._modules["dropout"]
             if isinstance(dropout, nn.Dropout):
-                x_lora = dropout(x)
+                if adapter.lora_magnitude_vector is None and resolve_backend(self.backend, x.device, x.dtype) == "triton":
+                    # The kernels draw the mask from a seed taken from torch's RNG (so that
+                    # checkpointing's RNG restore redraws it) and never store it. (DoRA's
+                    # forward takes the dropped-out input itself.)
+                    dropout_p, seed = dropout.p, dropout_seed(x.device)
+                else:
+                    x_lora = dropout(x)
         eff_bias = bias if ap.get("lora_bias") is None else self._effective_bias(name)
         if amp is not None:
             eff_bias, lora_A, lora_B = autocast_cast(amp, eff_bias, lora_A, lora_B)
@@ -329,7 +335,7 @@ class FastLoRALinear(DoraLayerMixin, AdapterLinear):
         # x is checked above and the adapter's shapes are the layer's own (add_adapter and
         # checkpoint loading check them): skip the op's second round of checks.
         return lora_linear_unchecked(
-            x, weight, eff_bias, lora_A, lora_B, adapter.scaling, x_lora, self.backend, shrink_copy=copy
+            x, weight, eff_bias, lora_A, lora_B, adapter.scaling, x_lora, self.backend, dropout_p, seed, shrink_copy=copy
         )
 
     def _shrink_copy(self, name: str, lora_A: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
