@@ -171,10 +171,10 @@ def gather_block_r(cfg: KernelConfig) -> int:
 # (BLOCK_M, BLOCK_N) accumulator, and 64-row tiles spill on sm_90 even at a rank chunk
 # of 1 (128-144 B per thread, ptxas), so it runs on the decode tiles of at most 32 rows.
 GATHER_MAX_BLOCK_M = 32
-# Tiles of the segment walk with the base left to cuBLAS that spill a few bytes on sm_90
-# when xa comes in 4 K splits (ptxas; 1 or 8 splits do not): (block_m, block_n, block_k,
-# num_warps). Not timed in that case.
-_SPILLING_SPLIT_BASE_TILES = {(32, 128, 64, 4), (64, 256, 64, 4)}
+# Tiles of the segment walk with the base left to cuBLAS that spill 4-24 bytes per thread
+# on sm_90 (ptxas, benchmarks/compiler_report.py) with xa in that many K splits:
+# (block_m, block_n, block_k, num_warps, split_k). Not timed in that case.
+_SPILLING_SPLIT_BASE_TILES = {(32, 128, 64, 4, 4), (64, 256, 64, 4, 4), (128, 128, 64, 4, 1)}
 
 
 def expand_candidates(
@@ -185,8 +185,9 @@ def expand_candidates(
     if gather:
         return [c for c in gemm_candidates(min(M, GATHER_MAX_M), dtype) if c.block_m <= GATHER_MAX_BLOCK_M]
     tiles = gemm_candidates(M, dtype)
-    if not fuse and split_k == 4:
-        tiles = [c for c in tiles if (c.block_m, c.block_n, c.block_k, c.num_warps) not in _SPILLING_SPLIT_BASE_TILES]
+    if not fuse:
+        tiles = [c for c in tiles
+                 if (c.block_m, c.block_n, c.block_k, c.num_warps, split_k) not in _SPILLING_SPLIT_BASE_TILES]
     return tiles
 
 

@@ -101,7 +101,8 @@ def test_reports_are_cached_by_compile_relevant_content(tmp_path, monkeypatch):
     monkeypatch.setattr(sm90, "_compile_missing", fake_compile)
     spec = next(s for s in CATALOGUE if s["id"] == "splitk-reduce")
     renamed = {**spec, "id": "same-compile", "variant": "other label"}
-    assert report_sm90([spec, renamed], progress=None) == {"splitk-reduce": {"shared": 1}, "same-compile": {"shared": 1}}
+    both = report_sm90([spec, renamed], progress=None)
+    assert both == {"splitk-reduce": {"shared": 1}, "same-compile": {"shared": 1}}
     assert len(compiled) == 1 and len(compiled[0]) == 1  # one compile for both names
     lines = []
     assert report_sm90([renamed], progress=lines.append)["same-compile"] == {"shared": 1}
@@ -124,6 +125,8 @@ def test_launchers_offer_what_the_report_checks():
     kept = {(c.block_m, c.block_n) for c in expand_candidates(256, None, False, False, 4)}
     assert (32, 128) not in kept and (32, 64) in kept
     assert (32, 128) in {(c.block_m, c.block_n) for c in expand_candidates(256, None, True, False, 4)}
+    w4 = {(c.block_m, c.block_n, c.num_warps) for c in expand_candidates(4096, None, False, False, 1)}
+    assert (128, 128, 4) not in w4 and (128, 128, 8) in w4
     wide = KernelConfig(128, 256, 64, 8, 8, 3, tma=True)
     assert tma_stages(wide, 64, True, 2, 2) == 2 and tma_stages(wide, 16, True, 2, 2) == 3
     assert tma_stages(wide, 64, False, 2, 2) == 3
