@@ -9,8 +9,9 @@ enumerates them from kernels/autotune.py's lists). Per kernel config it prints:
 * ``ctas``: CTAs resident per SM, from registers, shared memory and warps against an
   H100's 64K registers, 228 KiB and 64 warps per SM (``by``: what limits it);
 * ``wgmma``: the dots run as Hopper warpgroup MMAs; ``in_flight``: the most wgmma groups
-  a ``warp_group_dot_wait`` leaves pending (0: each K step waits for its MMAs before
-  the next is issued); ``serial``: ptxas serialised the wgmmas for lack of registers;
+  a ``warp_group_dot_wait`` leaves pending; ``loop_waits``: the pendings of the main
+  loop's waits (a 0 there: a K step waits for all its MMAs before the next is issued);
+  ``serial``: ptxas serialised the wgmmas for lack of registers (its C7512 advisory);
 * ``pipelined``: the main loop's loads are asynchronous (cp.async or TMA).
 
 Reports are cached on disk (``$FASTPEFT_CACHE/sm90``, default ``~/.cache/fastpeft/sm90``)
@@ -31,7 +32,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 from common import RESULTS_DIR, device_info, format_table, write_json  # noqa: E402
 
 COLUMNS = ["kernel", "dtype", "config", "variant", "regs", "spill", "smem_kib", "ctas", "by", "wgmma", "in_flight",
-           "serial", "pipelined"]
+           "loop_waits", "serial", "pipelined"]
 
 
 def rows(specs: Sequence[Mapping[str, Any]], reports: Mapping[str, Mapping[str, Any]]) -> List[Dict[str, Any]]:
@@ -50,6 +51,7 @@ def rows(specs: Sequence[Mapping[str, Any]], reports: Mapping[str, Mapping[str, 
         row["smem_kib"] = round(rep["shared"] / 1024, 1)
         row["ctas"], row["by"] = rep["ctas_per_sm"], rep["limited_by"]
         row["in_flight"] = rep["wgmma_max_pendings"] if rep["wgmma"] else None
+        row["loop_waits"] = ",".join(map(str, rep["wgmma_loop_pendings"])) or None
         row["serial"] = rep["wgmma_serialized"] or None
         out.append(row)
     return out

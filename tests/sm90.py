@@ -126,6 +126,27 @@ def wgmma_pendings(ttgir: str) -> List[int]:
     return [int(p) for p in re.findall(r"warp_group_dot_wait[^\n]*pendings = (\d+)", ttgir)]
 
 
+def loop_wgmma_pendings(ttgir: str) -> List[int]:
+    """The distinct ``pendings`` of the main loop's ``warp_group_dot_wait``s: how many
+    wgmma groups each leaves in flight (a 0 waits for every MMA issued so far; in a
+    flattened persistent loop the epilogue's waits count too). The main loop: the first
+    innermost ``scf.for`` (by indentation) that issues wgmma; [] without one."""
+    lines = ttgir.splitlines()
+    for i, line in enumerate(lines):
+        if "scf.for" not in line:
+            continue
+        indent = len(line) - len(line.lstrip())
+        body = []
+        for inner in lines[i + 1:]:
+            if inner.strip() and len(inner) - len(inner.lstrip()) <= indent:
+                break
+            body.append(inner)
+        text = "\n".join(body)
+        if "scf.for" not in text and re.search(r"warp_group_dot\b(?!_wait)", text):
+            return sorted(set(wgmma_pendings(text)))
+    return []
+
+
 def parse_ptxas(log: str) -> Dict[str, Any]:
     """Registers, spills and stack of one kernel from ptxas ``-v`` output, and whether
     ptxas serialised wgmma for lack of registers (its C7512 advisory)."""
@@ -202,6 +223,7 @@ def _report_one(spec: Mapping[str, Any]) -> Dict[str, Any]:
         "pipelined": is_pipelined(compiled),
         "wgmma": uses_wgmma(compiled),
         "wgmma_max_pendings": max(pendings, default=0),
+        "wgmma_loop_pendings": loop_wgmma_pendings(compiled.asm["ttgir"]),
         "num_warps": num_warps,
         **ptxas,
         **ctas_per_sm(ptxas["regs"], shared, num_warps),

@@ -15,7 +15,9 @@ from typing import Any, Dict, List
 import pytest
 
 from conftest import ON_GPU
-from sm90 import HOPPER_MAX_SHARED, ctas_per_sm, parse_ptxas, pytest_progress, report_sm90, wgmma_pendings
+from sm90 import (
+    HOPPER_MAX_SHARED, ctas_per_sm, loop_wgmma_pendings, parse_ptxas, pytest_progress, report_sm90, wgmma_pendings,
+)
 from sm90_specs import catalogue
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -80,8 +82,15 @@ def test_ptxas_and_occupancy_parsing():
     assert ctas_per_sm(32, 100 * 1024, 4) == {"ctas_per_sm": 2, "limited_by": "smem"}
     assert ctas_per_sm(32, 0, 4)["ctas_per_sm"] == 16  # 64 warps / 4
     assert ctas_per_sm(32, HOPPER_MAX_SHARED + 1, 4)["ctas_per_sm"] == 0
-    ttgir = "ttng.warp_group_dot_wait %1 {pendings = 1 : i32}\nttng.warp_group_dot_wait %2 {pendings = 0 : i32}"
+    ttgir = ("  %a = ttng.warp_group_dot %x\n"
+             "  %1 = scf.for %k = %c0 to %K step %c64 {\n"
+             "    %d = ttng.warp_group_dot %x, %w, %acc\n"
+             "    %e = ttng.warp_group_dot_wait %d {pendings = 1 : i32}\n"
+             "  }\n"
+             "  %f = ttng.warp_group_dot_wait %1 {pendings = 0 : i32}\n")
     assert wgmma_pendings(ttgir) == [1, 0]
+    assert loop_wgmma_pendings(ttgir) == [1]
+    assert loop_wgmma_pendings(ttgir.replace("warp_group_dot %x, %w", "dot %x, %w")) == []
 
 
 def test_reports_are_cached_by_compile_relevant_content(tmp_path, monkeypatch):
