@@ -16,8 +16,9 @@ down-projection is moved in front of the GEMM, using the linearity of ``h`` in `
 ``z`` is a skinny ``(M, D)`` GEMM (D/N of the base GEMM's work; ``W_eff`` itself is a
 ``(D, N) x (N, K)`` product that a frozen-weight caller can compute once). The kernel
 here then produces ``y`` tile by tile: the base ``acc = x W^T`` in the K loop, and in
-the epilogue ``acc += b + s * bu + s * f(z + b_eff) Wu^T`` (``f(z)`` rounded to the input
-dtype before the dot, as the unfused low-precision adapter rounds it). ``h`` is never
+the epilogue ``acc += b + s * bu + f(z + b_eff) (s Wu)^T`` (``f(z)`` rounded to the input
+dtype before the dot, as the unfused low-precision adapter rounds it; ``s`` on the small
+up weight, accumulated into the one output tile). ``h`` is never
 written to or read back from HBM.
 
 On a GPU the launcher's tuner also times the :data:`autotune.LIBRARY_GEMM` variant:
@@ -84,7 +85,8 @@ def _bottleneck_linear_fwd_kernel(
     K loop; else ``acc = y`` (``h``, bias included, which the library GEMM wrote; each
     program reads its own tile and overwrites it, so in place is safe). The epilogue
     walks D in chunks of ``BLOCK_D``: ``a = f(z + b_eff)`` (fp32), rounded to the input
-    dtype, ``up = a Wu^T + bu``; then ``acc += s * up`` and ``acc += b``. Rows of ``x``
+    dtype, ``acc += a (s Wu)^T`` (``s Wu`` formed in fp32, rounded to the input dtype);
+    then ``acc += s bu`` and ``acc += b``. Rows of ``x``
     holding inf or NaN get a NaN ``z``, as the reference's ``h Wd^T`` gives them.
     """
     pid = tl.program_id(axis=0)
@@ -109,9 +111,12 @@ def _bottleneck_linear_fwd_kernel(
     else:
         acc = tl.load(y_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
 
-    # Adapter branch: up(f(z + b_eff)), accumulated separately so that s scales it alone.
+    # Adapter branch, into the same accumulator: s goes on the up weight (fp32, then
+    # rounded for the dot), so that no second (BLOCK_M, BLOCK_N) fp32 tile is live (a
+    # separate up-projection accumulator doubled the epilogue's registers and spilled on
+    # the large tiles). Scaling the small weights, not f(z), keeps f(z) as the unfused
+    # branch rounds it.
     offs_d = tl.arange(0, BLOCK_D)
-    up_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         mask_d = (d0 + offs_d) < D
         z_ptrs = z_ptr + offs_m64[:, None] * stride_zm + (d0 + offs_d)[None, :] * stride_zd
@@ -125,10 +130,10 @@ def _bottleneck_linear_fwd_kernel(
         a_lp = a_tile.to(x_ptr.dtype.element_ty)
         ut_ptrs = up_ptr + offs_n[None, :] * stride_un + (d0 + offs_d)[:, None] * stride_ud
         ut_tile = tl.load(ut_ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
-        up_acc = tl.dot(a_lp, ut_tile.to(a_lp.dtype), up_acc, input_precision=INPUT_PRECISION)
+        ut_scaled = (ut_tile.to(tl.float32) * scaling).to(a_lp.dtype)
+        acc = tl.dot(a_lp, ut_scaled, acc, input_precision=INPUT_PRECISION)
     if HAS_UP_BIAS:
-        up_acc = add_bias(up_acc, upb_ptr, offs_n, mask_n)
-    acc += scaling * up_acc
+        acc = add_bias(acc, upb_ptr, offs_n, mask_n, scaling)
     if HAS_BIAS:
         acc = add_bias(acc, bias_ptr, offs_n, mask_n)
 

@@ -32,12 +32,14 @@ from .autotune import KernelConfig
 from .runtime import Rows, as_2d, cdiv, interpreter_active, sm_count
 from .tiles import add_bias, grouped_tile, lora_dot, lora_expand_from_memory, lora_expand_resident, scale_columns
 
-__all__ = ["tma_eligible", "tma_fits", "lora_linear_tma_launch"]
+__all__ = ["tma_eligible", "tma_fits", "tma_stages", "lora_linear_tma_launch"]
 
 # Whether a device (by index, never by data pointers) has TMA (Hopper or newer).
 _HAS_TMA: Dict[int, bool] = {}
 # Programs of the persistent grid under the interpreter: a few, to exercise the tile loop.
 _INTERPRETER_PROGRAMS = 3
+# Shared memory a CTA may use on Hopper (227 KiB).
+_MAX_SHARED = 232448
 
 
 # Over 60 lines: its grouped argument list (pointers, sizes, strides, constexprs) is a third of it.
@@ -181,6 +183,23 @@ def tma_fits(rows: Rows, weight: torch.Tensor, lora_A: Optional[torch.Tensor], y
     )
 
 
+def tma_stages(cfg: KernelConfig, block_r: int, in_loop: bool, x_bytes: int, a_bytes: int) -> int:
+    """Pipeline stages to launch ``cfg`` with: its own, or fewer (not under 2) where the
+    in-loop shrink's ``A`` boxes would not fit in shared memory with them (a rank-64
+    shrink on the widest tile). Shared memory as the sm_90 compile lays it out: per stage
+    the ``x``, ``W`` (and ``A``) boxes; once the ``y`` box and, for the in-loop shrink,
+    the ``(BLOCK_N, BLOCK_R)`` ``B`` operand of the expand."""
+    box = (cfg.block_m + cfg.block_n) * cfg.block_k * x_bytes
+    fixed = cfg.block_m * cfg.block_n * x_bytes
+    if in_loop:
+        box += block_r * cfg.block_k * a_bytes
+        fixed += cfg.block_n * block_r * a_bytes
+    stages = cfg.num_stages
+    while stages > 2 and stages * box + fixed > _MAX_SHARED:
+        stages -= 1
+    return stages
+
+
 def _num_programs(device: torch.device, interpreted: bool) -> int:
     return _INTERPRETER_PROGRAMS if interpreted else sm_count(device)
 
@@ -224,6 +243,10 @@ def lora_linear_tma_launch(
     xa_t = xa if xa is not None else weight
     tiles = cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n)
     programs = min(tiles * split, _num_programs(x2.device, interpreter_active()))
+    meta = cfg.meta
+    if in_loop:
+        stages = tma_stages(cfg, block_r, True, x2.element_size(), lora_A.element_size())
+        meta = meta if stages == cfg.num_stages else {**meta, "num_stages": stages}
     _lora_linear_tma_kernel[(programs,)](
         x_desc=x_desc, w_desc=w_desc, a_desc=a_desc, y_desc=y_desc,
         bias_ptr=bias if bias is not None else weight, b_ptr=b, xa_ptr=xa_t,
@@ -240,5 +263,5 @@ def lora_linear_tma_launch(
         BLOCK_R=block_r,
         LORA_FP32=lora_fp32,
         INPUT_PRECISION=input_precision,
-        **cfg.meta,
+        **meta,
     )

@@ -47,10 +47,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .autotune import KernelConfig, gemm_candidates, m_bucket, pick, will_time
+from .autotune import KernelConfig, m_bucket, pick, will_time
 from .multi_lora_meta import (
-    FUSE_BASE_MAX_M, GATHER_MAX_M, MultiLoraLaunch, MultiLoraMeta, block_r_for_dot, gather_block_r, launch_trials,
-    shrink_plan,
+    EXPAND_BLOCK_R, FUSE_BASE_MAX_M, GATHER_MAX_M, MultiLoraLaunch, MultiLoraMeta, block_r_for_dot, expand_candidates,
+    gather_block_r, launch_trials, shrink_block_r, shrink_plan,
 )
 from .runtime import (
     Rows, cdiv, check_interpretable, input_precision, interpreter_active, k_splits, lora_in_fp32, on_device,
@@ -87,7 +87,9 @@ def _mlora_shrink_kernel(
 
     ``p`` runs over the sorted positions of slot ``i``'s segment (this program's row
     tile of it); ``k`` is this program's K split. Accumulates in fp32 and stores fp32;
-    the dot's operands are rounded as ``tiles.lora_dot`` says.
+    the dot's operands are rounded as ``tiles.lora_dot`` says. The ranks are walked in
+    ``BLOCK_R`` chunks, each one pass over the tile's ``x`` rows: the launcher sizes
+    ``BLOCK_R`` to the stack's padded rank (up to 64), so ``x`` is read once.
     """
     pid_m = tl.program_id(axis=0)
     slot = tl.program_id(axis=1)
@@ -355,15 +357,19 @@ def _expand_config(
     M, (N, K) = y2.shape[0], weight.shape
     key = ("multi_lora", x.device.index, x.dtype, input_precision(x.dtype), lora_A.dtype, lora_B.dtype, N, K,
            fuse, gather, bias is None, has_mag, xa.shape[0], m_bucket(M))
+
+    def candidates():
+        return expand_candidates(M, x.dtype, fuse, gather, xa.shape[0])
+
     if fuse or not will_time(key):
-        return pick(key, run, lambda: gemm_candidates(M, x.dtype))
+        return pick(key, run, candidates)
     base = y2.clone()
 
     def run_scratch(cfg: KernelConfig) -> None:
         y2.copy_(base)
         run(cfg)
 
-    config = pick(key, run_scratch, lambda: gemm_candidates(M, x.dtype))
+    config = pick(key, run_scratch, candidates)
     y2.copy_(base)
     return config
 
@@ -387,7 +393,7 @@ def _launch_shrink(
         stride_xas=xa.stride(0), stride_xap=xa.stride(1), stride_xar=xa.stride(2),
         BLOCK_M=block_m,
         BLOCK_K=block_k,
-        BLOCK_R=block_r_for_dot(launch.block_r),
+        BLOCK_R=block_r_for_dot(launch.block_r) if launch.block_r else shrink_block_r(max_rank),
         LORA_FP32=lora_fp32,
         INPUT_PRECISION=input_precision(rows.x.dtype),
         num_warps=1 if interp else 4,
@@ -419,7 +425,7 @@ def _launch_expand(
     if gather:
         block_r = launch.gather_block_r or gather_block_r(cfg)
     else:
-        block_r = block_r_for_dot(launch.block_r)
+        block_r = block_r_for_dot(launch.block_r or EXPAND_BLOCK_R)
     grid = (cdiv(M, cfg.block_m) * cdiv(N, cfg.block_n),)
     _mlora_expand_kernel[grid](
         x_ptr=rows.x, w_ptr=weight, bias_ptr=bias if bias is not None else weight, b_ptr=lora_B, xa_ptr=xa,

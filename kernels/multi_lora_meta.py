@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .autotune import KernelConfig
+from .autotune import KernelConfig, gemm_candidates
 from .runtime import cdiv, interpreter_active, next_power_of_2
 
 __all__ = [
@@ -22,8 +22,11 @@ __all__ = [
     "MultiLoraLaunch",
     "MultiLoraMeta",
     "block_r_for_dot",
+    "expand_candidates",
     "gather_block_r",
+    "gpu_split_k",
     "launch_trials",
+    "shrink_block_r",
     "shrink_plan",
 ]
 
@@ -104,7 +107,8 @@ class MultiLoraLaunch:
     (True) or walks the tile's segments with one ``tl.dot`` each (False); None: timed on
     a GPU, else by M (:data:`GATHER_MAX_M`). ``split_k``: K splits of the shrink (None:
     by M). ``shrink_block_m``, ``block_r``: shrink row tile and rank chunk (also the
-    expand's rank chunk when walking segments); ``gather_block_r``: the expand's rank
+    expand's rank chunk when walking segments; None: :func:`shrink_block_r` of the
+    stack's rank for the shrink, 16 for the expand); ``gather_block_r``: the expand's rank
     chunk when gathering (None: by tile size, :func:`gather_block_r`).
     """
 
@@ -112,7 +116,7 @@ class MultiLoraLaunch:
     gather: Optional[bool] = None
     split_k: Optional[int] = None
     shrink_block_m: Optional[int] = None
-    block_r: int = 16
+    block_r: Optional[int] = None
     gather_block_r: Optional[int] = None
 
 
@@ -132,6 +136,10 @@ FUSE_BASE_MAX_M = 64
 GATHER_MAX_M = 64
 
 _INTERPRETER_SHRINK_BLOCK_K = 32
+# Largest rank chunk of the shrink: the stack's ranks up to it take one pass over x.
+MAX_SHRINK_BLOCK_R = 64
+# Rank chunk of the segment-walking expand (each chunk one tl.dot on xa and B; x is not re-read).
+EXPAND_BLOCK_R = 16
 
 
 def block_r_for_dot(block_r: int) -> int:
@@ -139,15 +147,54 @@ def block_r_for_dot(block_r: int) -> int:
     return max(16, next_power_of_2(int(block_r)))
 
 
+def shrink_block_r(max_rank: int) -> int:
+    """Rank chunk of the shrink for a stack padded to ``max_rank``: the shrink reads its
+    ``x`` rows once per chunk, so one chunk covers every rank up to
+    :data:`MAX_SHRINK_BLOCK_R` (a slot of smaller rank masks the rest: tensor-core work,
+    no memory traffic, and the shrink is bound by reading ``x``)."""
+    return block_r_for_dot(min(max(int(max_rank), 1), MAX_SHRINK_BLOCK_R))
+
+
 def gather_block_r(cfg: KernelConfig) -> int:
     """Rank chunk of the gathering expand: the gathered ``(BLOCK_M, BLOCK_N, chunk)`` B
-    tile lives in registers, so keep it near 32 values per thread (no spills on sm_90 for
-    the decode tiles, checked with ptxas), between 1 and 8."""
+    tile lives in registers, so keep it near 32 values per thread, between 1 and 4 (8
+    spilled on the 16x32 tile in fp16; tests/test_compiler_report.py checks every
+    gathering tile with ptxas)."""
     budget = 32 * 32 * cfg.num_warps
-    br = 8
+    br = 4
     while br > 1 and cfg.block_m * cfg.block_n * br > budget:
         br //= 2
     return br
+
+
+# The gathering expand's row tiles: its gathered B tile sits in registers beside the
+# (BLOCK_M, BLOCK_N) accumulator, and 64-row tiles spill on sm_90 even at a rank chunk
+# of 1 (128-144 B per thread, ptxas), so it runs on the decode tiles of at most 32 rows.
+GATHER_MAX_BLOCK_M = 32
+# Tiles of the segment walk with the base left to cuBLAS that spill 4-24 bytes per thread
+# on sm_90 (ptxas, benchmarks/compiler_report.py) with xa in that many K splits:
+# (block_m, block_n, block_k, num_warps, split_k). Not timed in that case.
+_SPILLING_SPLIT_BASE_TILES = {(32, 128, 64, 4, 4), (64, 256, 64, 4, 4), (128, 128, 64, 4, 1)}
+
+
+def expand_candidates(
+    M: int, dtype: Optional[torch.dtype], fuse: bool, gather: bool, split_k: int
+) -> List[KernelConfig]:
+    """The expand tiles the tuner times for ``M`` rows of ``dtype`` (None: 16-bit), the
+    base fused or not, gathering or walking segments, ``xa`` in ``split_k`` K splits."""
+    if gather:
+        return [c for c in gemm_candidates(min(M, GATHER_MAX_M), dtype) if c.block_m <= GATHER_MAX_BLOCK_M]
+    tiles = gemm_candidates(M, dtype)
+    if not fuse:
+        tiles = [c for c in tiles
+                 if (c.block_m, c.block_n, c.block_k, c.num_warps, split_k) not in _SPILLING_SPLIT_BASE_TILES]
+    return tiles
+
+
+def gpu_split_k(M: int) -> int:
+    """K splits of the shrink on a GPU when not forced: few rows give one program per
+    (tile, slot), too little work to fill the GPU."""
+    return 8 if M <= 64 else (4 if M <= 512 else 1)
 
 
 def shrink_plan(M: int, K: int, launch: MultiLoraLaunch) -> Tuple[int, int, int]:
@@ -160,8 +207,7 @@ def shrink_plan(M: int, K: int, launch: MultiLoraLaunch) -> Tuple[int, int, int]
     elif interp:
         split_k = 1
     else:
-        # Few rows: one program per (tile, slot) is too little work to fill the GPU.
-        split_k = 8 if M <= 64 else (4 if M <= 512 else 1)
+        split_k = gpu_split_k(M)
     split_k = max(1, min(split_k, cdiv(K, block_k)))
     return block_m, block_k, split_k
 

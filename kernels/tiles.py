@@ -165,10 +165,10 @@ def gemm_shrink_k_loop(
 
 
 @triton.jit
-def add_bias(acc, bias_ptr, offs_n, mask_n):
-    """``acc + b[n]``: a vector over the tile's columns (unit stride), added in fp32."""
+def add_bias(acc, bias_ptr, offs_n, mask_n, scale=1.0):
+    """``acc + scale * b[n]``: a vector over the tile's columns (unit stride), added in fp32."""
     bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0)
-    return acc + bias.to(tl.float32)[None, :]
+    return acc + (bias.to(tl.float32) * scale)[None, :]
 
 
 @triton.jit

@@ -377,3 +377,30 @@ def test_gpu_launch_choice_is_timed_and_cached(monkeypatch):
     assert len(timed) == 6  # cached
     y = ml._forward(*args, launch=launch, config=cfg, out=None)
     _check(y, x, w, b, A, B, ranks_t, scal, row_slot, torch.float32)
+
+
+@pytest.mark.parametrize("ranks", [[5, 64, 0], [70, 3]], ids=["one_chunk", "two_chunks"])
+def test_shrink_reads_x_once_per_64_ranks(ranks, monkeypatch):
+    """The shrink reads its x rows once per rank chunk: by default one chunk covers the
+    stack's padded rank up to 64 (not one pass per 16 ranks), and larger stacks take
+    chunks of 64; every row still equals its adapter alone."""
+    seen = []
+    real = ml._mlora_shrink_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(**kw):
+                seen.append(kw["BLOCK_R"])
+                return real[grid](**kw)
+
+            return launch
+
+    monkeypatch.setattr(ml, "_mlora_shrink_kernel", Spy())
+    M, K, N = 9, 40, 24
+    A, B, ranks_t, scal = _stacks(K, N, ranks, torch.float32)
+    x, w, b = _base(M, K, N, torch.float32)
+    row_slot = torch.arange(M) % (len(ranks) + 1) - 1
+    meta = ops_multi.build_meta(row_slot.to(DEVICE), len(ranks))
+    y = ml.multi_lora_linear_fwd(x, w, b, A, B, ranks_t, scal, meta, launch=MultiLoraLaunch(gather=False))
+    _check(y, x, w, b, A, B, ranks_t, scal, row_slot, torch.float32)
+    assert seen == [64]
