@@ -272,7 +272,13 @@ def _read_store() -> Dict[str, Dict[str, Any]]:
 def _update_store(reports: Mapping[str, Mapping[str, Any]]) -> None:
     store = _read_store()
     store.update({key: rep for key, rep in reports.items() if "error" not in rep})
-    _write_cached(STORE, dict(sorted(store.items())))
+    # One report a line, sorted: a kernel edit shows as a readable diff.
+    lines = [f"{json.dumps(key)}: {json.dumps(rep, sort_keys=True)}" for key, rep in sorted(store.items())]
+    fd, tmp = tempfile.mkstemp(dir=STORE.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write("{\n" + ",\n".join(lines) + "\n}\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, STORE)
 
 
 def _module_files(module: str) -> List[Path]:
@@ -292,15 +298,28 @@ def _module_files(module: str) -> List[Path]:
     return sorted(seen)
 
 
+_CACHE_MARKER = "# " + "-" * 75 + " cache"
+
+
+def _compile_source() -> bytes:
+    """This file's part that makes a report (compiling and reading the compiler's
+    output: everything above the cache section), so that edits to the cache, the store
+    or the driver below keep the reports."""
+    text = Path(__file__).resolve().read_text()
+    return text.split(_CACHE_MARKER, 1)[0].encode()
+
+
 def _source_digest(module: str) -> str:
     """Hash of what a report of ``module``'s kernels depends on besides its spec: the
-    module's source files (:func:`_module_files`), this file and the Triton version."""
+    module's source files (:func:`_module_files`), this file's compile part and the
+    Triton version."""
     import triton  # the version only; cheap next to a compile
 
     h = hashlib.sha256(triton.__version__.encode())
-    for path in _module_files(module) + [Path(__file__).resolve()]:
+    for path in _module_files(module):
         h.update(path.name.encode())
         h.update(path.read_bytes())
+    h.update(_compile_source())
     return h.hexdigest()
 
 
