@@ -148,7 +148,9 @@ def test_host_overhead_counts_launches_and_allocations(tmp_path):
     for m in (1, 16, 4096):
         for grad in (False, True):
             lora = rows[("FastLoRALinear", m, grad)]
-            assert lora["launches"] == 1 and lora["allocs"] >= 1, (m, grad)  # one fused launch, its output
+            # Inference: one fused launch. Training: the shrink kernel (it keeps S = x A^T for
+            # the backward) and the GEMM that adds s S B^T in its epilogue.
+            assert lora["launches"] == (2 if grad else 1) and lora["allocs"] >= 1, (m, grad)
     for case in ("IA3Linear", "BottleneckLinear", "mixed, own adapters", "mixed, AdapterPool"):
         assert any(k[0] == case and r["launches"] >= 1 for k, r in rows.items()), case
     assert all(r["x_linear"] > 0 for r in rows.values())

@@ -72,9 +72,9 @@ def _spy_layers(seen: dict) -> None:
         seen["launches"] += 1
         return real_fwd(*args, **kwargs)
 
-    def op(x, weight, *args):
+    def op(x, weight, *args, **kwargs):
         seen["weights"].add(type(weight).__name__)
-        return real_op(x, weight, *args)
+        return real_op(x, weight, *args, **kwargs)
 
     kernels.lora_linear_fwd, layer.lora_linear_unchecked = fwd, op
 
