@@ -300,8 +300,26 @@ class FastPeftModel(nn.Module):
         with state.batch_adapters(self.base_model, list(adapter_names)):
             yield
 
-    def forward(self, *args: Any, adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs: Any) -> Any:
-        """The model's forward; ``adapter_names``: one adapter per batch row (eval mode)."""
+    def forward(
+        self,
+        *args: Any,
+        input_ids: Any = None,
+        attention_mask: Any = None,
+        labels: Any = None,
+        inputs_embeds: Any = None,
+        position_ids: Any = None,
+        token_type_ids: Any = None,
+        adapter_names: Optional[Sequence[Optional[str]]] = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The model's forward; ``adapter_names``: one adapter per batch row (eval mode).
+
+        The usual inputs are named (keyword-only, passed on when given) because Hugging
+        Face's ``Trainer`` keeps only the dataset columns that the model's ``forward``
+        names (``remove_unused_columns=True``), as PEFT's model classes name them."""
+        named = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, inputs_embeds=inputs_embeds,
+                     position_ids=position_ids, token_type_ids=token_type_ids)
+        kwargs.update({key: value for key, value in named.items() if value is not None})
         with self._rows(adapter_names):
             return self.base_model(*args, **kwargs)
 

@@ -249,6 +249,26 @@ def test_wrapper_is_a_view_of_the_model():
     assert {n: p.requires_grad for n, p in base.named_parameters()} == frozen
 
 
+def test_trainer_keeps_the_dataset_columns_forward_takes(tmp_path):
+    """HF Trainer drops dataset columns the model's forward does not name (its default
+    remove_unused_columns=True): the wrapper names the usual inputs, and passes them on."""
+    from transformers import Trainer, TrainingArguments
+
+    base = tiny_llama()
+    model = fp.get_peft_model(base, fp.LoraConfig(r=2, target_modules=["q_proj"]), backend="torch")
+    trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
+    trainer._set_signature_columns_if_needed()
+    assert {"input_ids", "attention_mask", "labels"} <= set(trainer._signature_columns)
+    ids = input_ids()
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        by_name = model(input_ids=ids, attention_mask=mask, labels=ids)
+        by_position = model(ids, mask, labels=ids)
+        direct = base(input_ids=ids, attention_mask=mask, labels=ids)
+    assert torch.equal(by_name.logits, direct.logits) and torch.equal(by_position.logits, direct.logits)
+    assert torch.equal(by_name.loss, direct.loss)
+
+
 def test_bad_calls_raise_and_change_nothing(tmp_path):
     from tiny_models import assert_same_snapshot, snapshot
 
